@@ -1,0 +1,116 @@
+"""Find and read Hugging Face checkpoints: a local directory or a hub id, safetensors first.
+
+Pickled weights (``pytorch_model.bin``) are only read with ``torch.load(weights_only=True)``,
+which refuses to run code hidden in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub repo id ('gpt2', 'openai-community/gpt2')."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local directory holding the checkpoint, downloading a hub id into the HF cache if needed."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not is_hub_id(text):
+        raise CheckpointError(f"model directory {text} does not exist")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is needed to download models; pip install huggingface_hub") from exc
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any((local / f).exists() for f in WEIGHT_FILES[:2]):
+            local = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
+    except Exception as exc:  # network, auth, missing repo: all mean "could not get it"
+        raise CheckpointError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Check the id and your connection, or pass a local checkpoint directory") from None
+    return local
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object file, with errors that name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    return read_json(model_dir / "config.json", "config.json")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a corrupt or truncated file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              "it may be truncated or corrupt: download or save it again") from None
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights: model.safetensors, a sharded index, or (safely) pytorch_model.bin."""
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (model_dir / str(shard)).resolve()
+            if model_dir.resolve() not in shard_path.parents:
+                raise CheckpointError(f"{index} names a shard outside the checkpoint directory: {shard}")
+            state.update(read_safetensors(shard_path))
+        return state
+    pickle_file = model_dir / "pytorch_model.bin"
+    if pickle_file.is_file():
+        try:
+            state = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"refusing to load {pickle_file}: it is corrupt or holds more than tensors "
+                                  f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{pickle_file} does not hold a dict of tensors")
+        return state
+    raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(WEIGHT_FILES)}")

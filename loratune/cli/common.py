@@ -1,0 +1,31 @@
+"""Arguments and loading steps that several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("loratune")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id (e.g. gpt2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default: float32)")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+    return device, DTYPES[args.dtype]

@@ -1,0 +1,53 @@
+"""``loratune generate``: continue a prompt with a base model, optionally with an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..adapter import load_adapter
+from ..generate import SamplingConfig, generate
+from ..lora import merge_lora
+from ..models import load_model
+from ..tokenizer import load_tokenizer
+from .common import add_model_args, device_and_dtype, log
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Continue PROMPT; only the continuation goes to stdout.")
+    add_model_args(p)
+    p.add_argument("--adapter", help="LoRA adapter directory to apply")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (faster)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    device, dtype = device_and_dtype(args)
+    model, model_dir = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    if args.adapter:
+        lora = load_adapter(model, args.adapter)
+        model.to(device)
+        log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")
+        if args.merge:
+            merge_lora(model)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        ids = [tokenizer.eos_id]
+    prompt = torch.tensor([ids], device=device)
+    new = generate(model, prompt, sampling, eos_id=tokenizer.eos_id)[0].tolist()
+    if tokenizer.eos_id in new:
+        new = new[:new.index(tokenizer.eos_id)]
+    sys.stdout.write(tokenizer.decode(new) + "\n")
+    return 0

@@ -1,0 +1,41 @@
+"""``loratune info``: the architecture and what LoRA would train."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..lora import LoRAConfig
+from ..models import load_model
+from ..params import parameter_report, set_trainable
+from ..targets import inject_lora
+from .common import add_model_args, device_and_dtype
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="show a model's architecture and LoRA parameter counts")
+    add_model_args(p)
+    p.add_argument("--lora-targets", default=None, help="comma-separated targets, e.g. q,v (default: no LoRA)")
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--rslora", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device, dtype = device_and_dtype(args)
+    model, model_dir = load_model(args.model, dtype=dtype, device=device)
+    c = model.config
+    print(f"model: {args.model} ({model_dir})")
+    print(f"architecture: GPT-2, {c.n_layer} layers, {c.n_head} heads, hidden {c.n_embd}, "
+          f"mlp {c.mlp_width}, context {c.n_positions}, vocab {c.vocab_size}")
+    if args.lora_targets:
+        lora = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets, rslora=args.rslora)
+        names = inject_lora(model, lora)
+        set_trainable(model, "lora")
+        print(f"lora: r={lora.r}, alpha={lora.alpha:g}, scale={lora.scale:g}, targets={','.join(lora.targets)}, "
+              f"{len(names)} layers adapted")
+    else:
+        set_trainable(model, "full")
+        print("lora: none (full fine-tuning would train every parameter)")
+    print(parameter_report(model))
+    return 0

@@ -1,0 +1,289 @@
+"""GPT-2, lean: SDPA attention, tanh-GELU, tied embeddings and a preallocated KV cache.
+
+Module names and state-dict keys follow transformers' ``GPT2LMHeadModel`` (``transformer.h.0
+.attn.c_attn.weight`` ...), so LoRA targets and adapters use the same names in both. The only
+layout difference: transformers stores projections as ``Conv1D`` with (in, out) weights; we use
+``nn.Linear`` (out, in), transposing once at load time (:meth:`GPT2.from_hf_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+
+_TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
+
+
+@dataclass
+class GPT2Config:
+    """GPT-2 hyper-parameters, named as in transformers' config.json."""
+
+    vocab_size: int = 50257
+    """Number of token ids."""
+    n_positions: int = 1024
+    """Context length (learned position embeddings)."""
+    n_embd: int = 768
+    """Hidden size C."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads; C must divide by it."""
+    n_inner: int | None = None
+    """MLP width; None means 4 * C."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    activation_function: str = "gelu_new"
+    """gelu_new / gelu_pytorch_tanh / gelu_fast (tanh approximation) or gelu (exact)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals while training (0 = off, as in litgpt)."""
+    scale_attn_weights: bool = True
+    """Divide attention scores by sqrt(head size)."""
+    scale_attn_by_inverse_layer_idx: bool = False
+    """Also divide attention scores of layer i by i + 1 (GPT-2 variants trained with Mistral)."""
+    bos_token_id: int = 50256
+    """Beginning-of-text id."""
+    eos_token_id: int = 50256
+    """End-of-text id: generation stops there."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise CheckpointError(f"config.json: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in _TANH_GELUS | {"gelu"}:
+            raise CheckpointError(f"config.json: activation_function {self.activation_function!r} is not supported "
+                                  f"(supported: {', '.join(sorted(_TANH_GELUS | {'gelu'}))})")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "GPT2Config":
+        """Read a transformers config.json dict, rejecting other architectures by name."""
+        model_type = hf.get("model_type")
+        if model_type != "gpt2":
+            archs = ", ".join(hf.get("architectures") or []) or "unknown"
+            raise CheckpointError(f"config.json describes model_type={model_type!r} ({archs}); "
+                                  "loratune supports GPT-2 checkpoints (model_type 'gpt2')")
+        if hf.get("tie_word_embeddings") is False:
+            raise CheckpointError("config.json: untied output embeddings are not supported for GPT-2")
+        known = {f.name for f in fields(cls)} - {"dropout"}
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        if hf.get("n_inner") is not None:
+            kwargs["n_inner"] = hf["n_inner"]
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers-compatible config.json dict."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dropout"}
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+        return d
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated to ``max_len`` (no concatenation per step)."""
+
+    def __init__(self, config: GPT2Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        hs = config.n_embd // config.n_head
+        shape = (batch, config.n_head, max_len, hs)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, nh, T, hs) keys/values; return all so far, (B, nh, L + T, hs)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head, self.n_embd, self.layer_idx = config.n_head, config.n_embd, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        hs = config.n_embd // config.n_head
+        self.scale = (1.0 / math.sqrt(hs) if config.scale_attn_weights else 1.0)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, L, hs)
+        causal = mask is None and k.shape[2] == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.approximate = "tanh" if config.activation_function in _TANH_GELUS else "none"
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model with transformers-compatible parameter names."""
+
+    model_type = "gpt2"
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+
+    def init_weights(self, seed: int = 0) -> "GPT2":
+        """GPT-2's initialisation (N(0, 0.02), residual projections scaled by 1/sqrt(2L)); for tests."""
+        gen = torch.Generator().manual_seed(seed)
+        std_proj = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                    p.fill_(1.0)
+                else:
+                    std = std_proj if name.endswith("c_proj.weight") else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C) of token ids (B, T).
+
+        ``attention_mask`` (B, L) marks real tokens (1) and left padding (0) over all positions
+        so far, cached ones included; positions then count real tokens only, as in transformers.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
+        mask = None
+        if attention_mask is not None:
+            keep = attention_mask.bool()  # (B, L)
+            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
+            q_pos = torch.arange(start, start + T, device=idx.device)
+            k_pos = torch.arange(start + T, device=idx.device)
+            causal = k_pos[None, :] <= q_pos[:, None]  # (T, L)
+            mask = causal[None] & keep[:, None, :]  # (B, T, L)
+            mask = mask | (k_pos[None, None, :] == q_pos[None, :, None])  # pad rows see themselves: no NaN
+            mask = mask[:, None]  # (B, 1, T, L)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)[None]
+            if cache is not None and start > 0 and T > 1:
+                q_pos = torch.arange(start, start + T, device=idx.device)
+                mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_pos[:, None])[None, None]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache, mask)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T)."""
+        return self.lm_head(self.hidden_states(idx, cache, attention_mask))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions."""
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch, min(max_len, self.config.n_positions), p.dtype, p.device)
+
+    @classmethod
+    def from_hf_state_dict(cls, config: GPT2Config, state: dict[str, torch.Tensor],
+                           dtype: torch.dtype | None = None) -> "GPT2":
+        """Build the model from a transformers GPT-2 state dict (GPT2Model or GPT2LMHeadModel keys).
+
+        Checks every key and shape and raises :class:`CheckpointError` naming the problem.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        mapped: dict[str, torch.Tensor] = {}
+        unexpected = []
+        for key, tensor in state.items():
+            if key.endswith(_BUFFERS) or key == "lm_head.weight":
+                continue
+            name = key if key.startswith("transformer.") else "transformer." + key
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            if name.endswith(_CONV1D) and tensor.dim() == 2:
+                tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                                      f"but config.json implies {tuple(expected[name])}")
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"checkpoint tensor {key} has dtype {tensor.dtype}, expected floating point")
+            mapped[name] = tensor.to(dtype or tensor.dtype).contiguous()
+        missing = sorted(set(expected) - set(mapped))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+            raise CheckpointError("checkpoint does not match a GPT-2 of this config: " + "; ".join(parts))
+        mapped["lm_head.weight"] = mapped["transformer.wte.weight"]
+        model.load_state_dict(mapped, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
+        return model
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in transformers' layout (Conv1D transposed back), without LoRA tensors."""
+        out = {}
+        for key, tensor in self.state_dict().items():
+            if ".lora_" in key or key == "lm_head.weight":
+                continue
+            out[key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor
+        return out
