@@ -7,9 +7,9 @@ import logging
 import sys
 
 from ..errors import LoratuneError
-from . import generate, info
+from . import compare, evaluate, generate, info, init_model, train
 
-COMMANDS = [generate, info]
+COMMANDS = [train, evaluate, compare, generate, info, init_model]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,54 @@
+"""``loratune train RECIPE``: run a training recipe, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..recipe import load_recipe
+from ..report import human_bytes
+from ..train import train
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune from a recipe (YAML)",
+                       description="Fine-tune a model as a recipe says; every recipe key can be overridden.")
+    add_recipe_args(p)
+    p.add_argument("--out", help="output directory (recipe key out_dir)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (recipe key max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/gpt2_reddit_tifu.yaml")
+    p.add_argument("--model", help="replace the recipe's model (checkpoint directory or hub id)")
+    p.add_argument("--data", help="replace the recipe's data source (file or hub id); field names are kept")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set lora.r=8 --set lr=1e-4 (repeatable)")
+
+
+def recipe_from_args(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    if getattr(args, "out", None):
+        overrides.append(f"out_dir={args.out}")
+    if getattr(args, "max_steps", None) is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    return load_recipe(args.recipe, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    result = train(recipe, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+    print(f"{result.status}: {result.steps} steps, {result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}"
+          f", train loss {_fmt(result.train_loss)}, validation loss {_fmt(result.val_loss)} -> {result.out_dir}")
+    return 0 if result.status == "done" else 130
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,240 @@
+"""The training recipe: one typed dataclass, read from YAML and overridden from the command line.
+
+The YAML file and ``--set key=value`` are two views of :class:`Recipe`; nothing else holds
+configuration. Unknown keys are errors that suggest the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DataConfig
+from .errors import ConfigError
+from .lora import LoRAConfig
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class Recipe:
+    """Everything a training run needs; see recipes/gpt2_reddit_tifu.yaml for the tutorial's values."""
+
+    model: str = "gpt2"
+    """Base checkpoint: a local Hugging Face directory or a hub id."""
+    out_dir: str = "runs/gpt2-reddit-tifu"
+    """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
+    finetune: str = "lora"
+    """lora (train only the adapter) or full (train every weight)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """The adapter (ignored for finetune: full)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the text comes from and how it becomes sequences."""
+    seq_len: int = 128
+    """Tokens per training sequence (at most the model's context)."""
+    batch_size: int = 32
+    """Sequences per optimizer step."""
+    grad_accum: int = 1
+    """Micro-batches each step is split into (batch_size / grad_accum sequences at a time): saves
+    memory without changing the result."""
+    max_steps: int | None = 500
+    """Optimizer steps; None = run `epochs` full epochs."""
+    epochs: int = 1
+    """Epochs when max_steps is None."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay, applied to matrices only (not biases or LayerNorm)."""
+    adam_eps: float = 1e-6
+    """AdamW epsilon."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient's global norm to this; None = no clipping."""
+    schedule: str = "constant"
+    """Learning-rate shape after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
+    precision: str = "fp32"
+    """fp32, bf16-mixed (autocast) or bf16-true (frozen weights stored in bf16, adapter masters fp32)."""
+    seed: int = 42
+    """Seeds LoRA init, dropout and data order."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every N steps."""
+    eval_every: int = 100
+    """Validation loss every N steps (0 = only at the end)."""
+    eval_batches: int | None = 20
+    """Validation batches per evaluation; None = the whole split."""
+    save_every: int = 100
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    sample_prompt: str = "today i messed up when"
+    """Prompt for the sample generations before and after training ('' = none)."""
+    sample_tokens: int = 48
+    """New tokens in each sample."""
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+        if self.finetune not in ("lora", "full"):
+            raise ConfigError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "epochs", "keep_checkpoints"):
+            positive(name)
+        positive("max_steps", allow_none=True)
+        positive("eval_batches", allow_none=True)
+        for name in ("log_every", "eval_every", "save_every", "warmup_steps", "sample_tokens"):
+            positive(name, allow_zero=True)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        for name in ("lr", "adam_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be positive or null, got {self.max_grad_norm!r}")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Turn YAML/CLI text into the field's type (YAML reads '1e-4' as a string, for one)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, options[0], key) if len(options) == 1 else value
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if hint is int and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float and not isinstance(value, bool):
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin is list:
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            return [_coerce(v, typing.get_args(hint)[0], key) for v in items]
+        if origin is tuple:
+            items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+            return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Make dataclass ``cls`` from a nested dict, checking every key and coercing types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {type(values).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown recipe key {prefix}{key!r}{hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = build(hint_type, value or {}, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint_type, prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad recipe section {prefix or 'top level'}: {exc}") from None
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` to a nested dict (value parsed as YAML)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of recipe keys")
+    for assignment in overrides:
+        apply_override(values, assignment)
+    return build(Recipe, values)
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain YAML-ready data."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text (loads back to an equal Recipe)."""
+    return yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True)
