@@ -23,3 +23,7 @@ class TargetError(ConfigError):
 
 class MergeError(LoratuneError):
     """Merging or unmerging an adapter is not possible in the current state."""
+
+
+class DataError(LoratuneError):
+    """Training data is missing, unreadable, empty, or lacks the fields the config names."""
