@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import queue as queue_module
 import statistics
 import time
 
@@ -79,7 +80,14 @@ def compare(recipe: Recipe, steps: int = 5) -> list[dict]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(dataclasses.replace(recipe, finetune=mode), steps, queue))
         proc.start()
-        status, payload = queue.get()
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                if not proc.is_alive():  # killed outright (out of memory, signal): no report will come
+                    status, payload = "error", f"the process died with exit code {proc.exitcode}"
+                    break
         proc.join()
         if status != "ok":
             from .errors import LoratuneError
@@ -100,7 +108,8 @@ def format_table(rows: list[dict], steps: int) -> str:
         lines.append(f"{name:26}{fmt(a):>16}{fmt(b):>16}{r}")
 
     row("trainable parameters", "trainable", lambda v: f"{v:,}")
-    row("share of all parameters", "trainable", lambda v: f"{100 * v / lora['total']:.2f}%", ratio=False)
+    shares = [f"{100 * r['trainable'] / r['total']:.2f}%" for r in (lora, full)]  # each of its own total
+    lines.append(f"{'share of all parameters':26}{shares[0]:>16}{shares[1]:>16}")
     row("peak memory", "peak_memory", human_bytes)
     row("time per step (median)", "step_s", lambda v: f"{v * 1000:.0f} ms")
     row("tokens per second", "tokens_per_s", lambda v: f"{v:,.0f}")

@@ -111,7 +111,7 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:  # also NaN
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be positive or null, got {self.max_grad_norm!r}")
@@ -150,6 +150,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is float and not isinstance(value, bool):
             return float(value)
         if hint is str:
+            if isinstance(value, (dict, list)):  # e.g. an unquoted {tldr} in YAML
+                raise ValueError
             return str(value)
         if origin is list:
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
@@ -172,9 +174,11 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown recipe key {prefix}{key!r}{hint}")
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown recipe key {prefix + str(key)!r}{hint}")
         hint_type = hints[key]
+        if isinstance(value, _SetValue):
+            value = value.text if value.parsed is not None and _is_text(hint_type) else value.parsed
         if dataclasses.is_dataclass(hint_type):
             kwargs[key] = build(hint_type, value or {}, prefix=f"{prefix}{key}.")
         else:
@@ -183,6 +187,21 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad recipe section {prefix or 'top level'}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _SetValue:
+    """A ``--set`` value as typed and as YAML reads it: text fields take the text (``{tldr}`` is
+    a template, not a YAML mapping; ``yes`` is a model name, not True), the others the reading."""
+
+    text: str
+    parsed: Any
+
+
+def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)] == [str]
+    return hint is str
 
 
 def apply_override(values: dict[str, Any], assignment: str) -> None:
@@ -201,7 +220,7 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = _SetValue(text, value)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

@@ -205,9 +205,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         log.info(f"resumed from {found[-1]} (step {state.step})")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None)
     autocast = autocast_for(recipe, device)
-    samples = {"prompt": recipe.sample_prompt}
-    if not resume:
-        samples["before"] = sample_text(model, tokenizer, recipe, device)
+    samples_path = out / "samples.json"
+    if resume:  # the sample before training was written when the run started
+        samples = _read_samples(samples_path, recipe.sample_prompt)
+    else:
+        samples = {"prompt": recipe.sample_prompt, "before": sample_text(model, tokenizer, recipe, device)}
+        samples_path.write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
         log.info(f"sample before training: {samples['before']!r}")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -283,13 +286,21 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     _save_result(model, recipe, out, model_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
     samples["after"] = sample_text(model, tokenizer, recipe, device)
-    (out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
+    samples_path.write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
     peak = peak_memory_bytes(device)
     log.info(f"sample after training: {samples['after']!r}")
     log.info(f"done: {state.step} steps in {elapsed:.1f} s, peak memory {human_bytes(peak)}, "
              f"train loss {last_loss if last_loss is None else round(last_loss, 4)}, "
              f"validation loss {val_loss if val_loss is None else round(val_loss, 4)}; outputs in {out}")
     return TrainResult(out, state.step, status, last_loss, val_loss, elapsed, peak, report.trainable, report.total)
+
+
+def _read_samples(path: Path, prompt: str) -> dict:
+    try:
+        samples = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"prompt": prompt}
+    return samples if isinstance(samples, dict) and samples.get("prompt") == prompt else {"prompt": prompt}
 
 
 def _save_result(model: nn.Module, recipe: Recipe, out: Path, model_dir: Path) -> None:
