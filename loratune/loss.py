@@ -1,4 +1,11 @@
-"""The causal-LM loss: summed token cross-entropy, so micro-batches add up exactly."""
+"""The causal-LM loss: summed token cross-entropy, so micro-batches add up exactly.
+
+The output head is fused with the cross-entropy and run over chunks of positions: the
+(B*T, vocab) logits never exist at once (50,257 floats per position is most of GPT-2's
+activation memory at long sequences). Each chunk's logits are made, turned into the loss and
+into the gradients for the hidden states (and the head weight, when it trains), and freed;
+the backward pass only scales those saved gradients.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,69 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+CHUNK = 1024  # positions per chunk: 1024 x 50,257 float32 logits is ~200 MB
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) over i with y_i != IGNORE, with gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                need_h: bool, need_w: bool) -> torch.Tensor:
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]  # (n, C)
+            y = labels[start:start + chunk]  # (n,)
+            valid = y != IGNORE
+            if not bool(valid.any()):
+                continue
+            logits = (h @ weight.t()).float()  # (n, V), only this chunk
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            safe_y = y.clamp(min=0)
+            target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += torch.where(valid, lse - target, 0.0).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax in place: d(sum CE)/d logits = p - onehot
+                probs[torch.arange(len(y), device=y.device), safe_y] -= valid.float()
+                probs.mul_(valid[:, None])
+                d_logits = probs.to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = d_logits @ weight
+                if need_w:
+                    grad_w += (d_logits.t() @ h).float()  # bf16 products accumulate in fp32 inside the matmul
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk: int = CHUNK) -> torch.Tensor:
+    """Summed CE of ``hidden`` (N, C) through the head ``weight`` (V, C) against ``labels`` (N,)."""
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, grad and hidden.requires_grad,
+                                     grad and weight.requires_grad)
 
 
 def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy over positions whose label is not -100 (labels are already shifted).
 
-    Logits are upcast to float32 for the softmax, as in every reference implementation.
+    Logits are computed in the hidden states' dtype and upcast to float32 for the softmax.
     """
-    logits = model(input_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    hidden = model.hidden_states(input_ids)  # (B, T, C)
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten())
 
 
 def count_targets(labels: torch.Tensor) -> int:
