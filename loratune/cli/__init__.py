@@ -7,9 +7,9 @@ import logging
 import sys
 
 from ..errors import LoratuneError
-from . import compare, evaluate, generate, info, init_model, train
+from . import compare, evaluate, generate, info, init_model, merge, train
 
-COMMANDS = [train, evaluate, compare, generate, info, init_model]
+COMMANDS = [train, evaluate, compare, generate, merge, info, init_model]
 
 
 def build_parser() -> argparse.ArgumentParser:
