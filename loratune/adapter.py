@@ -165,10 +165,13 @@ def _read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(adapter_dir / WEIGHTS_NAME)
     if (adapter_dir / PICKLE_WEIGHTS_NAME).is_file():
         try:
-            return torch.load(adapter_dir / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            state = torch.load(adapter_dir / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"refusing to load {adapter_dir / PICKLE_WEIGHTS_NAME}: corrupt or not plain "
                                   f"tensors ({str(exc).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{adapter_dir / PICKLE_WEIGHTS_NAME} does not hold a dict of tensors")
+        return state
     raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
 
 
@@ -195,6 +198,11 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
 
 def _targeted(config: dict[str, Any], name: str) -> bool:
     """PEFT's rule for whether module ``name`` is a target (list = suffix, str = full regex)."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and (name in exclude or any(name.endswith("." + e) for e in exclude)):
+        return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -256,8 +264,13 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     if missing or not pairs:
         raise CheckpointError(f"adapter_config targets {', '.join(missing[:3]) or config.get('target_modules')} "
                               "but the weights hold no tensors for them")
+    untargeted = sorted(set(pairs) - targeted)
+    if untargeted:
+        raise CheckpointError(f"the weights hold tensors for {', '.join(untargeted[:3])}, which adapter_config does "
+                              f"not target (target_modules {config.get('target_modules')!r})")
     rslora = bool(config.get("use_rslora", False))
     slices = extra.get("slices", {})
+    layers = {}  # built and checked all first, so a bad tensor leaves the model untouched
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"adapter tensors for {name} are incomplete: need lora_A and lora_B")
@@ -272,15 +285,19 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
                                   f"this model's layer is {in_f} -> {out_f}: the adapter was made for another base model")
         if a.shape[0] != r:
             raise CheckpointError(f"adapter tensors for {name} have rank {a.shape[0]}, adapter_config says {r}")
-        layer = _layer_from_peft(base, a, b, r, alpha, rslora, float(config.get("lora_dropout") or 0.0),
-                                 slices.get(name), transposed)
+        layers[name] = _layer_from_peft(base, a, b, r, alpha, rslora, float(config.get("lora_dropout") or 0.0),
+                                        slices.get(name), transposed)
+    if extra.get("lora"):
+        lora = LoRAConfig(**extra["lora"])
+    else:
+        targets = config["target_modules"]
+        targets = targets if isinstance(targets, list) else ["re:" + targets]
+        lora = LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          dropout=float(config.get("lora_dropout") or 0.0), targets=list(targets), rslora=rslora)
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
-    if extra.get("lora"):
-        return LoRAConfig(**extra["lora"])
-    targets = config["target_modules"] if isinstance(config["target_modules"], list) else ["re:" + config["target_modules"]]
-    return LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-                      targets=list(targets), rslora=rslora)
+    return lora
 
 
 def _layer_from_peft(base, a, b, r, alpha, rslora, dropout, slices, transposed) -> LoRALinear:
