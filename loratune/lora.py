@@ -138,35 +138,39 @@ class LoRALinear(nn.Module):
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return F.linear(x, w, self.bias)
 
+    def stacked_A(self) -> torch.Tensor:
+        """Every slice's A stacked, (S*r, in): one matmul computes x A^T for all slices."""
+        names = list(self.slices)
+        return self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
+
+    def stacked_B(self) -> torch.Tensor:
+        """scale * B for the whole output, (out, S*r): slice i's B in its rows and columns, zeros elsewhere.
+
+        Tiny (out x S*r), so building it each step costs nothing, and the update then is two
+        plain matmuls with no in-place writes into slices of the output.
+        """
+        blocks = []
+        for name, (start, stop) in self.slices.items():
+            b = self.lora_B[name] * self.scale  # (stop - start, r)
+            if stop - start != self.out_features:
+                b = F.pad(b, (0, 0, start, self.out_features - stop))  # zero rows outside the slice
+            blocks.append(b)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)  # (..., out)
         if self.merged or not self.enabled:
             return out
-        names = list(self.slices)
-        a_dtype = self.lora_A[names[0]].dtype
-        h = self.dropout(x).to(a_dtype)
-        if len(names) == 1:
-            (start, stop), name = self.slices[names[0]], names[0]
-            delta = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name] * self.scale)
-            if stop - start == self.out_features:
-                return out + delta.to(out.dtype)
-            out[..., start:stop] += delta.to(out.dtype)
-            return out
-        # one matmul for every slice's A: (..., in) -> (..., S*r)
-        z = F.linear(h, torch.cat([self.lora_A[n] for n in names]))
-        for i, name in enumerate(names):
-            start, stop = self.slices[name]
-            delta = F.linear(z[..., i * self.r:(i + 1) * self.r], self.lora_B[name] * self.scale)
-            out[..., start:stop] += delta.to(out.dtype)
-        return out
+        # low-precision activations (bf16 weights or autocast) run the update in their dtype; the
+        # float32 masters get their gradients through the cast
+        dtype = out.dtype
+        z = F.linear(self.dropout(x).to(dtype), self.stacked_A().to(dtype))  # (..., in) -> (..., S*r)
+        return out + F.linear(z, self.stacked_B().to(dtype))  # (..., S*r) -> (..., out)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """The full update scale * B A in float32, shaped like the (out, in) weight."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
-        for name, (start, stop) in self.slices.items():
-            delta[start:stop] = self.scale * (self.lora_B[name].float() @ self.lora_A[name].float())
-        return delta
+        return self.stacked_B().float() @ self.stacked_A().float()
 
     @torch.no_grad()
     def _apply_delta(self, sign: float) -> None:
