@@ -31,6 +31,7 @@ from torch import nn
 
 from .checkpoint import is_hub_id, read_json, read_safetensors
 from .errors import CheckpointError
+from .fsutil import replace_dir
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .targets import linear_kind
 
@@ -135,9 +136,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import TOKENIZER_FILES
 from .errors import CheckpointError, ConfigError
+from .fsutil import replace_dir
 from .lora import lora_layers
 
 
@@ -92,9 +93,7 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
                 src = Path(tokenizer_dir) / name
                 if src.is_file() and name != "generation_config.json":
                     shutil.copyfile(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
