@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,61 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             raise CheckpointError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
 
 
+def _check_fields(config: dict[str, Any], extra: dict[str, Any], path: Path) -> None:
+    """Types and ranges of every field the loader uses, so a malformed file is a CheckpointError, not a crash."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key} must be {what}, got {config.get(key)!r}")
+
+    def regex_ok(text: Any) -> bool:
+        try:
+            return isinstance(text, str) and re.compile(text) is not None
+        except re.error:
+            return False
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+    def int_ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not int_ok(config.get("r")):
+        raise bad("r", "a positive integer")
+    if not number(config.get("lora_alpha")):
+        raise bad("lora_alpha", "a positive number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                                or not 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(key)
+        if (value is None and key != "target_modules") or regex_ok(value):
+            continue
+        names_ok = regex_ok if key == "layers_pattern" else (lambda v: isinstance(v, str))  # that one joins a regex
+        if not (isinstance(value, list) and all(names_ok(v) for v in value)):
+            raise bad(key, "a regular expression or a list of module names" + (" or null" if key != "target_modules"
+                                                                               else ""))
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise bad("layers_to_transform", "a layer index, a list of them, or null")
+    for key, ok in (("rank_pattern", int_ok), ("alpha_pattern", number)):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, dict) and all(regex_ok(k) and ok(v) for k, v in value.items())):
+            raise bad(key, "a mapping of module-name patterns to " + ("ranks" if key == "rank_pattern" else "alphas"))
+    if not isinstance(config.get("use_rslora", False), (bool, type(None))):
+        raise bad("use_rslora", "true or false")
+    slices = extra.get("slices", {})
+    if not isinstance(slices, dict) or not all(
+            isinstance(spans, dict) and spans and all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                for v in spans.values()) for spans in slices.values()):
+        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'slices' must map module names to "
+                              "{slice name: [start, stop]}")
+    lora = extra.get("lora")
+    if lora is not None and not (isinstance(lora, dict) and set(lora) <= {f.name for f in fields(LoRAConfig)}):
+        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'lora' must hold LoRAConfig fields, got {lora!r}")
+
+
 def _targeted(config: dict[str, Any], name: str) -> bool:
     """PEFT's rule for whether module ``name`` is a target (list = suffix, str = full regex)."""
     exclude = config.get("exclude_modules")
@@ -242,6 +297,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     config = read_json(path, "adapter config")
     _check_config(config, path)
     extra = read_json(adapter_dir / EXTRA_NAME, "loratune metadata") if (adapter_dir / EXTRA_NAME).is_file() else {}
+    _check_fields(config, extra, path)
     saved_base = config.get("base_model_name_or_path")
     if base_model and saved_base and str(saved_base) != str(base_model):
         log.warning(f"adapter was trained on {saved_base!r}, applying it to {base_model!r}")

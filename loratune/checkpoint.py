@@ -94,11 +94,12 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(single)
     if index.is_file():
         weight_map = read_json(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "\0" not in v
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to shard file names")
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = (model_dir / str(shard)).resolve()
+            shard_path = (model_dir / shard).resolve()  # symlinks followed: a link out of the directory is refused too
             if model_dir.resolve() not in shard_path.parents:
                 raise CheckpointError(f"{index} names a shard outside the checkpoint directory: {shard}")
             state.update(read_safetensors(shard_path))

@@ -139,6 +139,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting past the recursion limit
+                raise DataError(f"{path}, line {lineno}: unreadable JSON ({exc})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
@@ -153,6 +155,8 @@ def _read_json(path: Path) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting past the recursion limit
+        raise DataError(f"{path}: unreadable JSON ({exc})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -250,13 +254,25 @@ def build_examples(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
         fields = _template_fields(cfg.prompt_template) + _template_fields(cfg.completion_template)
         fields = list(dict.fromkeys(fields))
         records = _usable(records, fields, source)
-        prompts = tokenizer.encode_batch([cfg.prompt_template.format(**r) for r in records])
-        completions = tokenizer.encode_batch([cfg.completion_template.format(**r) for r in records])
+        prompts = tokenizer.encode_batch(_fill(cfg.prompt_template, records, source))
+        completions = tokenizer.encode_batch(_fill(cfg.completion_template, records, source))
         examples = [_completion(p, c + [eos], seq_len) for p, c in zip(prompts, completions)]
     if not examples:
         more = f" (packing needs at least {seq_len + 1} tokens in all)" if cfg.packing and records else ""
         raise DataError(f"the data is empty: no usable examples from {len(records)} records of {source}{more}")
     return examples
+
+
+def _fill(template: str, records: list[dict], source: str) -> list[str]:
+    texts = []
+    for i, record in enumerate(records):
+        try:
+            texts.append(template.format(**record))
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError, OverflowError) as exc:
+            # {field.attr}, {field[0]}, {field:d} or a nested {x} in a format spec that the record does not fit
+            raise DataError(f"record {i} of {source} does not fit the template {template!r} "
+                            f"({type(exc).__name__}: {exc})") from None
+    return texts
 
 
 def _shifted(ids: list[int], n_prompt: int = 0) -> Example:

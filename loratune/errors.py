@@ -27,3 +27,7 @@ class MergeError(LoratuneError):
 
 class DataError(LoratuneError):
     """Training data is missing, unreadable, empty, or lacks the fields the config names."""
+
+
+class ResourceError(LoratuneError):
+    """The machine lacks what the run needs: memory for a training step, or disk space to save it."""

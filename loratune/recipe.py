@@ -211,7 +211,7 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # YAML's constructors raise ValueError (2001-13-45)
         value = text
     parts = key.strip().split(".")
     node = values
@@ -232,7 +232,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"recipe file not found: {path}")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad dates, !!int 'x', bad UTF-8
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of recipe keys")

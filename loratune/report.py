@@ -20,9 +20,11 @@ class MetricsLog:
         self.path = path
         if resume_step is None:
             path.write_text("")
-        elif path.exists():
-            kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif path.exists():  # rewritten by rename, so a kill here cannot lose the earlier lines
+            kept = [r for r in _records(path) if r.get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -32,6 +34,19 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl (one JSON object per line)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """Like read_metrics, but drops a line a killed run left half-written."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:

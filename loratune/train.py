@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .adapter import save_adapter
-from .resume import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .resume import TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Batches, prepare_data
 from .errors import ConfigError, LoratuneError
 from .export import save_hf_model
 from .generate import SamplingConfig, generate
+from .guards import check_resources, disk_error
 from .loss import count_targets, lm_loss_sum
 from .models import load_model
 from .params import parameter_report, set_trainable
@@ -174,6 +175,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     torch.manual_seed(recipe.seed)
     out = Path(recipe.out_dir)
     ckpt_root = out / "checkpoints"
+    clean_checkpoint_dir(ckpt_root)  # what a killed run left: unfinished writes go, swapped-out checkpoints return
     if not resume and list_checkpoints(ckpt_root):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +196,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     log.info(f"data: {len(train_ex)} train / {len(val_ex)} validation sequences, {len(batches)} batches per epoch, "
              f"{total_steps} steps")
 
+    check_resources(model, recipe, device, out)  # refuse now what would run out of memory or disk later
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     state = TrainState(step=0)
@@ -212,6 +215,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         samples = {"prompt": recipe.sample_prompt, "before": sample_text(model, tokenizer, recipe, device)}
         samples_path.write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
         log.info(f"sample before training: {samples['before']!r}")
+        if val_batches and recipe.eval_every:  # the starting point of the validation curve
+            val0 = evaluate(model, val_batches, device, autocast, recipe.eval_batches)
+            metrics.write({"step": 0, "val_loss": round(val0, 6), "val_ppl": round(perplexity(val0), 3)})
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -231,9 +237,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                     loss = lm_loss_sum(model, x, y) / n_targets  # token-weighted over the whole step
                 loss.backward()
                 loss_total += float(loss.detach())
-            grad_norm = None
-            if recipe.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm))
+            # the norm is taken even without clipping (max_norm inf scales by 1): an Inf gradient must stop the run
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm or math.inf))
             if not math.isfinite(loss_total) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 good = list_checkpoints(ckpt_root)
                 what = "loss" if not math.isfinite(loss_total) else "gradient norm"
@@ -283,7 +288,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if val_batches:
         val_loss = evaluate(model, val_batches, device, autocast, recipe.eval_batches)
         metrics.write({"step": state.step, "val_loss": round(val_loss, 6), "val_ppl": round(perplexity(val_loss), 3)})
-    _save_result(model, recipe, out, model_dir)
+    try:
+        _save_result(model, recipe, out, model_dir)
+    except OSError as exc:
+        raise disk_error(exc, f"the result in {out}", f"checkpoint {path} holds the trained weights") from None
     plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
     samples["after"] = sample_text(model, tokenizer, recipe, device)
     samples_path.write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")

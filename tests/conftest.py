@@ -90,6 +90,16 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 (2 layers, width 64, context 256) made by `loratune init-model`, the user's path."""
+    from loratune.cli import main
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    assert main(["init-model", "--preset", "tiny", "--out", str(path)]) == 0
+    return path
+
+
 @pytest.fixture
 def hf_model(tiny_ckpt):
     """A fresh transformers model loaded from the tiny checkpoint (tests may modify it)."""

@@ -20,12 +20,6 @@ SENTENCES = [f"the {c} {a} runs to the {p} and sleeps." for c in ("red", "blue",
              for a in ("cat", "dog", "fox") for p in ("house", "park")]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    assert main(["init-model", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
-
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:

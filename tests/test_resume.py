@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from loratune.cli import main
 from loratune.errors import CheckpointError, ConfigError
 from loratune.recipe import Recipe, load_recipe
 from loratune.report import read_metrics
-from loratune.resume import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from loratune.resume import TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from loratune.train import train
 
 RESUMABLE = ["seq_len=16", "batch_size=4", "lr=2e-2", "lora.dropout=0.1", "schedule=cosine", "warmup_steps=2",
@@ -42,12 +43,6 @@ def write_sentences(path: Path, n: int, seed: int = 0) -> Path:
             f.write(json.dumps({"text": f"the {c} {a} runs to the {c} house and sleeps."}) + "\n")
     return path
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    assert main(["init-model", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def test_resume_from_the_middle_equals_the_uninterrupted_run(ckpt, data_file, tm
     assert full.status == "done" and full.steps == 8
     ref_losses, ref_val, ref_adapter = losses(tmp_path), val_losses(tmp_path), adapter(tmp_path)
     ref_ckpt = load_file(tmp_path / "checkpoints" / "step-000008" / "trainable.safetensors")
-    assert sorted(ref_val) == [4, 8] and len(set(ref_losses.values())) == 8
+    assert sorted(ref_val) == [0, 4, 8] and len(set(ref_losses.values())) == 8
 
     # a run that stopped after step 4: its step-8 checkpoint and outputs never happened
     shutil.rmtree(tmp_path / "checkpoints" / "step-000008")
@@ -244,3 +239,109 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(ckpt, data_f
     assert samples == json.loads((ref_out / "samples.json").read_text())
     assert set(samples) == {"prompt", "before", "after"}
     assert (out / "loss.png").is_file()
+
+
+# --- what a killed run leaves behind, tampered checkpoints, determinism ---------------------------
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious optimizer.pt would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_clean_checkpoint_dir_finishes_what_a_killed_run_left(tmp_path):
+    model, optimizer, scheduler = _tiny_training_state()
+    root = tmp_path / "checkpoints"
+    for step in (3, 4):
+        save_checkpoint(root, model, optimizer, scheduler, TrainState(step=step), keep=5)
+    dead, alive = _dead_pid(), os.getppid()
+    os.replace(root / "step-000004", root / f".old-step-000004-{dead}")  # killed between the two renames of a swap
+    (root / f".tmp-step-000005-{dead}").mkdir()  # killed inside a write
+    (root / f".tmp-step-000005-{dead}" / "trainable.safetensors").write_bytes(b"half")
+    shutil.copytree(root / "step-000003", root / f".trash-step-000002-{dead}")  # killed while pruning
+    (root / f".tmp-step-000006-{alive}").mkdir()  # a process that still runs: not ours to touch
+    foreign = [".tmp-notes", "step-7", "mine", f".tmp-step-000009-{dead}-x"]
+    for name in foreign:
+        (root / name).mkdir()
+    assert [p.name for p in list_checkpoints(root)] == ["step-000003"]
+
+    assert clean_checkpoint_dir(root) == {"removed": 2, "restored": 1}
+    assert [p.name for p in list_checkpoints(root)] == ["step-000003", "step-000004"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["step-000003", "step-000004", f".tmp-step-000006-{alive}", *foreign])
+    assert load_checkpoint(root / "step-000004", *_tiny_training_state()).step == 4
+    assert clean_checkpoint_dir(tmp_path / "missing") == {"removed": 0, "restored": 0}
+
+
+def test_saving_a_step_again_swaps_it_whole(tmp_path):
+    model, optimizer, scheduler = _tiny_training_state()
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, model, optimizer, scheduler, TrainState(step=2), keep=2)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_checkpoint(root, model, optimizer, scheduler, TrainState(step=2, best_val_loss=0.5), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    other = _tiny_training_state()
+    assert load_checkpoint(root / "step-000002", *other) == TrainState(step=2, best_val_loss=0.5)
+    assert torch.equal(other[0].weight, model.weight)
+
+
+def test_a_malicious_optimizer_pickle_is_refused_on_resume_and_never_runs(ckpt, data_file, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {ckpt}\nout_dir: {out}\ndata:\n  source: {data_file}\n  text_field: text\n")
+    args = ["train", str(recipe), "--no-progress", *[a for item in RESUMABLE for a in ("--set", item)],
+            "--set", "max_steps=2", "--set", "save_every=1"]
+    assert main(args) == 0
+    last = list_checkpoints(out / "checkpoints")[-1]
+    state = torch.load(last / "optimizer.pt", weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"] = _Payload(marker)  # the file still looks like ours
+    torch.save(state, last / "optimizer.pt")
+
+    assert main(args + ["--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"loratune train: error: refusing to load {last / 'optimizer.pt'}: it is corrupt or holds more than " \
+           "tensors and plain data" in err and "Traceback" not in err
+    assert not marker.exists(), "resuming executed code from the optimizer pickle"
+    torch.load(last / "optimizer.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_tampered_checkpoint_files_are_checkpoint_errors(tmp_path):
+    model, optimizer, scheduler = _tiny_training_state()
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=5), keep=2)
+    (path / "state.json").write_text('{"step": 9}')
+    with pytest.raises(CheckpointError, match="names step 9, which does not fit the directory name"):
+        load_checkpoint(path, *_tiny_training_state())
+    (path / "state.json").write_text('{"step": 5}')
+    torch.save({"optimizer": {}, "rng": {}}, path / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="does not hold the optimizer, scheduler and RNG state"):
+        load_checkpoint(path, *_tiny_training_state())
+    torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "rng": {}}, path / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="does not fit this run's optimizer or scheduler"):
+        load_checkpoint(path, *_tiny_training_state())
+    (path / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path, *_tiny_training_state())
+
+
+def test_same_recipe_and_seed_give_the_same_run(ckpt, data_file, tmp_path):
+    """CPU, fp32: two runs with LoRA dropout, a shuffled order and validation agree bit for bit."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        train(make_recipe(ckpt, data_file, out, "max_steps=8", "eval_every=4"), progress=False)
+    keep = ("step", "loss", "grad_norm", "lr", "val_loss", "val_ppl")
+    a, b = ([{k: v for k, v in r.items() if k in keep} for r in read_metrics(out / "metrics.jsonl")] for out in runs)
+    assert a == b and len([r for r in a if "loss" in r]) == 8
+    first, second = adapter(runs[0]), adapter(runs[1])
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -50,13 +50,6 @@ def write_sentences(path: Path, n: int = 240, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A random tiny GPT-2 (2 layers, width 64, context 256) with the real GPT-2 tokenizer, made by the CLI."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    assert main(["init-model", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
-
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
@@ -120,7 +113,8 @@ def test_lora_training_lowers_the_held_out_loss(ckpt, lora_run):
     assert math.isclose(after, result.val_loss, rel_tol=1e-6)
     assert math.log(50257) - 0.1 < before < math.log(50257) + 0.1  # a random model is near uniform
     vals = {r["step"]: r["val_loss"] for r in read_metrics(Path(recipe.out_dir) / "metrics.jsonl") if "val_loss" in r}
-    assert sorted(vals) == [10, 20]
+    assert sorted(vals) == [0, 10, 20]  # step 0 is the untrained model's loss on the same batches
+    assert math.isclose(vals[0], before, rel_tol=1e-5)
     assert before > vals[10] > vals[20]
     assert after < before - 0.3, (before, after)
 
@@ -181,7 +175,7 @@ def test_run_outputs_are_well_formed(lora_run):
         assert math.isclose(r["lr"], 2e-2) and r["grad_norm"] >= 0
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     val_records = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in val_records] == [10, 20]
+    assert [r["step"] for r in val_records] == [0, 10, 20]
     for r in val_records:
         assert math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-4)
     assert math.isclose(train_records[-1]["loss"], result.train_loss, abs_tol=1e-6)

@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
+_MAX_SIZE = 2**24  # per config dimension: far beyond any GPT-2, and products of two stay far from int64 overflow
 
 
 @dataclass
@@ -55,13 +56,28 @@ class GPT2Config:
     """End-of-text id: generation stops there."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise CheckpointError(f"config.json: {name} must be a positive integer, got {value!r}")
+            if value is None and name == "n_inner":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_SIZE:
+                raise CheckpointError(f"config.json: {name} must be a positive integer (at most {_MAX_SIZE:,}), "
+                                      f"got {value!r}")
         if self.n_embd % self.n_head:
             raise CheckpointError(f"config.json: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.activation_function not in _TANH_GELUS | {"gelu"}:
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise CheckpointError(f"config.json: layer_norm_epsilon must be a positive number, got {eps!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise CheckpointError(f"config.json: dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise CheckpointError(f"config.json: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"config.json: {name} must be a token id (an integer >= 0), got {value!r}")
+        if not isinstance(self.activation_function, str) or self.activation_function not in _TANH_GELUS | {"gelu"}:
             raise CheckpointError(f"config.json: activation_function {self.activation_function!r} is not supported "
                                   f"(supported: {', '.join(sorted(_TANH_GELUS | {'gelu'}))})")
 
@@ -74,7 +90,8 @@ class GPT2Config:
         """Read a transformers config.json dict, rejecting other architectures by name."""
         model_type = hf.get("model_type")
         if model_type != "gpt2":
-            archs = ", ".join(hf.get("architectures") or []) or "unknown"
+            archs = hf.get("architectures")
+            archs = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else str(archs or "unknown")
             raise CheckpointError(f"config.json describes model_type={model_type!r} ({archs}); "
                                   "loratune supports GPT-2 checkpoints (model_type 'gpt2')")
         if hf.get("tie_word_embeddings") is False:
