@@ -274,7 +274,7 @@ def _summarise(runs: dict, case: str, precision: str, seq: int, size: str, group
     for side, results in runs.items():
         ok = [r for r in results if "error" not in r]
         out[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_rss": _median(ok, "peak_rss"),
-                     "final_loss": _median(ok, "losses") and statistics.median(r["losses"][-1] for r in ok),
+                     "final_loss": statistics.median(r["losses"][-1] for r in ok) if ok else None,
                      "trainable": ok[0]["trainable"] if ok else None, "runs": len(ok),
                      "errors": [r["error"] for r in results if "error" in r]}
     return out
