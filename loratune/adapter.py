@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import is_hub_id, read_json, read_safetensors
+from .checkpoint import is_hub_id, read_json, read_pickled_tensors, read_safetensors
 from .errors import CheckpointError
 from .fsutil import replace_dir
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
@@ -163,14 +163,7 @@ def _read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if (adapter_dir / WEIGHTS_NAME).is_file():
         return read_safetensors(adapter_dir / WEIGHTS_NAME)
     if (adapter_dir / PICKLE_WEIGHTS_NAME).is_file():
-        try:
-            state = torch.load(adapter_dir / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"refusing to load {adapter_dir / PICKLE_WEIGHTS_NAME}: corrupt or not plain "
-                                  f"tensors ({str(exc).splitlines()[0]})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{adapter_dir / PICKLE_WEIGHTS_NAME} does not hold a dict of tensors")
-        return state
+        return read_pickled_tensors(adapter_dir / PICKLE_WEIGHTS_NAME)
     raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
 
 

@@ -86,6 +86,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "it may be truncated or corrupt: download or save it again") from None
 
 
+def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A dict of tensors from a pickle file, with ``weights_only=True``: code hidden in it is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"refusing to load {path}: it is corrupt or holds more than tensors "
+                              f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return state
+
+
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's weights: model.safetensors, a sharded index, or (safely) pytorch_model.bin."""
     single = model_dir / "model.safetensors"
@@ -106,12 +118,5 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
         return state
     pickle_file = model_dir / "pytorch_model.bin"
     if pickle_file.is_file():
-        try:
-            state = torch.load(pickle_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"refusing to load {pickle_file}: it is corrupt or holds more than tensors "
-                                  f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{pickle_file} does not hold a dict of tensors")
-        return state
+        return read_pickled_tensors(pickle_file)
     raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(WEIGHT_FILES)}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-CHUNK = 1024  # positions per chunk: 1024 x 50,257 float32 logits is ~200 MB
+CHUNK = 1024  # positions per chunk: 1024 x 50,257 float32 logits is ~200 MB (plus its low-precision copy)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -45,6 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start:start + chunk] = d_logits @ weight
                 if need_w:
                     grad_w += (d_logits.t() @ h).float()  # bf16 products accumulate in fp32 inside the matmul
+                del probs, d_logits  # free this chunk before the next one is made
+            del logits
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
