@@ -15,11 +15,10 @@ import time
 import torch
 
 from .data import Batches, prepare_data
-from .loss import count_targets, lm_loss_sum
 from .params import parameter_report
 from .recipe import Recipe
 from .report import human_bytes, peak_memory_bytes
-from .train import autocast_for, make_optimizer, setup_model
+from .train import autocast_for, forward_backward, make_optimizer, setup_model
 
 
 def measure(recipe: Recipe, steps: int, warmup: int = 1) -> dict:
@@ -39,19 +38,10 @@ def measure(recipe: Recipe, steps: int, warmup: int = 1) -> dict:
     times, losses = [], []
     for step in range(warmup + steps):
         batch = batches.batch(step // len(batches), step % len(batches))
-        x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
-        n = max(1, count_targets(y_all))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        total = 0.0
-        for x, y in zip(x_all.split(recipe.micro_batch_size), y_all.split(recipe.micro_batch_size)):
-            with autocast:
-                loss = lm_loss_sum(model, x, y) / n
-            loss.backward()
-            total += float(loss.detach())
-        if recipe.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
+        total, _ = forward_backward(model, batch, recipe, device, autocast, trainable)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -113,6 +103,6 @@ def format_table(rows: list[dict], steps: int) -> str:
     row("peak memory", "peak_memory", human_bytes)
     row("time per step (median)", "step_s", lambda v: f"{v * 1000:.0f} ms")
     row("tokens per second", "tokens_per_s", lambda v: f"{v:,.0f}")
-    row(f"loss at step 1", "first_loss", lambda v: f"{v:.4f}", ratio=False)
+    row("loss at step 1", "first_loss", lambda v: f"{v:.4f}", ratio=False)
     row(f"loss at step {steps + 1}", "loss", lambda v: f"{v:.4f}", ratio=False)
     return "\n".join(lines)

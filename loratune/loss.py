@@ -10,7 +10,6 @@ the backward pass only scales those saved gradients.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK = 1024  # positions per chunk: 1024 x 50,257 float32 logits is ~200 MB (plus its low-precision copy)

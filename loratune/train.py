@@ -129,6 +129,27 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, autocast,
     return total / count
 
 
+def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], recipe: Recipe, device: torch.device,
+                     autocast, trainable: list[nn.Parameter]) -> tuple[float, float]:
+    """Gradients of one optimizer step's batch, in ``grad_accum`` micro-batches, then clipped.
+
+    The loss is token-weighted over the whole batch (each micro-batch's summed loss is divided by
+    the batch's target count), so the split changes memory, not the result. Returns the step's
+    loss and the gradient norm before clipping; the norm is taken even without clipping
+    (max_norm inf), so an Inf gradient is seen.
+    """
+    x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
+    n_targets = max(1, count_targets(y_all))
+    loss_total = 0.0
+    for x, y in zip(x_all.split(recipe.micro_batch_size), y_all.split(recipe.micro_batch_size)):
+        with autocast:
+            loss = lm_loss_sum(model, x, y) / n_targets
+        loss.backward()
+        loss_total += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm or math.inf))
+    return loss_total, grad_norm
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second SIGINT aborts."""
 
@@ -229,17 +250,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         while state.step < total_steps:
             step = state.step
             batch = batches.batch(step // len(batches), step % len(batches))
-            x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
-            n_targets = max(1, count_targets(y_all))
-            loss_total = 0.0
-            for x, y in zip(x_all.split(recipe.micro_batch_size), y_all.split(recipe.micro_batch_size)):
-                with autocast:
-                    loss = lm_loss_sum(model, x, y) / n_targets  # token-weighted over the whole step
-                loss.backward()
-                loss_total += float(loss.detach())
-            # the norm is taken even without clipping (max_norm inf scales by 1): an Inf gradient must stop the run
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm or math.inf))
-            if not math.isfinite(loss_total) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            loss_total, grad_norm = forward_backward(model, batch, recipe, device, autocast, trainable)
+            if not math.isfinite(loss_total) or not math.isfinite(grad_norm):
                 good = list_checkpoints(ckpt_root)
                 what = "loss" if not math.isfinite(loss_total) else "gradient norm"
                 metrics.write({"step": step + 1, "error": f"non-finite {what}"})
@@ -252,16 +264,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             last_loss = loss_total
-            n_tok = x_all.numel()
+            n_tok = batch["input_ids"].numel()
             tokens_seen += n_tok
             window_tokens += n_tok
             if recipe.log_every and (state.step % recipe.log_every == 0 or state.step == total_steps):
                 now = time.perf_counter()
                 rate = window_tokens / max(now - window_start, 1e-9)
                 record = {"step": state.step, "loss": round(loss_total, 6), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": round(rate, 1), "elapsed_s": round(now - start_time, 2)}
-                if grad_norm is not None:
-                    record["grad_norm"] = round(grad_norm, 6)
+                          "tokens_per_s": round(rate, 1), "elapsed_s": round(now - start_time, 2),
+                          "grad_norm": round(grad_norm, 6)}
                 metrics.write(record)
                 window_tokens, window_start = 0, now
             if val_batches and recipe.eval_every and state.step % recipe.eval_every == 0 and state.step < total_steps:
