@@ -75,21 +75,19 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
 
 # --------------------------------------------------------------------------- one job, in a subprocess
 def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float):
-    import torch
 
     from loratune.lora import LoRAConfig
     from loratune.models import load_model
     from loratune.params import set_trainable
     from loratune.targets import inject_lora
+    from loratune.train import store_in_bf16
 
     model, _ = load_model(ckpt)
     if case != "full":
         inject_lora(model, LoRAConfig(r=r, alpha=alpha, targets=["q", "v"] if case == "lora-qv" else ["qkv"]))
     set_trainable(model, "full" if case == "full" else "lora")
     if precision == "bf16-true":
-        for p in model.parameters():
-            if not p.requires_grad or case == "full":
-                p.data = p.data.to(torch.bfloat16)
+        store_in_bf16(model, "full" if case == "full" else "lora")
     return model
 
 

@@ -62,7 +62,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def _peft_tensors(name: str, layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One layer's (A, B, alpha) as PEFT's single whole-projection adapter with the same scale."""
     if list(layer.slices) == [WHOLE]:
         return layer.lora_A[WHOLE].detach(), layer.lora_B[WHOLE].detach(), layer.alpha
@@ -102,7 +102,7 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[d
         raise CheckpointError("cannot save a merged adapter: unmerge first")
     tensors, ranks, alphas = {}, {}, {}
     for name, layer in layers:
-        a, b, alpha = _peft_tensors(name, layer)
+        a, b, alpha = _peft_tensors(layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.float().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float().contiguous().cpu()
         ranks[name], alphas[name] = a.shape[0], alpha

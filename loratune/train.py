@@ -68,10 +68,18 @@ def setup_model(recipe: Recipe, device: torch.device):
         model.to(device)
     set_trainable(model, recipe.finetune)
     if recipe.precision == "bf16-true":
-        for p in model.parameters():
-            if not p.requires_grad or recipe.finetune == "full":
-                p.data = p.data.to(torch.bfloat16)
+        store_in_bf16(model, recipe.finetune)
     return model, tokenizer, model_dir
+
+
+def store_in_bf16(model: nn.Module, finetune: str) -> None:
+    """bf16-true: frozen weights live in bf16 (no cast each step); LoRA keeps float32 masters.
+
+    With full fine-tuning every weight is bf16 (pure bf16 training).
+    """
+    for p in model.parameters():
+        if not p.requires_grad or finetune == "full":
+            p.data = p.data.to(torch.bfloat16)
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     examples = build_examples(records, cfg, tokenizer, min(args.seq_len, model.config.n_positions))
     batches = Batches(examples, args.batch_size, shuffle=False, pad_id=tokenizer.eos_id, drop_last=False)
     with torch.inference_mode():
-        loss = evaluate(model, batches, device, torch.autocast("cpu", enabled=False))
+        loss = evaluate(model, batches, device, contextlib.nullcontext())
     result = {"loss": round(loss, 6), "perplexity": round(perplexity(loss), 4), "examples": len(examples),
               "tokens": sum(sum(1 for t in e.labels if t != -100) for e in examples)}
     if args.json:
