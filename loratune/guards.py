@@ -19,10 +19,11 @@ so ``N (9C + 2F) a`` = 17 N C a for GPT-2; each LoRA layer adds its rank-r proje
 and, with LoRA dropout, the dropped copy of its input and the mask, ``N in (a + 1)``. Outside
 the blocks, 4 N C a: the last block's output, ``ln_f``'s output, and the loss's saved gradient
 for the hidden states, with some slack. The fused loss (loratune/loss.py) never holds the
-(N, V) logits: its workspace is one chunk of ``R = min(N, CHUNK)`` rows of fp32 logits, held
-twice at its peak (the logits and a temporary of ``torch.logsumexp``), and three times when
-there are several chunks (the previous chunk's gradient is still referenced while the next
-chunk's logits are made): (2 or 3) R V 4 bytes. The backward pass adds the gradients in
+(N, V) logits: its workspace is one chunk of ``R = min(N, chunk)`` rows of fp32 log-probabilities
+(``loss.default_chunk``: ~32 MiB of them on CPU), held about twice at its peak (the
+low-precision logits and their float32 log-softmax), and three times when there are several
+chunks (the previous chunk's gradient is still referenced while the next chunk's logits are
+made): (2 or 3) R V 4 bytes. The backward pass adds the gradients in
 flight (about two MLP-wide tensors, 2 N F a); AdamW adds, during its step, one temporary per
 trainable element. The estimate is for one micro-batch (``batch_size / grad_accum``
 sequences) at the full ``seq_len``; tests/test_guards.py measures it at 0.98x of the peak
@@ -42,7 +43,7 @@ from torch import nn
 
 from .errors import CheckpointError, LoratuneError, ResourceError
 from .lora import lora_layers
-from .loss import CHUNK
+from .loss import default_chunk
 from .report import human_bytes
 
 log = logging.getLogger("loratune")
@@ -108,8 +109,9 @@ def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, p
         if isinstance(layer.dropout, nn.Dropout):
             lora += N * layer.in_features * (a + 1)
     activations = cfg.n_layer * per_block + lora + 4 * N * C * a
-    rows = min(N, CHUNK)
-    loss_chunk = (2 + (N > CHUNK)) * rows * V * 4  # fp32 logits + logsumexp's temporary (+ the previous chunk)
+    chunk = default_chunk(model.lm_head.weight.device, V)
+    rows = min(N, chunk)
+    loss_chunk = (2 + (N > chunk)) * rows * V * 4  # logits + their fp32 log-softmax (+ the previous chunk)
     head_grad = V * C * 4 if model.lm_head.weight.requires_grad else 0  # the fused loss's fp32 accumulator
     backward = 2 * N * F * a
     workspace = max(loss_chunk + backward + head_grad, n_trainable * 4)

@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100
-CHUNK = 1024  # positions per chunk: 1024 x 50,257 float32 logits is ~200 MB (plus its low-precision copy)
+CPU_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk on CPU: allocations past glibc's mmap threshold
+# (32 MiB at most) come back as fresh pages every time, and the page faults cost more than the softmax
+GPU_CHUNK = 2048  # positions per chunk on accelerators, whose caching allocator reuses the memory
+
+
+def default_chunk(device: torch.device, vocab: int) -> int:
+    """Positions per chunk: small enough on CPU to stay under the mmap threshold, large on GPUs."""
+    if device.type == "cpu":
+        return max(16, CPU_CHUNK_BYTES // (4 * vocab) // 16 * 16)
+    return GPU_CHUNK
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -30,22 +39,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE
             if not bool(valid.any()):
                 continue
-            logits = (h @ weight.t()).float()  # (n, V), only this chunk
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (n, V), only this chunk
             safe_y = y.clamp(min=0)
-            target = logits.gather(1, safe_y[:, None]).squeeze(1)
-            total += torch.where(valid, lse - target, 0.0).sum()
+            total -= torch.where(valid, logp.gather(1, safe_y[:, None]).squeeze(1), 0.0).sum()
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax in place: d(sum CE)/d logits = p - onehot
+                probs = logp.exp_()  # softmax in place: d(sum CE)/d logits = p - onehot
                 probs[torch.arange(len(y), device=y.device), safe_y] -= valid.float()
-                probs.mul_(valid[:, None])
+                if not bool(valid.all()):
+                    probs.mul_(valid[:, None])
                 d_logits = probs.to(hidden.dtype)
                 if need_h:
                     grad_h[start:start + chunk] = d_logits @ weight
                 if need_w:
                     grad_w += (d_logits.t() @ h).float()  # bf16 products accumulate in fp32 inside the matmul
                 del probs, d_logits  # free this chunk before the next one is made
-            del logits
+            del logp
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -59,8 +67,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk: int = CHUNK) -> torch.Tensor:
+                             chunk: int | None = None) -> torch.Tensor:
     """Summed CE of ``hidden`` (N, C) through the head ``weight`` (V, C) against ``labels`` (N,)."""
+    chunk = chunk or default_chunk(hidden.device, weight.shape[0])
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     grad = torch.is_grad_enabled()

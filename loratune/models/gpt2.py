@@ -1,4 +1,4 @@
-"""GPT-2, lean: SDPA attention, tanh-GELU, tied embeddings and a preallocated KV cache.
+"""GPT-2, lean: SDPA (or batched-matmul) attention, tanh-GELU, tied embeddings and a preallocated KV cache.
 
 Module names and state-dict keys follow transformers' ``GPT2LMHeadModel`` (``transformer.h.0
 .attn.c_attn.weight`` ...), so LoRA targets and adapters use the same names in both. The only
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .attention import attend
 
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -149,8 +150,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, L, hs)
         causal = mask is None and k.shape[2] == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, causal, self.scale, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_drop(self.c_proj(y))
 
