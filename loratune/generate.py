@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError
+from .packing import packed_linears
 
 
 @dataclass
@@ -57,10 +59,12 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 
 @torch.inference_mode()
 def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
-             attention_mask: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True) -> torch.Tensor:
     """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
 
     Left-padded batches pass ``attention_mask`` (B, T). Finished rows are padded with ``eos_id``.
+    ``pack`` runs the linear layers on oneDNN-packed weights where that applies (CPU; see
+    :mod:`loratune.packing`).
     """
     B, T = prompts.shape
     limit = model.config.n_positions
@@ -75,22 +79,32 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     seq, out = prompts, []
     step_input = prompts
-    for _ in range(steps):
-        if cache is not None:
-            logits = model(step_input, cache=cache, attention_mask=mask)[:, -1]
-        else:
-            logits = model(seq, attention_mask=mask)[:, -1]
-        token = next_token(logits, cfg, generator)  # (B,)
-        if eos_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done |= token == eos_id
-        out.append(token)
-        step_input = token[:, None]
-        seq = torch.cat([seq, step_input], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
-        if eos_id is not None and cfg.stop_at_eos and bool(done.all()):
-            break
+    with contextlib.ExitStack() as stack:
+        if pack:
+            stack.enter_context(packed_linears(model, rows=B))
+        for _ in range(steps):
+            if cache is not None:
+                hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
+            else:
+                hidden = model.hidden_states(seq, attention_mask=mask)
+            logits = model.lm_head(hidden[:, -1])  # (B, V): the head runs on the last position only
+            token, done = _pick(logits, cfg, generator, eos_id, done)
+            out.append(token)
+            step_input = token[:, None]
+            seq = torch.cat([seq, step_input], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
+            if eos_id is not None and cfg.stop_at_eos and bool(done.all()):
+                break
     if not out:
         return prompts.new_zeros(B, 0)
     return torch.stack(out, dim=1)
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator, eos_id: int | None, done: torch.Tensor):
+    """The next token per row; rows already finished get ``eos_id`` again."""
+    token = next_token(logits, cfg, generator)  # (B,)
+    if eos_id is not None:
+        token = torch.where(done, torch.full_like(token, eos_id), token)
+        done = done | (token == eos_id)
+    return token, done
