@@ -1,0 +1,94 @@
+"""Where one training step's time goes: torch.profiler over a few steps of one benchmark job.
+
+    python benchmarks/profile_step.py --side loratune --case lora-qv --precision bf16-true --seq 128
+    python benchmarks/profile_step.py --side peft --device cuda ...
+
+Builds the model exactly as benchmarks/bench_train.py does (same checkpoint, same data), runs
+warm-up steps, then profiles ``--steps`` steps and prints the operators by self time (CPU, and
+CUDA where present) with the wall time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train as bench  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", choices=("loratune", "peft"), default="loratune")
+    ap.add_argument("--case", choices=bench.CASES, default="lora-qv")
+    ap.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16-true"), default="bf16-true")
+    ap.add_argument("--size", choices=sorted(bench.SIZES), default="124m")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", type=int, default=20)
+    args = ap.parse_args()
+
+    import os
+
+    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt = bench.make_checkpoint(args.size, cache)
+    device = torch.device(args.device)
+    build = bench.build_ours if args.side == "loratune" else bench.build_peer
+    model = build(ckpt, args.case, args.precision, 4, 32, str(device))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, eps=1e-6)
+    batches = [b.to(device) for b in bench.token_batches(ckpt, args.batch, args.seq, args.warmup + args.steps)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    if args.side == "loratune":
+        from loratune.loss import lm_loss_sum
+
+        def loss_fn(x, y):
+            return lm_loss_sum(model, x, y) / y.numel()
+    else:
+        def loss_fn(x, y):
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def step(blk):
+        with autocast:
+            loss = loss_fn(blk[:, :-1], blk[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for blk in batches[:args.warmup]:
+        step(blk)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for blk in batches[args.warmup:]:
+            step(blk)
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"{args.side} {args.case} {args.precision} {args.size} seq {args.seq} batch {args.batch} on {device}: "
+          f"{wall * 1e3:.1f} ms per profiled step ({args.batch * args.seq / wall:.0f} tok/s under the profiler)")
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=50))
+        busy = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+        print(f"GPU busy per step: {busy:.1f} ms of {wall * 1e3:.1f} ms wall")
+
+
+if __name__ == "__main__":
+    main()
