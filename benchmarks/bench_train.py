@@ -112,6 +112,32 @@ def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float, devi
     return model.to(device)
 
 
+def seed_lora_A(model) -> int:
+    """Give every LoRA A the same values on both sides: Kaiming-uniform (bound 1/sqrt(in), as both
+    libraries draw it) from a generator seeded by the module's name and slice. PEFT's whole-c_attn
+    adapter and ours then start identical (B is 0 on both), so the lora-cattn rows train exactly
+    the same model; the lora-qv rows differ by design (two rank-4 slices vs one rank-4 c_attn)."""
+    import zlib
+
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is None or not hasattr(lora_a, "items"):
+                continue
+            base = name.removeprefix("base_model.model.")
+            for key, a in lora_a.items():
+                weight = a.weight if hasattr(a, "weight") else a  # PEFT: nn.Linear under "default"
+                slice_name = "all" if key == "default" else key
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{base}/{slice_name}".encode()))
+                bound = weight.shape[1] ** -0.5
+                weight.copy_((torch.rand(weight.shape, generator=gen) * 2 - 1) * bound)
+                n += 1
+    return n
+
+
 def run_job(spec: dict) -> dict:
     """Train ``warmup + steps`` steps of one (side, case, precision, seq, size) and time them."""
     import torch
@@ -125,6 +151,8 @@ def run_job(spec: dict) -> dict:
     build = build_ours if spec["side"] == "loratune" else build_peer
     model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
     model.train()
+    if spec["case"] != "full":
+        seed_lora_A(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01, eps=1e-6)
     batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
