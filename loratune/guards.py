@@ -15,12 +15,13 @@ keep only the output and a log-sum-exp per row, not the (T, T) matrix)::
     ln_1 in, ln_1 out, q k v (3), attention out, c_proj in, ln_2 in, ln_2 out   9 N C a
     c_fc out (GELU in), GELU out (c_proj in)                                    2 N F a
 
-so ``N (9C + 2F) a`` = 17 N C a for GPT-2; each LoRA layer adds its rank-r projection ``N r a``
+so ``N (9C + 2F) a`` = 17 N C a for GPT-2 (plus, where CPU training takes the batched-matmul
+attention, T <= 128, its softmax probabilities: N heads T (4 + a)); each LoRA layer adds its rank-r projection ``N r a``
 and, with LoRA dropout, the dropped copy of its input and the mask, ``N in (a + 1)``. Outside
 the blocks, 4 N C a: the last block's output, ``ln_f``'s output, and the loss's saved gradient
 for the hidden states, with some slack. The fused loss (loratune/loss.py) never holds the
 (N, V) logits: its workspace is one chunk of ``R = min(N, chunk)`` rows of fp32 log-probabilities
-(``loss.default_chunk``: ~32 MiB of them on CPU), held about twice at its peak (the
+(``loss.default_chunk``: ~32 MiB of them on CPU, 1,024 rows when the head trains), held about twice at its peak (the
 low-precision logits and their float32 log-softmax), and three times when there are several
 chunks (the previous chunk's gradient is still referenced while the next chunk's logits are
 made): (2 or 3) R V 4 bytes. The backward pass adds the gradients in
@@ -44,6 +45,7 @@ from torch import nn
 from .errors import CheckpointError, LoratuneError, ResourceError
 from .lora import lora_layers
 from .loss import default_chunk
+from .models.attention import MATMUL_MAX_T
 from .report import human_bytes
 
 log = logging.getLogger("loratune")
@@ -108,8 +110,10 @@ def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, p
         lora += N * layer.r * len(layer.slices) * a
         if isinstance(layer.dropout, nn.Dropout):
             lora += N * layer.in_features * (a + 1)
+    if model.lm_head.weight.device.type == "cpu" and seq_len <= MATMUL_MAX_T:  # matmul attention keeps its
+        per_block += N * cfg.n_head * seq_len * (4 + (a if low else 0))  # fp32 softmax (+ low-precision copy)
     activations = cfg.n_layer * per_block + lora + 4 * N * C * a
-    chunk = default_chunk(model.lm_head.weight.device, V)
+    chunk = default_chunk(model.lm_head.weight.device, V, model.lm_head.weight.requires_grad)
     rows = min(N, chunk)
     loss_chunk = (2 + (N > chunk)) * rows * V * 4  # logits + their fp32 log-softmax (+ the previous chunk)
     head_grad = V * C * 4 if model.lm_head.weight.requires_grad else 0  # the fused loss's fp32 accumulator

@@ -57,11 +57,14 @@ def test_estimate_follows_the_documented_formula():
     assert lora.gradients == 4 * n_lora and lora.optimizer == 8 * n_lora
     N, C, F, L = 2 * 64, CONFIG["n_embd"], 4 * CONFIG["n_embd"], CONFIG["n_layer"]
     lora_extra = L * N * 2 * 8 * 4  # the rank-8 projection of q and v per layer
-    assert lora.activations == L * N * (9 * C + 2 * F) * 4 + 4 * N * C * 4 + lora_extra
+    attn = L * N * CONFIG["n_head"] * 64 * 4  # CPU matmul attention's float32 probabilities (T <= 128)
+    assert lora.activations == L * N * (9 * C + 2 * F) * 4 + 4 * N * C * 4 + lora_extra + attn
 
-    # activations grow with the micro-batch and the sequence, linearly; dropout adds its masked copy
+    # activations grow linearly with the micro-batch and the sequence, plus the T x T probabilities
+    # while the matmul attention applies (none past 128 positions); dropout adds its masked copy
     assert estimate_training_memory(lora_model, 4, 64).activations == 2 * lora.activations
-    assert estimate_training_memory(lora_model, 2, 128).activations == 2 * lora.activations
+    assert estimate_training_memory(lora_model, 2, 128).activations == 2 * (lora.activations - attn) + 4 * attn
+    assert estimate_training_memory(lora_model, 2, 256).activations == 4 * (lora.activations - attn)
     assert estimate_training_memory(gpt2("lora", dropout=0.1), 2, 64).activations == \
         lora.activations + L * N * C * (4 + 1)
     # bf16-true stores the frozen weights in 2 bytes and the activations too; the adapter stays fp32

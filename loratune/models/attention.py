@@ -2,8 +2,8 @@
 
 On CPU, SDPA's flash kernel is slow in the backward pass at short sequences: for GPT-2-124M
 shapes (8 x 12 heads, 64 wide) at 128 tokens, scores + softmax + weighted sum as two batched
-matmuls with a float32 softmax trains the attention ~2-3x faster; from ~512 tokens flash wins
-(it never holds the T x T scores). :func:`attend` picks per call; results agree with SDPA
+matmuls with a float32 softmax trains the attention ~2-3x faster; at 256 the gain is ~1.4x
+for T x T probabilities that cost memory, and from ~512 tokens flash wins (it never holds them). :func:`attend` picks per call; results agree with SDPA
 within float rounding (tests/test_attention.py).
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MATMUL_MAX_T = 256  # CPU training with at most this many positions uses the matmul path
+MATMUL_MAX_T = 128  # CPU training with at most this many positions uses the matmul path (it keeps the
+# B x heads x T x T probabilities for the backward pass: small at 128, a real cost in memory beyond)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
