@@ -397,26 +397,35 @@ def _cpu_name() -> str | None:
 
 
 def format_tables(result: dict) -> str:
-    """Markdown tables: training (best mode per precision group per side) and generation."""
+    """Markdown tables: training, each mode against the peer in the same mode; each side's best bf16
+    mode against the other's; generation."""
     mem = "peak GPU memory" if result["machine"].get("gpu") else "peak RSS"
-    lines = [f"| size | seq | case | precision | loratune tok/s | peer tok/s | speed-up | loratune {mem} | peer {mem} |"
-             " memory ratio | loss after N (ours / peer) |", "|" + "---|" * 11]
+    lines = [f"| size | seq | case | mode (both sides) | loratune tok/s | peer tok/s | speed-up | loratune {mem} | "
+             f"peer {mem} | memory ratio | loss after N (ours / peer) |", "|" + "---|" * 11]
     best: dict[tuple, dict] = {}
     for row in result["train"]:
+        a, b = row["loratune"], row["peft"]
         key = (row["size"], row["seq"], row["case"], row["group"])
-        for side in ("loratune", "peft"):
-            s = row[side]
-            if s["tokens_per_s"] and (best.get(key + (side,)) is None
-                                      or s["tokens_per_s"] > best[key + (side,)]["tokens_per_s"]):
-                best[key + (side,)] = {**s, "precision": row["precision"]}
-    for key in dict.fromkeys(k[:4] for k in best):
-        a, b = best.get(key + ("loratune",)), best.get(key + ("peft",))
-        if not a or not b:
+        if not a["tokens_per_s"] or not b["tokens_per_s"]:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['precision']} | failed: "
+                         f"{'; '.join(a['errors'] + b['errors'])[:120]} |||||||")
             continue
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a['precision']} vs {b['precision']} | {a['tokens_per_s']:.0f} | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['precision']} | {a['tokens_per_s']:.0f} | "
                      f"{b['tokens_per_s']:.0f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
                      f"{a['peak_memory'] / 2**30:.2f} GiB | {b['peak_memory'] / 2**30:.2f} GiB | "
                      f"{a['peak_memory'] / b['peak_memory']:.2f} | {a['final_loss']:.4f} / {b['final_loss']:.4f} |")
+        for side in ("loratune", "peft"):
+            s = row[side]
+            if best.get(key + (side,)) is None or s["tokens_per_s"] > best[key + (side,)]["tokens_per_s"]:
+                best[key + (side,)] = {**s, "precision": row["precision"]}
+    pairs = [(k, best[k + ("loratune",)], best[k + ("peft",)]) for k in dict.fromkeys(k[:4] for k in best)
+             if k[3] == "bf16" and k + ("loratune",) in best and k + ("peft",) in best]
+    if pairs:
+        lines += ["", "| size | seq | case | best bf16 mode, loratune vs peer | loratune tok/s | peer tok/s | speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, a, b in pairs:
+            lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {a['precision']} vs {b['precision']} | {a['tokens_per_s']:.0f} | "
+                         f"{b['tokens_per_s']:.0f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x |")
     if result["generate"]:
         lines += ["", "| greedy generation, 128 new tokens | loratune tok/s | transformers tok/s | speed-up |", "|---|---|---|---|"]
         for g in result["generate"]:
