@@ -112,6 +112,17 @@ def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float, devi
     return model.to(device)
 
 
+def loss_function(model, side: str):
+    """(x, y) -> mean token cross-entropy, each side's own way (ours: the fused chunked head + loss)."""
+    import torch.nn.functional as F
+
+    if side == "loratune":
+        from loratune.loss import lm_loss_sum
+
+        return lambda x, y: lm_loss_sum(model, x, y) / y.numel()
+    return lambda x, y: F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+
+
 def seed_lora_A(model) -> int:
     """Give every LoRA A the same values on both sides: Kaiming-uniform (bound 1/sqrt(in), as both
     libraries draw it) from a generator seeded by the module's name and slice. PEFT's whole-c_attn
@@ -141,7 +152,6 @@ def seed_lora_A(model) -> int:
 def run_job(spec: dict) -> dict:
     """Train ``warmup + steps`` steps of one (side, case, precision, seq, size) and time them."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(0)
     torch.set_num_threads(spec.get("threads") or os.cpu_count())
@@ -157,16 +167,7 @@ def run_job(spec: dict) -> dict:
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01, eps=1e-6)
     batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
-    if spec["side"] == "loratune":
-        from loratune.loss import lm_loss_sum
-
-        def loss_fn(x, y):
-            return lm_loss_sum(model, x, y) / y.numel()
-    else:
-        def loss_fn(x, y):
-            logits = model(input_ids=x).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
+    loss_fn = loss_function(model, spec["side"])
     times, losses = [], []
     for i, blk in enumerate(batches):
         x, y = blk[:, :-1], blk[:, 1:]

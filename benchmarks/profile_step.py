@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bench  # noqa: E402
@@ -50,15 +49,9 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, eps=1e-6)
     batches = [b.to(device) for b in bench.token_batches(ckpt, args.batch, args.seq, args.warmup + args.steps)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
-    if args.side == "loratune":
-        from loratune.loss import lm_loss_sum
-
-        def loss_fn(x, y):
-            return lm_loss_sum(model, x, y) / y.numel()
-    else:
-        def loss_fn(x, y):
-            logits = model(input_ids=x).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    if args.case != "full":
+        bench.seed_lora_A(model)
+    loss_fn = bench.loss_function(model, args.side)
 
     def step(blk):
         with autocast:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_tiny
 from loratune.models import attention
 from loratune.models.attention import MATMUL_MAX_T, attend, causal_matmul_attention
 
