@@ -10,7 +10,8 @@ GB/s at eight; for the float32 50,257 x 768 head at eight rows, 5 -> 17 GB/s. Re
 bit-identical in bf16 and agree to float rounding in fp32 (tests/test_packing.py).
 
 Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, or
-where this PyTorch build lacks the oneDNN ops, the context changes nothing.
+where this PyTorch build lacks the oneDNN ops, the context changes nothing. The packed copies
+are extra memory (one more copy of the weights) for as long as the context lasts.
 """
 
 from __future__ import annotations
