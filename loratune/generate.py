@@ -79,9 +79,7 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     seq, out = prompts, []
     step_input = prompts
-    with contextlib.ExitStack() as stack:
-        if pack:
-            stack.enter_context(packed_linears(model, rows=B))
+    with packed_linears(model, rows=B) if pack else contextlib.nullcontext():
         for _ in range(steps):
             if cache is not None:
                 hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
@@ -91,7 +89,8 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
             token, done = _pick(logits, cfg, generator, eos_id, done)
             out.append(token)
             step_input = token[:, None]
-            seq = torch.cat([seq, step_input], dim=1)
+            if cache is None:  # without a cache every step re-reads the whole sequence
+                seq = torch.cat([seq, step_input], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
             if eos_id is not None and cfg.stop_at_eos and bool(done.all()):

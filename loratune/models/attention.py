@@ -3,8 +3,9 @@
 On CPU, SDPA's flash kernel is slow in the backward pass at short sequences: for GPT-2-124M
 shapes (8 x 12 heads, 64 wide) at 128 tokens, scores + softmax + weighted sum as two batched
 matmuls with a float32 softmax trains the attention ~2-3x faster; at 256 the gain is ~1.4x
-for T x T probabilities that cost memory, and from ~512 tokens flash wins (it never holds them). :func:`attend` picks per call; results agree with SDPA
-within float rounding (tests/test_attention.py).
+for T x T probabilities that cost memory, and from ~512 tokens flash wins (it never holds
+them). :func:`attend` picks per call; results agree with SDPA within float rounding
+(tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention as two batched matmuls; the softmax runs in float32 whatever q's dtype."""
     B, nh, T, hs = q.shape
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
     scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.bmm(probs, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
