@@ -233,12 +233,10 @@ def _reset_peak(device) -> None:
 
 
 def _peak(device) -> int:
-    """Peak memory of this job: GPU bytes allocated on CUDA; the process's peak RSS on CPU."""
-    import torch
+    """Peak memory of this job: GPU bytes allocated on CUDA (reset per job); the process's peak RSS on CPU."""
+    from loratune.report import peak_memory_bytes
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_memory_bytes(device)
 
 
 def run_gen_job(spec: dict) -> dict:

@@ -74,10 +74,13 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations + self.workspace
 
+    def parts(self) -> str:
+        """'weights 1.2 GiB, gradients ...': the five parts, for messages."""
+        return ", ".join(f"{name} {human_bytes(getattr(self, name))}"
+                         for name in ("weights", "gradients", "optimizer", "activations", "workspace"))
+
     def __str__(self) -> str:
-        parts = ", ".join(f"{name} {human_bytes(getattr(self, name))}"
-                          for name in ("weights", "gradients", "optimizer", "activations", "workspace"))
-        return f"{human_bytes(self.total)} ({parts})"
+        return f"{human_bytes(self.total)} ({self.parts()})"
 
 
 def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, precision: str = "fp32",
@@ -206,7 +209,7 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
         log.info(f"memory estimate: {est}; available: {human_bytes(budget)} on {device}")
         if est.total > budget:
             raise ResourceError(
-                f"this run needs about {human_bytes(est.total)} on {device} ({_parts(est)}) for micro-batches of "
+                f"this run needs about {human_bytes(est.total)} on {device} ({est.parts()}) for micro-batches of "
                 f"{mb} x {seq} tokens, but only {human_bytes(budget)} is available. "
                 + _suggestions(model, recipe, budget))
         if est.total > WARN_FRACTION * budget:
@@ -222,11 +225,6 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
             f"({recipe.keep_checkpoints} kept checkpoint(s) and one being written, {human_bytes(ckpt)} each, "
             f"and the result): free some space, choose another --out, or lower keep_checkpoints")
     return est
-
-
-def _parts(est: MemoryEstimate) -> str:
-    return ", ".join(f"{n} {human_bytes(getattr(est, n))}"
-                     for n in ("weights", "gradients", "optimizer", "activations", "workspace"))
 
 
 def _suggestions(model: nn.Module, recipe, budget: int) -> str:

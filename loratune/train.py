@@ -185,6 +185,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _write_val(metrics: MetricsLog, step: int, loss: float) -> None:
+    """One validation line of metrics.jsonl."""
+    metrics.write({"step": step, "val_loss": round(loss, 6), "val_ppl": round(perplexity(loss), 3)})
+
+
 def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.device) -> str:
     """A short continuation of the recipe's sample prompt (seeded top-k sampling)."""
     if not recipe.sample_prompt or recipe.sample_tokens == 0:
@@ -246,7 +251,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         log.info(f"sample before training: {samples['before']!r}")
         if val_batches and recipe.eval_every:  # the starting point of the validation curve
             val0 = evaluate(model, val_batches, device, autocast, recipe.eval_batches)
-            metrics.write({"step": 0, "val_loss": round(val0, 6), "val_ppl": round(perplexity(val0), 3)})
+            _write_val(metrics, 0, val0)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -285,7 +290,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                 window_tokens, window_start = 0, now
             if val_batches and recipe.eval_every and state.step % recipe.eval_every == 0 and state.step < total_steps:
                 val_loss = evaluate(model, val_batches, device, autocast, recipe.eval_batches)
-                metrics.write({"step": state.step, "val_loss": round(val_loss, 6), "val_ppl": round(perplexity(val_loss), 3)})
+                _write_val(metrics, state.step, val_loss)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -306,7 +311,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
     if val_batches:
         val_loss = evaluate(model, val_batches, device, autocast, recipe.eval_batches)
-        metrics.write({"step": state.step, "val_loss": round(val_loss, 6), "val_ppl": round(perplexity(val_loss), 3)})
+        _write_val(metrics, state.step, val_loss)
     try:
         _save_result(model, recipe, out, model_dir)
     except OSError as exc:
