@@ -63,18 +63,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One layer's (A, B, alpha) as PEFT's single whole-projection adapter with the same scale."""
-    if list(layer.slices) == [WHOLE]:
-        return layer.lora_A[WHOLE].detach(), layer.lora_B[WHOLE].detach(), layer.alpha
-    names = list(layer.slices)
-    a = torch.cat([layer.lora_A[n].detach() for n in names])  # (S*r, in)
-    b = torch.zeros(layer.out_features, len(names) * layer.r, dtype=a.dtype, device=a.device)  # (out, S*r)
-    for i, n in enumerate(names):
-        start, stop = layer.slices[n]
-        b[start:stop, i * layer.r:(i + 1) * layer.r] = layer.lora_B[n].detach()
-    s = len(names)
-    alpha = layer.alpha * (math.sqrt(s) if layer.rslora else s)  # keeps alpha'/r' (or /sqrt(r')) equal to ours
-    return a, b, alpha
+    """One layer's (A, B, alpha) as PEFT's single whole-projection adapter with the same scale:
+    the stacked A (S*r, in), the block B (out, S*r) and alpha scaled so alpha'/r' (or /sqrt(r'))
+    equals ours (unchanged for one whole-projection slice)."""
+    with torch.no_grad():
+        a, b = layer.stacked_A().detach(), layer.stacked_B(scaled=False).detach()
+    s = len(layer.slices)
+    return a, b, layer.alpha * (math.sqrt(s) if layer.rslora else s)
 
 
 def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:

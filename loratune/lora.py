@@ -143,15 +143,16 @@ class LoRALinear(nn.Module):
         names = list(self.slices)
         return self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
 
-    def stacked_B(self) -> torch.Tensor:
-        """scale * B for the whole output, (out, S*r): slice i's B in its rows and columns, zeros elsewhere.
+    def stacked_B(self, scaled: bool = True) -> torch.Tensor:
+        """scale * B for the whole output, (out, S*r): slice i's B in its rows and columns, zeros elsewhere
+        (without the scale when ``scaled`` is False: the block B of the equivalent PEFT adapter).
 
         Tiny (out x S*r), so building it each step costs nothing, and the update then is two
         plain matmuls with no in-place writes into slices of the output.
         """
         blocks = []
         for name, (start, stop) in self.slices.items():
-            b = self.lora_B[name] * self.scale  # (stop - start, r)
+            b = self.lora_B[name] * self.scale if scaled else self.lora_B[name]  # (stop - start, r)
             if stop - start != self.out_features:
                 b = F.pad(b, (0, 0, start, self.out_features - stop))  # zero rows outside the slice
             blocks.append(b)
