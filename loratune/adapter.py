@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -31,7 +29,7 @@ from torch import nn
 
 from .checkpoint import is_hub_id, read_json, read_pickled_tensors, read_safetensors
 from .errors import CheckpointError
-from .fsutil import replace_dir
+from .fsutil import atomic_dir
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .targets import linear_kind
 
@@ -123,18 +121,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
              "slices": {n: m.slices for n, m in lora_layers(model) if list(m.slices) != [WHOLE]},
              "base_config": model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None}
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

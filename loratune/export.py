@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import TOKENIZER_FILES
 from .errors import CheckpointError, ConfigError
-from .fsutil import replace_dir
+from .fsutil import atomic_dir
 from .lora import lora_layers
 
 
@@ -75,11 +74,7 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
     if any(not m.merged for _, m in lora_layers(model)):
         raise CheckpointError("the model has unmerged LoRA layers: merge them before exporting")
     out = Path(out_dir)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
                  for k, v in model.to_hf_state_dict().items()}
         _write_weights(state, tmp, parse_size(max_shard_size) if max_shard_size else None)
@@ -93,8 +88,4 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
                 src = Path(tokenizer_dir) / name
                 if src.is_file() and name != "generation_config.json":
                     shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

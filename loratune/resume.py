@@ -31,7 +31,7 @@ from torch import nn
 
 from .checkpoint import read_json, read_safetensors
 from .errors import CheckpointError
-from .fsutil import fsync_dir, replace_dir
+from .fsutil import atomic_dir, fsync_dir
 from .guards import disk_error
 
 log = logging.getLogger("loratune")
@@ -74,23 +74,17 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
     A failed write (a full disk above all) removes its temporary directory and raises a
     :class:`~loratune.errors.LoratuneError` that says so; the earlier checkpoints are untouched.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "best_val_loss": state.best_val_loss}))
         # fsynced, then renamed into place; the same step again (a stop right after a periodic save, a resume
         # at the end) is swapped in with the old one aside as .old-step-N-PID, which clean_checkpoint_dir()
         # puts back if we die between the two renames
-        replace_dir(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                       tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": state.step, "best_val_loss": state.best_val_loss}))
+    except OSError as exc:  # atomic_dir has removed the unfinished directory
         kept = list_checkpoints(root)
         raise disk_error(exc, f"checkpoint {final}",
                          f"the last complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
