@@ -31,7 +31,7 @@ from .checkpoint import is_hub_id, read_json, read_pickled_tensors, read_safeten
 from .errors import CheckpointError
 from .fsutil import atomic_dir
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
-from .targets import linear_kind
+from .targets import linear_kind, suffix_match
 
 log = logging.getLogger("loratune")
 
@@ -233,12 +233,12 @@ def _targeted(config: dict[str, Any], name: str) -> bool:
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and re.fullmatch(exclude, name):
         return False
-    if isinstance(exclude, list) and (name in exclude or any(name.endswith("." + e) for e in exclude)):
+    if isinstance(exclude, list) and any(suffix_match(name, e) for e in exclude):
         return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    if not isinstance(targets, list) or not (name in targets or any(name.endswith("." + t) for t in targets)):
+    if not isinstance(targets, list) or not any(suffix_match(name, t) for t in targets):
         return False
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
@@ -349,9 +349,9 @@ def _layer_from_peft(base, a, b, r, alpha, rslora, dropout, slices, transposed) 
                 for i, (n, (start, stop)) in enumerate(spans.items()):
                     layer.lora_A[n].copy_(a[i * sub_r:(i + 1) * sub_r])
                     layer.lora_B[n].copy_(b[start:stop, i * sub_r:(i + 1) * sub_r])
-            return layer.to(base.weight.device)
+            return layer
     layer = LoRALinear(base.weight, base.bias, r, alpha, dropout, rslora, None, transposed)
     with torch.no_grad():
         layer.lora_A[WHOLE].copy_(a)
         layer.lora_B[WHOLE].copy_(b)
-    return layer.to(base.weight.device)
+    return layer  # LoRALinear makes A and B on the base weight's device

@@ -65,7 +65,7 @@ def linear_kind(module: nn.Module) -> bool | None:
     return None
 
 
-def _suffix_match(name: str, suffix: str) -> bool:
+def suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
@@ -91,7 +91,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, dict[str,
             hits = [n for n in linears if pattern.fullmatch(n)]
         elif target in aliases:
             alias = aliases[target]
-            hits = [n for n in linears if _suffix_match(n, alias.module)]
+            hits = [n for n in linears if suffix_match(n, alias.module)]
             if alias.slice_index is not None:
                 for n in hits:
                     if n in whole:
@@ -103,7 +103,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, dict[str,
                     _no_match(target, linears, aliases)
                 continue
         else:
-            hits = [n for n in linears if _suffix_match(n, target)]
+            hits = [n for n in linears if suffix_match(n, target)]
         if not hits:
             _no_match(target, linears, aliases)
         for n in hits:

@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     model, model_dir = load_model(args.model, dtype=dtype, device=device)
     if args.adapter:
-        load_adapter(model, args.adapter, base_model=args.model)
-        model.to(device)
+        load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
     tokenizer = load_tokenizer(model_dir)
     cfg = DataConfig(source=args.data, task=args.task, text_field=args.text_field,
                      prompt_template=args.prompt_template, completion_template=args.completion_template,

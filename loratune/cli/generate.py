@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model, model_dir = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     if args.adapter:
-        lora = load_adapter(model, args.adapter, base_model=args.model)
-        model.to(device)
+        lora = load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
         log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")
         if args.merge:
             merge_lora(model)
