@@ -42,7 +42,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk]  # (n, C)
             y = labels[start:start + chunk]  # (n,)
             valid = y != IGNORE
-            if not bool(valid.any()):
+            n_valid = int(valid.sum())  # one host sync per chunk
+            if n_valid == 0:
                 continue
             logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (n, V), only this chunk
             safe_y = y.clamp(min=0)
@@ -50,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 probs = logp.exp_()  # softmax in place: d(sum CE)/d logits = p - onehot
                 probs[torch.arange(len(y), device=y.device), safe_y] -= valid.float()
-                if not bool(valid.all()):
+                if n_valid < len(y):
                     probs.mul_(valid[:, None])
                 d_logits = probs.to(hidden.dtype)
                 if need_h:
