@@ -78,7 +78,7 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
     need = n * batch * (seq + 1)
     ids: list[int] = []
     if DATA.is_file():
-        from loratune.tokenizer import load_tokenizer
+        from loratune.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(ckpt)
         texts = [json.loads(line)["documents"] for line in DATA.read_text().splitlines()[:1000]]
@@ -95,10 +95,10 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
 # --------------------------------------------------------------------------- one job, in a subprocess
 def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float, device: str = "cpu"):
 
-    from loratune.lora import LoRAConfig
+    from loratune.adapters.lora import LoRAConfig
     from loratune.models import load_model
-    from loratune.params import set_trainable
-    from loratune.targets import inject_lora
+    from loratune.adapters.trainable import set_trainable
+    from loratune.adapters.targets import inject_lora
     from loratune.train import store_in_bf16
 
     model, _ = load_model(ckpt, device=device)
@@ -131,7 +131,7 @@ def loss_function(model, side: str):
     import torch.nn.functional as F
 
     if side == "loratune":
-        from loratune.loss import lm_loss_sum
+        from loratune.train.loss import lm_loss_sum
 
         return lambda x, y: lm_loss_sum(model, x, y) / y.numel()
     return lambda x, y: F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
@@ -234,7 +234,7 @@ def _reset_peak(device) -> None:
 
 def _peak(device) -> int:
     """Peak memory of this job: GPU bytes allocated on CUDA (reset per job); the process's peak RSS on CPU."""
-    from loratune.report import peak_memory_bytes
+    from loratune.train.metrics import peak_memory_bytes
 
     return peak_memory_bytes(device)
 

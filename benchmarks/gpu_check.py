@@ -34,9 +34,9 @@ def main() -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from loratune.generate import SamplingConfig, generate
-    from loratune.lora import LoRAConfig, lora_layers
+    from loratune.adapters.lora import LoRAConfig, lora_layers
     from loratune.models import load_model
-    from loratune.targets import inject_lora
+    from loratune.adapters.targets import inject_lora
 
     dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")  # "cpu" dry-runs the script itself
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -69,7 +69,7 @@ def main() -> int:
     # 2. LoRA q,v vs PEFT's c_attn adapter with the same update (our export of q/v slices)
     from peft import PeftModel
 
-    from loratune.adapter import save_adapter
+    from loratune.adapters.peft_format import save_adapter
 
     lora_cfg = LoRAConfig(r=4, alpha=32, targets=["q", "v"])
     inject_lora(ours, lora_cfg)
@@ -87,7 +87,7 @@ def main() -> int:
     check("LoRA q,v vs PEFT on GPU", rel < 1e-5, f"relative L2 diff {rel:.2e} (limit 1e-5)")
 
     # 3. greedy generation vs transformers' generate (the adapter merged into both)
-    from loratune.lora import merge_lora
+    from loratune.adapters.lora import merge_lora
 
     merge_lora(ours)
     merged = peft_model.merge_and_unload().eval()
@@ -119,7 +119,7 @@ def main() -> int:
         check("GPU training: validation loss falls", len(vals) >= 2 and vals[-1] < vals[0],
               f"val loss {vals[0]:.4f} -> {vals[-1]:.4f}; {result.steps} steps in {result.seconds:.1f} s; "
               f"peak {result.peak_memory / 2**20:.0f} MiB")
-        from loratune.adapter import load_adapter
+        from loratune.adapters.peft_format import load_adapter
 
         trained, _ = load_model(ckpt, device=dev)
         load_adapter(trained, tmp / "run" / "adapter")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +20,13 @@ from typing import Any
 
 import yaml
 
-from .data import DataConfig
+from .adapters.lora import LoRAConfig
+from .data.config import DataConfig
 from .errors import ConfigError
-from .lora import LoRAConfig
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
+DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -64,8 +68,9 @@ class Recipe:
     """Learning-rate shape after warm-up: constant, linear (to 0) or cosine (to 0)."""
     warmup_steps: int = 0
     """Steps of linear warm-up from 0 to lr."""
-    precision: str = "fp32"
-    """fp32, bf16-mixed (autocast) or bf16-true (frozen weights stored in bf16, adapter masters fp32)."""
+    precision: str = "auto"
+    """auto (bf16-true where bf16 matmuls are fast: CUDA, CPUs with AMX; else fp32), fp32, bf16-mixed
+    (autocast) or bf16-true (weights stored in bf16; LoRA masters fp32, full fine-tuning Kahan-compensated)."""
     seed: int = 42
     """Seeds LoRA init, dropout and data order."""
     device: str = "cpu"
@@ -105,6 +110,8 @@ class Recipe:
         positive("eval_batches", allow_none=True)
         for name in ("log_every", "eval_every", "save_every", "warmup_steps", "sample_tokens"):
             positive(name, allow_zero=True)
+        if not isinstance(self.device, str) or not DEVICE.match(self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         for name in ("lr", "adam_eps"):
@@ -257,3 +264,41 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML text (loads back to an equal Recipe)."""
     return yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+RESULT_FIELDS = ("model", "finetune", "lora", "data", "seq_len", "batch_size", "lr", "weight_decay", "adam_eps",
+                 "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision", "seed")
+"""Recipe fields that change what a run computes (grad_accum does not: it splits the same batch)."""
+
+
+def result_fields(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's result-changing values, flattened ('lora.r': 4, ...), plus what makes them depend
+    on the run's length (max_steps, epochs) under a decaying schedule, and the local data files' digests."""
+    values = recipe_dict(recipe)
+    names = list(RESULT_FIELDS) + (["max_steps", "epochs"] if recipe.schedule != "constant" else [])
+    flat: dict[str, Any] = {}
+    for name in names:
+        value = values[name]
+        if isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            flat[name] = value
+    for key in ("source", "val_source"):
+        path = Path(str(getattr(recipe.data, key) or "")).expanduser()
+        if getattr(recipe.data, key) and path.is_file():
+            flat[f"data.{key}.sha256"] = file_digest(path)
+    return flat
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """A short hash of result_fields()."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

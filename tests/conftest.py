@@ -117,7 +117,7 @@ def model(tiny_ckpt) -> GPT2:
 
 @pytest.fixture
 def tokenizer(tiny_ckpt):
-    from loratune.tokenizer import load_tokenizer
+    from loratune.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_ckpt)
 
@@ -132,7 +132,7 @@ def small_gpt2() -> GPT2:
 
 def randomize_lora_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA A and B seeded non-zero values, so the adapter changes the output."""
-    from loratune.lora import lora_layers
+    from loratune.adapters.lora import lora_layers
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -36,18 +36,18 @@ import torch
 import yaml
 from hypothesis import strategies as st
 
-from loratune.adapter import save_adapter
-from loratune.checkpoint import read_safetensors, read_state_dict
-from loratune.cli.init_model import gpt2_tokenizer_files
+from loratune.adapters.peft_format import save_adapter
+from loratune.hub.files import read_safetensors, read_state_dict
+from loratune.models.gpt2 import GPT2_SPEC
 from loratune.data import DataConfig, build_examples, load_records
 from loratune.errors import LoratuneError
-from loratune.export import save_hf_model
-from loratune.lora import LoRAConfig, lora_layers
+from loratune.hub.export import save_hf_model
+from loratune.adapters.lora import LoRAConfig, lora_layers
 from loratune.models import GPT2, GPT2Config, load_model
-from loratune.adapter import load_adapter
+from loratune.adapters.peft_format import load_adapter
 from loratune.recipe import load_recipe
-from loratune.targets import inject_lora
-from loratune.tokenizer import load_tokenizer
+from loratune.adapters.targets import inject_lora
+from loratune.data.tokenizer import load_tokenizer
 
 DEADLINE_S = 10.0
 """Per-example limit; generous for a busy 2-core machine, where the slowest example takes < 0.5 s."""
@@ -116,11 +116,9 @@ class Fixtures:
         self.adapter_weights = (self.adapter_dir / "adapter_model.safetensors").read_bytes()
         self.adapter_config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
         self.adapter_extra = json.loads((self.adapter_dir / "loratune_adapter.json").read_text())
-        vocab, merges = gpt2_tokenizer_files()
         tok_dir = self.root / "tokenizer"
         tok_dir.mkdir()
-        shutil.copyfile(vocab, tok_dir / "vocab.json")
-        shutil.copyfile(merges, tok_dir / "merges.txt")
+        GPT2_SPEC.offline_tokenizer(tok_dir)
         self.tokenizer = load_tokenizer(tok_dir)
         self.base_model = model  # not used by the targets: they load fresh models
 

@@ -90,7 +90,7 @@ def test_unknown_key_in_the_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("assignment, match", [
-    ("precision=fp8", "precision must be one of fp32, bf16-mixed, bf16-true, got 'fp8'"),
+    ("precision=fp8", "precision must be one of auto, fp32, bf16-mixed, bf16-true, got 'fp8'"),
     ("batch_size=0", "batch_size must be a positive integer, got 0"),
     ("grad_accum=3", "batch_size=32 is not divisible by grad_accum=3"),
     ("finetune=qlora", "finetune must be 'lora' or 'full'"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..compare import compare, format_table
+from ..train.compare import compare, format_table
 from .train import add_recipe_args, recipe_from_args
 
 

@@ -8,11 +8,11 @@ import json
 
 import torch
 
-from ..adapter import load_adapter
+from ..adapters.peft_format import load_adapter
 from ..data import Batches, DataConfig, build_examples, load_records
 from ..models import load_model
-from ..report import perplexity
-from ..tokenizer import load_tokenizer
+from ..train.metrics import perplexity
+from ..data.tokenizer import load_tokenizer
 from ..train import evaluate
 from .common import add_model_args, device_and_dtype
 
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     records = load_records(args.data, cfg)
     if args.max_examples:
         records = records[:args.max_examples]
-    examples = build_examples(records, cfg, tokenizer, min(args.seq_len, model.config.n_positions))
-    batches = Batches(examples, args.batch_size, shuffle=False, pad_id=tokenizer.eos_id, drop_last=False)
+    examples = build_examples(records, cfg, tokenizer, min(args.seq_len, model.config.context_length))
+    batches = Batches(examples, args.batch_size, shuffle=False, pad_id=tokenizer.pad_id, drop_last=False)
     with torch.inference_mode():
         loss = evaluate(model, batches, device, contextlib.nullcontext())
     result = {"loss": round(loss, 6), "perplexity": round(perplexity(loss), 4), "examples": len(examples),

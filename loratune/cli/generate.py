@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-from ..adapter import load_adapter
+from ..adapters.peft_format import load_adapter
 from ..generate import SamplingConfig, generate
-from ..lora import merge_lora
+from ..adapters.lora import merge_lora
 from ..models import load_model
-from ..tokenizer import load_tokenizer
+from ..data.tokenizer import load_tokenizer
 from .common import add_model_args, device_and_dtype, log
 
 

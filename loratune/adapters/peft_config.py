@@ -1,0 +1,146 @@
+"""Reading a PEFT ``adapter_config.json``: which keys are honoured, refused or ignored, and PEFT's rules
+for which modules an adapter targets and which rank/alpha each gets (``rank_pattern``, ...)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .lora import LoRAConfig
+from .targets import suffix_match
+
+log = logging.getLogger("loratune")
+
+EXTRA_NAME = "loratune_adapter.json"
+# keys PEFT writes that we read and honour; anything else is accepted with a warning, as PEFT does
+_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
+          "fan_in_fan_out", "use_rslora", "bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
+          "layers_pattern", "inference_mode", "init_lora_weights", "modules_to_save", "use_dora", "revision",
+          "peft_version", "auto_mapping", "exclude_modules", "lora_bias", "megatron_config", "megatron_core",
+          "loftq_config", "eva_config", "corda_config", "layer_replication", "use_qalora", "qalora_group_size",
+          "trainable_token_indices", "target_parameters", "ensure_weight_tying", "alora_invocation_tokens",
+          "arrow_config", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config"}
+# features whose adapters would compute something else here: refuse them clearly
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
+                "layer_replication": "layer replication", "target_parameters": "targeting raw parameters",
+                "trainable_token_indices": "trainable token embeddings", "alora_invocation_tokens": "aLoRA"}
+
+
+
+def check_adapter_config(config: dict[str, Any], extra: dict[str, Any], path: Path) -> None:
+    """Refuse what loratune cannot apply exactly (DoRA, trained biases, ...) and malformed fields; warn
+    on keys PEFT knows and we ignore. ``extra`` is our own loratune_adapter.json (or {})."""
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{path}: {what} ({key}) is not supported by loratune yet")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: bias={config['bias']!r} adapters (trained biases) are not supported")
+    if config.get("modules_to_save"):
+        raise CheckpointError(f"{path}: modules_to_save {config['modules_to_save']} (fully trained extra modules) "
+                              "is not supported")
+    unknown = sorted(set(config) - _KNOWN)
+    if unknown:
+        log.warning(f"{path}: ignoring unknown adapter_config keys {', '.join(unknown)}")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        log.warning(f"{path}: task_type is {config.get('task_type')!r}, expected CAUSAL_LM")
+    _check_fields(config, extra, path)
+
+
+def _check_fields(config: dict[str, Any], extra: dict[str, Any], path: Path) -> None:
+    """Types and ranges of every field the loader uses, so a malformed file is a CheckpointError, not a crash."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key} must be {what}, got {config.get(key)!r}")
+
+    def regex_ok(text: Any) -> bool:
+        try:
+            return isinstance(text, str) and re.compile(text) is not None
+        except re.error:
+            return False
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+    def int_ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not int_ok(config.get("r")):
+        raise bad("r", "a positive integer")
+    if not number(config.get("lora_alpha")):
+        raise bad("lora_alpha", "a positive number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                                or not 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(key)
+        if (value is None and key != "target_modules") or regex_ok(value):
+            continue
+        names_ok = regex_ok if key == "layers_pattern" else (lambda v: isinstance(v, str))  # that one joins a regex
+        if not (isinstance(value, list) and all(names_ok(v) for v in value)):
+            raise bad(key, "a regular expression or a list of module names" + (" or null" if key != "target_modules"
+                                                                               else ""))
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise bad("layers_to_transform", "a layer index, a list of them, or null")
+    for key, ok in (("rank_pattern", int_ok), ("alpha_pattern", number)):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, dict) and all(regex_ok(k) and ok(v) for k, v in value.items())):
+            raise bad(key, "a mapping of module-name patterns to " + ("ranks" if key == "rank_pattern" else "alphas"))
+    if not isinstance(config.get("use_rslora", False), (bool, type(None))):
+        raise bad("use_rslora", "true or false")
+    slices = extra.get("slices", {})
+    if not isinstance(slices, dict) or not all(
+            isinstance(spans, dict) and spans and all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                for v in spans.values()) for spans in slices.values()):
+        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'slices' must map module names to "
+                              "{slice name: [start, stop]}")
+    lora = extra.get("lora")
+    if lora is not None and not (isinstance(lora, dict) and set(lora) <= {f.name for f in fields(LoRAConfig)}):
+        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'lora' must hold LoRAConfig fields, got {lora!r}")
+
+
+def is_targeted(config: dict[str, Any], name: str) -> bool:
+    """PEFT's rule for whether module ``name`` is a target (list = suffix, str = full regex)."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and any(suffix_match(name, e) for e in exclude):
+        return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if not isinstance(targets, list) or not any(suffix_match(name, t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else (pattern or [])
+    match = None
+    for p in patterns or [None]:  # PEFT's regexes, greedy: the last numbered segment is the layer index
+        regex = rf".*\.{p}\.(?P<idx>\d+)\." if p else r".*\.[^.]*\.(?P<idx>\d+)\."
+        match = re.match(regex, name)
+        if match:
+            break
+    if not match:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+

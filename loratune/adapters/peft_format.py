@@ -1,0 +1,245 @@
+"""Adapters in the PEFT format, both ways: what vLLM, TGI, LoRAX, transformers and PEFT read.
+
+A directory with ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``,
+``target_modules`` ...) and ``adapter_model.safetensors`` holding
+``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r) under the
+Hugging Face module names of the base model. Our own extras go to ``loratune_adapter.json``,
+which PEFT ignores.
+
+GPT-2's q and v *slices* of the fused ``c_attn`` have no PEFT twin, so they are written as the
+exactly equivalent whole-``c_attn`` adapter: A stacked ``[A_q; A_v]`` (rank S*r), B block-shaped
+with zero rows for k, and alpha scaled so alpha'/r' (or alpha'/sqrt(r') with rsLoRA) is our
+scale. ``loratune_adapter.json`` records the slices, so loading here restores them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..hub.files import read_json, read_pickled_tensors, read_safetensors
+from ..hub.fsutil import atomic_dir
+from ..hub.resolve import resolve_hub_dir
+from ..models.registry import family_of
+from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
+from .peft_config import EXTRA_NAME, check_adapter_config, is_targeted, pattern_value
+from .targets import linear_kind, replace_module
+
+log = logging.getLogger("loratune")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the LoRA tensors of ``model`` under its own state-dict keys (``...c_attn.lora_A.q``)."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One layer's (A, B, alpha) as PEFT's single whole-projection adapter with the same scale:
+    the stacked A (S*r, in), the block B (out, S*r) and alpha scaled so alpha'/r' (or /sqrt(r'))
+    equals ours (unchanged for one whole-projection slice)."""
+    with torch.no_grad():
+        a, b = layer.stacked_A().detach(), layer.stacked_B(scaled=False).detach()
+    s = len(layer.slices)
+    return a, b, layer.alpha * (math.sqrt(s) if layer.rslora else s)
+
+
+def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Short suffixes (``c_attn``) where every layer of that kind is adapted, else full names."""
+    kinds: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if linear_kind(module) is not None or isinstance(module, LoRALinear):
+            kinds.setdefault(name.split(".")[-1], []).append(name)
+    targets = []
+    for kind, names in sorted(kinds.items()):
+        chosen = [n for n in names if n in adapted]
+        if chosen and len(chosen) == len(names):
+            targets.append(kind)
+        else:
+            targets.extend(chosen)
+    return targets
+
+
+def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A pure conversion: (adapter_config.json dict, adapter_model tensors) for the model's LoRA layers."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise CheckpointError("the model has no LoRA layers to save")
+    if any(m.merged for _, m in layers):
+        raise CheckpointError("cannot save a merged adapter: unmerge first")
+    tensors, ranks, alphas = {}, {}, {}
+    for name, layer in layers:
+        a, b, alpha = _peft_tensors(layer)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.float().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float().contiguous().cpu()
+        ranks[name], alphas[name] = a.shape[0], alpha
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "r": r, "lora_alpha": alpha, "lora_dropout": lora.dropout,
+        "target_modules": _target_modules(model, list(ranks)),
+        "fan_in_fan_out": _hf_transposed(model) or any(m.fan_in_fan_out for _, m in layers),
+        "use_rslora": lora.rslora, "bias": "none", "use_dora": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha or ranks[n] != r},
+    }
+    return config, tensors
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_model: str) -> Path:
+    """Write a PEFT-format adapter directory (atomically: complete or absent); returns it."""
+    config, tensors = peft_adapter(model, lora, base_model)
+    extra = {"format_version": 1, "lora": asdict(lora), "base_model": str(base_model),
+             "slices": {n: m.slices for n, m in lora_layers(model) if list(m.slices) != [WHOLE]},
+             "base_config": model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None}
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def resolve_adapter_dir(name_or_path: str | Path) -> Path:
+    """A local adapter directory, downloading a hub id if needed."""
+    return resolve_hub_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, EXTRA_NAME], "adapter")
+
+
+def _hf_transposed(model: nn.Module) -> bool:
+    """Whether transformers stores this family's projections transposed (PEFT's fan_in_fan_out)."""
+    found = family_of(model)
+    return bool(found and found[0].hf_linear_transposed)
+
+
+def _read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    if (adapter_dir / WEIGHTS_NAME).is_file():
+        return read_safetensors(adapter_dir / WEIGHTS_NAME)
+    if (adapter_dir / PICKLE_WEIGHTS_NAME).is_file():
+        return read_pickled_tensors(adapter_dir / PICKLE_WEIGHTS_NAME)
+    raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None) -> LoRAConfig:
+    """Attach a PEFT-format LoRA adapter (directory or hub id) to ``model``; returns the settings loaded.
+
+    Checks that every tensor fits a module of this model (another architecture or hidden size is an
+    error, not a silent mis-load) and that the config and the weights name the same modules. The
+    returned :class:`LoRAConfig` describes the layers actually built: our sliced layout where the
+    metadata names it and the weights fit it, else PEFT's whole-module adapter with its own rank.
+    """
+    adapter_dir = resolve_adapter_dir(adapter)
+    path = adapter_dir / CONFIG_NAME
+    config = read_json(path, "adapter config")
+    extra = read_json(adapter_dir / EXTRA_NAME, "loratune metadata") if (adapter_dir / EXTRA_NAME).is_file() else {}
+    check_adapter_config(config, extra, path)
+    saved_base = config.get("base_model_name_or_path")
+    if base_model and saved_base and str(saved_base) != str(base_model):
+        log.warning(f"adapter was trained on {saved_base!r}, applying it to {base_model!r}")
+    pairs = _tensor_pairs(_read_adapter_tensors(adapter_dir), adapter_dir)
+    modules = dict(model.named_modules())
+    _check_modules(config, pairs, {n for n, m in modules.items() if linear_kind(m) is not None})
+    layers = {name: _build_layer(config, extra, name, modules[name], pair) for name, pair in pairs.items()}
+    for name, layer in layers.items():  # built and checked all first, so a bad tensor leaves the model untouched
+        replace_module(model, name, layer)
+    return _loaded_config(config, extra, layers)
+
+
+def _tensor_pairs(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"A": lora_A, "B": lora_B}} from PEFT's tensor names."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        if not match:
+            raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"adapter tensors for {name} are incomplete: need lora_A and lora_B")
+    return pairs
+
+
+def _check_modules(config: dict[str, Any], pairs: dict, linears: set[str]) -> None:
+    """The weights, the config's targets and the model's layers must name the same modules."""
+    absent = sorted(set(pairs) - linears)
+    if absent:
+        raise CheckpointError(f"adapter targets modules this model does not have: {', '.join(absent[:3])}; "
+                              "was it made for another architecture?")
+    targeted = {n for n in linears if is_targeted(config, n)}
+    missing = sorted(targeted - set(pairs))
+    if missing or not pairs:
+        raise CheckpointError(f"adapter_config targets {', '.join(missing[:3]) or config.get('target_modules')} "
+                              "but the weights hold no tensors for them")
+    untargeted = sorted(set(pairs) - targeted)
+    if untargeted:
+        raise CheckpointError(f"the weights hold tensors for {', '.join(untargeted[:3])}, which adapter_config does "
+                              f"not target (target_modules {config.get('target_modules')!r})")
+
+
+def _build_layer(config: dict[str, Any], extra: dict[str, Any], name: str, base: nn.Module,
+                 pair: dict[str, torch.Tensor]) -> LoRALinear:
+    transposed = bool(linear_kind(base))
+    out_f, in_f = base.weight.shape[::-1] if transposed else base.weight.shape
+    a, b = pair["A"], pair["B"]
+    r = pattern_value(config.get("rank_pattern"), name, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+        raise CheckpointError(f"adapter tensors for {name} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                              f"this model's layer is {in_f} -> {out_f}: the adapter was made for another base model")
+    if a.shape[0] != r:
+        raise CheckpointError(f"adapter tensors for {name} have rank {a.shape[0]}, adapter_config says {r}")
+    return _layer_from_peft(base, a, b, r, alpha, bool(config.get("use_rslora", False)),
+                            float(config.get("lora_dropout") or 0.0), extra.get("slices", {}).get(name), transposed)
+
+
+def _loaded_config(config: dict[str, Any], extra: dict[str, Any], layers: dict[str, LoRALinear]) -> LoRAConfig:
+    """The LoRAConfig of the layers built: our recorded settings if every layer kept its sliced layout,
+    else PEFT's (the rank and alpha of the whole-module adapter that was loaded)."""
+    slices = extra.get("slices", {})
+    restored = all(list(layer.slices) == list(slices.get(n, {WHOLE: None})) for n, layer in layers.items())
+    if extra.get("lora") and restored:
+        return LoRAConfig(**extra["lora"])
+    targets = config["target_modules"]
+    targets = targets if isinstance(targets, list) else ["re:" + targets]
+    return LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                      dropout=float(config.get("lora_dropout") or 0.0), targets=list(targets),
+                      rslora=bool(config.get("use_rslora", False)))
+
+
+def _layer_from_peft(base, a, b, r, alpha, rslora, dropout, slices, transposed) -> LoRALinear:
+    """A LoRALinear holding PEFT's (A, B); our own sliced layout where the metadata names it and B fits it."""
+    if slices:
+        spans = {n: tuple(v) for n, v in slices.items()}
+        s = len(spans)
+        sub_r = r // s
+        block = torch.zeros_like(b)
+        for i, (start, stop) in enumerate(spans.values()):
+            block[start:stop, i * sub_r:(i + 1) * sub_r] = b[start:stop, i * sub_r:(i + 1) * sub_r]
+        if r % s == 0 and torch.equal(block, b):
+            sub_alpha = alpha / (math.sqrt(s) if rslora else s)
+            layer = LoRALinear(base.weight, base.bias, sub_r, sub_alpha, dropout, rslora, spans, transposed)
+            with torch.no_grad():
+                for i, (n, (start, stop)) in enumerate(spans.items()):
+                    layer.lora_A[n].copy_(a[i * sub_r:(i + 1) * sub_r])
+                    layer.lora_B[n].copy_(b[start:stop, i * sub_r:(i + 1) * sub_r])
+            return layer
+    layer = LoRALinear(base.weight, base.bias, r, alpha, dropout, rslora, None, transposed)
+    with torch.no_grad():
+        layer.lora_A[WHOLE].copy_(a)
+        layer.lora_B[WHOLE].copy_(b)
+    return layer  # LoRALinear makes A and B on the base weight's device

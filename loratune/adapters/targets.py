@@ -1,0 +1,126 @@
+"""Find the projections a LoRA config names and wrap them in :class:`LoRALinear`.
+
+A target is one of:
+
+* an alias of the model family, e.g. for GPT-2 ``q``, ``k``, ``v`` (slices of the fused
+  ``attn.c_attn``), ``qkv`` (the whole of it), ``attn.out``, ``mlp.fc``, ``mlp.proj``;
+* a module-name suffix, e.g. ``c_attn`` or ``mlp.c_fc`` (PEFT's list semantics);
+* ``all-linear``: every linear projection except the output head;
+* ``re:<regex>``, matched with ``re.fullmatch`` against full module names.
+
+Works on any ``nn.Module`` tree, our models and transformers' alike (transformers' GPT-2
+``Conv1D`` is handled as a transposed linear).
+"""
+
+from __future__ import annotations
+
+import re
+from torch import nn
+
+from ..errors import TargetError
+from ..models.registry import family_of
+from ..models.spec import Alias, Span
+from .lora import LoRAConfig, LoRALinear
+
+
+_HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+
+def model_aliases(model: nn.Module) -> dict[str, Alias]:
+    """The family's alias table (ours and transformers' models of a known family), else {}."""
+    found = family_of(model)
+    return found[0].aliases if found else {}
+
+
+def fused_spans(model: nn.Module, name: str) -> dict[str, Span]:
+    """The named output slices of fused projection ``name`` ({} where it is not fused), from the family spec."""
+    found = family_of(model)
+    return found[0].slice_spans(found[1], name) if found else {}
+
+
+def linear_kind(module: nn.Module) -> bool | None:
+    """None if ``module`` is no linear projection, else whether its weight is stored transposed."""
+    if isinstance(module, LoRALinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return True  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+    return None
+
+
+def suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, list[str] | None]:
+    """Map each linear module named by ``targets`` to the fused slices it gets (None = the whole module).
+
+    Returns ``{module_name: None | [slice names]}``. Raises :class:`TargetError` for a target
+    that matches nothing, or for a module targeted both whole and by slices.
+    """
+    linears = {n: m for n, m in model.named_modules() if linear_kind(m) is not None}
+    aliases = model_aliases(model)
+    plan: dict[str, list[str] | None] = {}
+    for target in targets:
+        alias = aliases.get(target)
+        hits = _matches(target, linears, alias)
+        if not hits:
+            _no_match(target, linears, aliases)
+        for n in hits:
+            if alias is not None and alias.slice is not None:
+                if n in plan and plan[n] is None:
+                    raise TargetError(f"{n} is targeted both whole and as slice {target!r}; pick one")
+                plan[n] = [*(plan.get(n) or []), alias.slice]
+            elif plan.get(n):
+                raise TargetError(f"{n} is targeted both whole and by slices ({', '.join(plan[n])}); pick one")
+            else:
+                plan[n] = None
+    return plan
+
+
+def _matches(target: str, linears: dict[str, nn.Module], alias: Alias | None) -> list[str]:
+    if alias is not None:
+        return [n for n in linears if suffix_match(n, alias.module)]
+    if target == "all-linear":
+        return [n for n in linears if n.split(".")[-1] not in _HEAD_NAMES]
+    if target.startswith("re:"):
+        try:
+            pattern = re.compile(target[3:])
+        except re.error as exc:
+            raise TargetError(f"bad regex in LoRA target {target!r}: {exc}") from None
+        return [n for n in linears if pattern.fullmatch(n)]
+    return [n for n in linears if suffix_match(n, target)]
+
+
+def _no_match(target: str, linears: dict, aliases: dict) -> None:
+    kinds = sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears})
+    hint = f"aliases: {', '.join(aliases)}; " if aliases else ""
+    raise TargetError(
+        f"LoRA target {target!r} matches no linear layer of this model. Try {hint}module names such as "
+        f"{', '.join(kinds[:12])}; or 'all-linear', or 're:<regex>'"
+    )
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Replace every targeted projection with a :class:`LoRALinear` in place; returns their names.
+
+    The base weights are shared, not copied, and keep their state-dict keys. Slices of a fused
+    projection take the spans the family spec gives (their real widths: under grouped-query
+    attention q, k and v differ), in the projection's output order.
+    """
+    plan = resolve_targets(model, cfg.targets)
+    for name, slice_names in plan.items():
+        base = model.get_submodule(name)
+        slices = None
+        if slice_names:
+            spans = fused_spans(model, name)
+            slices = {n: spans[n] for n in sorted(set(slice_names), key=lambda n: spans[n][0])}
+        replace_module(model, name, LoRALinear.wrap(base, cfg, slices=slices, fan_in_fan_out=bool(linear_kind(base))))
+    return list(plan)

@@ -1,0 +1,67 @@
+"""Deterministic, resumable batches over a fixed list of examples."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .tasks import IGNORE_INDEX, Example
+
+
+def permutation(n: int, seed: int) -> list[int]:
+    """A seeded random order of range(n)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Batches:
+    """Deterministic, resumable batching over a fixed list of examples.
+
+    Epoch e's order is a torch.randperm seeded from (seed, e), and ``batch(e, i)`` depends on
+    nothing else, so resuming a run at a step needs only (epoch, index) and no sampler state.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 *, pad_id: int, drop_last: bool = True) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be > 0, got {batch_size}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.shuffle, self.pad_id, self.drop_last = shuffle, pad_id, drop_last
+        if examples and len(self) == 0:
+            raise DataError(f"{len(examples)} examples make no full batch of {batch_size}: "
+                            "lower the batch size or use more data")
+        self._cached: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = len(self.examples), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> list[int]:
+        """Example indices in epoch ``epoch``'s order."""
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        if self._cached is None or self._cached[0] != epoch:
+            mixed = (self.seed * 0x9E3779B97F4A7C15 + epoch) % 2**63  # one seed per (seed, epoch)
+            self._cached = (epoch, permutation(len(self.examples), mixed))
+        return self._cached[1]
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """Batch ``index`` of epoch ``epoch``: input_ids and labels (B, T), right-padded to the longest."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches per epoch")
+        start = index * self.batch_size
+        picked = [self.examples[i] for i in self.order(epoch)[start:start + self.batch_size]]
+        T = max(len(e.input_ids) for e in picked)
+        input_ids = torch.full((len(picked), T), self.pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(picked), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for row, e in enumerate(picked):
+            input_ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+            labels[row, :len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of epoch 0, in order (convenient for evaluation)."""
+        return (self.batch(0, i) for i in range(len(self)))
+

@@ -1,0 +1,128 @@
+"""Reading records: a local file (.jsonl, .json, .csv, .parquet, .txt) or a Hugging Face hub data set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..errors import DataError
+from ..hub.resolve import is_hub_id
+from .config import DataConfig
+
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def _looks_local(source: str) -> bool:
+    return (Path(source).expanduser().exists() or Path(source).suffix.lower() in FILE_TYPES
+            or source.startswith((".", "/", "~")) or not is_hub_id(source))
+
+
+def load_records(source: str, cfg: DataConfig, split: str | None = None) -> list[dict]:
+    """Read a data set as a list of dicts, one per record.
+
+    A local file is read by its extension: .jsonl (one JSON object a line), .json (a list of
+    objects, or {"data": [...]}), .csv (header row = field names, values are strings),
+    .parquet (needs pyarrow), .txt (one record {"text": line} per non-empty line). Anything
+    else shaped like 'user/name' is a hub id, loaded with
+    ``datasets.load_dataset(source, cfg.hub_config, split=split or cfg.split)``.
+    """
+    if not _looks_local(source):
+        records = _load_hub(source, cfg.hub_config, split or cfg.split)
+        where = f"hub data set {source!r} (split {split or cfg.split!r})"
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"data file not found: {path}")
+        if not path.is_file():
+            raise DataError(f"{path} is not a file; pass a {'/'.join(FILE_TYPES)} file or a hub data set id")
+        kind = path.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+                   ".parquet": _read_parquet, ".txt": _read_txt}
+        if kind not in readers:
+            raise DataError(f"cannot read {path}: unknown extension {kind!r}; use one of {', '.join(FILE_TYPES)}")
+        try:
+            records = readers[kind](path)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text: {exc}") from None
+        where = str(path)
+    if not records:
+        raise DataError(f"the data is empty: no records in {where}")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting past the recursion limit
+                raise DataError(f"{path}, line {lineno}: unreadable JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting past the recursion limit
+        raise DataError(f"{path}: unreadable JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path} must hold a list of JSON objects, or an object {{\"data\": [...]}}")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict]:
+    old_limit = csv.field_size_limit(2**31 - 1)  # long documents exceed the 128 KiB default
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    except csv.Error as exc:
+        raise DataError(f"{path} is not valid CSV: {exc}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow, or convert it to .jsonl") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path} is not a readable parquet file: {exc}") from None
+
+
+def _read_txt(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8-sig") as f:
+        return [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
+
+
+def _load_hub(source: str, config: str | None, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source!r} is not a local file, and loading hub data sets needs the 'datasets' "
+                        "package: pip install datasets, or pass a local .jsonl file") from None
+    try:
+        return datasets.load_dataset(source, config, split=split).to_list()
+    except Exception as exc:  # network, missing data set, bad config or split: all mean "could not get it"
+        raise DataError(f"could not load hub data set {source!r} (config {config!r}, split {split!r}): "
+                        f"{type(exc).__name__}: {exc}. Check the id and your connection, "
+                        "or pass a local .jsonl/.json/.csv/.parquet/.txt file") from None
+

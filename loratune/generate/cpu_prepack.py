@@ -1,0 +1,84 @@
+"""CPU inference with pre-packed weights: the linear layers' matrices reordered once for oneDNN.
+
+A plain ``F.linear`` on CPU with bf16 (or small-batch fp32) inputs reorders its weight into
+oneDNN's blocked layout on every call; in token-by-token decoding that reorder costs as much as
+the product itself. :func:`packed_linears` reorders every projection of a model once and, for
+as long as the context lasts, routes its forward passes through the packed copies (the original
+weights are untouched, so merging, saving and training see nothing). Measured here on 2 cores
+(3072 x 768 bf16 products, weights streaming from memory): 15 -> 18 GB/s at one row, 9 -> 19
+GB/s at eight; for the float32 50,257 x 768 head at eight rows, 5 -> 17 GB/s. Results are
+bit-identical in bf16 and agree to float rounding in fp32 (tests/test_packing.py).
+
+Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, or
+where this PyTorch build lacks the oneDNN ops, the context changes nothing. The packed copies
+are extra memory (one more copy of the weights) for as long as the context lasts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.lora import LoRALinear
+
+log = logging.getLogger("loratune")
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packing_available(weight: torch.Tensor) -> bool:
+    """Whether weights like this one can be packed: CPU, bf16/fp32, and this build has oneDNN's ops."""
+    return (weight.device.type == "cpu" and weight.dtype in _DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packed_fn(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """A function x -> x W^T + b using a oneDNN-packed copy of ``weight`` (out, in)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+    b = bias.detach() if bias is not None else None
+    dtype = weight.dtype
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or torch.is_grad_enabled():  # autocast or autograd: the ordinary path
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+    return linear
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
+    """Within the block, ``model``'s ``nn.Linear`` and LoRA base products use packed weights.
+
+    ``rows`` is the expected number of rows per product (the decoding batch size); any size
+    works, that one is fastest. Yields the number of layers packed (0 where packing does not
+    apply). Weights must not change inside the block.
+    """
+    patched: list[tuple[nn.Module, str]] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, LoRALinear) and not module.fan_in_fan_out:
+                if packing_available(module.weight):
+                    module._base = _packed_fn(module.weight, module.bias, rows)  # instance attribute shadows the method
+                    patched.append((module, "_base"))
+            elif type(module) is nn.Linear and packing_available(module.weight):
+                module.forward = _packed_fn(module.weight, module.bias, rows)
+                patched.append((module, "forward"))
+    except RuntimeError as exc:  # an op this oneDNN build refuses: fall back to the ordinary path
+        log.debug(f"weight packing unavailable ({exc}); using plain linear layers")
+        _restore(patched)
+        patched = []
+    try:
+        yield len(patched)
+    finally:
+        _restore(patched)
+
+
+def _restore(patched: list[tuple[nn.Module, str]]) -> None:
+    for module, name in patched:
+        module.__dict__.pop(name, None)
+    patched.clear()

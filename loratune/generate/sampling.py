@@ -1,0 +1,109 @@
+"""Text generation with the KV cache: greedy, temperature, top-k and top-p sampling, seeded."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .cpu_prepack import packed_linears
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens."""
+    temperature: float = 0.0
+    """0 = greedy; otherwise logits are divided by it before sampling."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens."""
+    top_p: float | None = None
+    """Sample only from the smallest set of tokens whose probability reaches p (nucleus)."""
+    seed: int | None = None
+    """Seed for sampling; same seed, same text."""
+    stop_at_eos: bool = True
+    """Stop a sequence once it produces end-of-text."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN, which would crash torch.multinomial
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ConfigError(f"top_k must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from last-position logits (B, V) -> (B,)."""
+    if cfg.temperature == 0:
+        return logits.max(dim=-1).indices  # first maximum, as argmax; ~4x faster than argmax on CPU bf16
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True) -> torch.Tensor:
+    """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
+
+    Left-padded batches pass ``attention_mask`` (B, T). Finished rows are padded with ``eos_id``.
+    ``pack`` runs the linear layers on oneDNN-packed weights where that applies (CPU; see
+    :mod:`loratune.generate.cpu_prepack`).
+    """
+    B, T = prompts.shape
+    limit = model.config.context_length
+    steps = min(cfg.max_new_tokens, limit - T)
+    if steps <= 0 and cfg.max_new_tokens > 0:
+        raise ConfigError(f"prompt of {T} tokens leaves no room in the context of {limit}")
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)
+    cache = model.new_cache(B, T + steps) if use_cache else None
+    mask = attention_mask
+    done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
+    seq, out = prompts, []
+    step_input = prompts
+    with packed_linears(model, rows=B) if pack else contextlib.nullcontext():
+        for _ in range(steps):
+            if cache is not None:
+                hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
+            else:
+                hidden = model.hidden_states(seq, attention_mask=mask)
+            logits = model.lm_head(hidden[:, -1])  # (B, V): the head runs on the last position only
+            token, done = _pick(logits, cfg, generator, eos_id, done)
+            out.append(token)
+            step_input = token[:, None]
+            if cache is None:  # without a cache every step re-reads the whole sequence
+                seq = torch.cat([seq, step_input], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
+            if eos_id is not None and cfg.stop_at_eos and bool(done.all()):
+                break
+    if not out:
+        return prompts.new_zeros(B, 0)
+    return torch.stack(out, dim=1)
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator, eos_id: int | None, done: torch.Tensor):
+    """The next token per row; rows already finished get ``eos_id`` again."""
+    token = next_token(logits, cfg, generator)  # (B,)
+    if eos_id is not None:
+        token = torch.where(done, torch.full_like(token, eos_id), token)
+        done = done | (token == eos_id)
+    return token, done

@@ -1,0 +1,91 @@
+"""Write a model as a complete Hugging Face checkpoint directory that transformers loads unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .files import TOKENIZER_FILES
+from ..errors import CheckpointError, ConfigError
+from .fsutil import atomic_dir
+from ..adapters.lora import lora_layers
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip()
+    i = len(number)
+    while i and not (number[i - 1].isdigit() or number[i - 1] == "."):
+        i -= 1
+    try:
+        value, unit = float(number[:i]), number[i:].strip()
+        if unit not in units or value <= 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r}; use e.g. 2GB, 500MB or 1GiB") from None
+    return int(value * units[unit])
+
+
+def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split tensors, in order, into groups of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+    shards = shard_state(state, max_shard_bytes) if max_shard_bytes else [state]
+    if len(shards) == 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                  dtype: torch.dtype | None = None, max_shard_size: str | int | None = None) -> Path:
+    """Save config.json, model.safetensors (sharded with an index past ``max_shard_size``),
+    generation_config.json and the tokenizer files.
+
+    LoRA layers must be merged first (their update would otherwise be lost). The directory is
+    written under a temporary name and renamed, so it is complete or absent.
+    """
+    if any(not m.merged for _, m in lora_layers(model)):
+        raise CheckpointError("the model has unmerged LoRA layers: merge them before exporting")
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
+                 for k, v in model.to_hf_state_dict().items()}
+        _write_weights(state, tmp, parse_size(max_shard_size) if max_shard_size else None)
+        config = model.config.to_hf()
+        config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file() and name != "generation_config.json":
+                    shutil.copyfile(src, tmp / name)
+    return out

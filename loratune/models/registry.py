@@ -1,0 +1,46 @@
+"""model_type -> family spec. Adding a family: its ``models/<family>.py`` and one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import CheckpointError
+from .gpt2 import GPT2_SPEC
+from .spec import FamilySpec
+
+FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in (GPT2_SPEC,)}
+
+
+def find_family(model_type: Any) -> FamilySpec | None:
+    """The spec for a config.json ``model_type``, or None for a family loratune does not implement."""
+    return FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
+def family_for_config(hf_config: dict[str, Any]) -> FamilySpec:
+    """The spec for a config.json dict; an unsupported architecture is a CheckpointError naming it."""
+    family = find_family(hf_config.get("model_type"))
+    if family is None:
+        archs = hf_config.get("architectures")
+        archs = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else str(archs or "unknown")
+        supported = ", ".join(f"{s.display_name} ('{s.model_type}')" for s in FAMILIES.values())
+        raise CheckpointError(f"config.json describes model_type={hf_config.get('model_type')!r} ({archs}), which "
+                              f"loratune does not support; supported: {supported}")
+    return family
+
+
+def family_of(model: nn.Module) -> tuple[FamilySpec, Any] | None:
+    """(spec, our config) for one of our models or a transformers model of a known family; else None.
+
+    Ours carry ``family`` and a typed ``config``; transformers' have ``config.model_type`` and a
+    config object whose dict our family's parser reads.
+    """
+    family = getattr(model, "family", None)
+    if isinstance(family, FamilySpec):
+        return family, model.config
+    hf_config = getattr(model, "config", None)
+    family = find_family(getattr(hf_config, "model_type", None))
+    if family is None or not hasattr(hf_config, "to_dict"):
+        return None
+    return family, family.config_from_hf(hf_config.to_dict())

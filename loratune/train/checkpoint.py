@@ -1,0 +1,227 @@
+"""Training checkpoints that are complete or absent.
+
+A checkpoint is a directory ``checkpoints/step-000100/`` holding the trainable tensors
+(safetensors), the optimizer and scheduler state and the RNG states (``torch.save``, read back
+with ``weights_only=True``), and ``state.json`` (written last). It is written under a
+temporary name, every file and the directory fsynced, then renamed into place and the parent
+directory fsynced, so a crash at any moment leaves either the previous checkpoints or the new
+one, never half of it. Saving a step that already has a checkpoint swaps the two with renames
+(the old one under ``.old-step-N-PID`` for an instant), and pruning renames before deleting,
+so no moment exists where a half-deleted directory looks complete.
+
+What a killed run leaves behind (``.tmp-``, ``.old-`` and ``.trash-`` directories, our own
+names only) is cleaned, or in the ``.old-`` case put back, by :func:`clean_checkpoint_dir`,
+which training calls before it looks for checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..hub.files import read_json, read_safetensors
+from ..hub.fsutil import atomic_dir, fsync_dir
+from ..recipe import fingerprint, result_fields
+from .guards import disk_error
+
+log = logging.getLogger("loratune")
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_SCRATCH_DIR = re.compile(r"^\.(tmp|old|trash)-(step-\d{6,})-(\d+)$")  # ours, left by an unfinished save
+FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
+"""What a complete checkpoint directory holds (state.json is written last)."""
+
+
+@dataclass
+class TrainState:
+    """Where the run stands: the optimizer step reached and the metrics seen so far."""
+
+    step: int
+    best_val_loss: float | None = None
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that training changes, by parameter name (shared tensors once)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int,
+                    recipe=None) -> Path:
+    """Write ``root/step-N`` atomically and prune older checkpoints beyond ``keep``.
+
+    With ``recipe``, state.json records its result-changing fields and their hash, which
+    :func:`load_checkpoint` compares on resume.
+
+    A failed write (a full disk above all) removes its temporary directory and raises a
+    :class:`~loratune.errors.LoratuneError` that says so; the earlier checkpoints are untouched.
+    """
+    final = root / f"step-{state.step:06d}"
+    try:
+        # fsynced, then renamed into place; the same step again (a stop right after a periodic save, a resume
+        # at the end) is swapped in with the old one aside as .old-step-N-PID, which clean_checkpoint_dir()
+        # puts back if we die between the two renames
+        with atomic_dir(final) as tmp:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                       tmp / "optimizer.pt")
+            info = {"step": state.step, "best_val_loss": state.best_val_loss}
+            if recipe is not None:
+                fields = result_fields(recipe)
+                info.update(recipe_hash=fingerprint(fields), recipe_fields=fields)
+            (tmp / "state.json").write_text(json.dumps(info, default=str))
+    except OSError as exc:  # atomic_dir has removed the unfinished directory
+        kept = list_checkpoints(root)
+        raise disk_error(exc, f"checkpoint {final}",
+                         f"the last complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
+                         ) from None
+    for stale in list_checkpoints(root)[:-keep]:
+        _remove(stale)
+    return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint: renamed out of sight first, so a half-deleted one never looks complete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier save that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_checkpoint_dir(root: Path) -> dict[str, int]:
+    """Finish what killed runs left under ``root``: drop unfinished writes, restore swapped-out checkpoints.
+
+    Only our own scratch names (``.tmp-step-N-PID``, ``.old-step-N-PID``, ``.trash-step-N-PID``)
+    of processes that are no longer running are touched. A ``.old-`` directory is a complete
+    checkpoint caught in the middle of a swap: it becomes ``step-N`` again when that is missing.
+    Returns how many directories were removed and restored.
+    """
+    counts = {"removed": 0, "restored": 0}
+    if not root.is_dir():
+        return counts
+    for path in sorted(root.iterdir()):
+        match = _SCRATCH_DIR.match(path.name)
+        if not match or not path.is_dir() or _pid_alive(int(match.group(3))):
+            continue
+        kind, name = match.group(1), match.group(2)
+        if kind == "old" and not (root / name).exists() and _complete(path):
+            os.replace(path, root / name)
+            counts["restored"] += 1
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            counts["removed"] += 1
+    if counts["removed"] or counts["restored"]:
+        fsync_dir(root)
+        log.info(f"cleaned {root}: {counts['removed']} unfinished checkpoint write(s) removed, "
+                 f"{counts['restored']} checkpoint(s) restored")
+    return counts
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in FILES)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary directories are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and _complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def check_recipe(info: dict[str, Any], recipe, path: Path) -> None:
+    """Refuse to resume with a recipe whose result-changing fields differ from the checkpoint's,
+    naming each difference (a checkpoint without a recorded recipe passes)."""
+    saved = info.get("recipe_fields")
+    if not isinstance(saved, dict) or info.get("recipe_hash") == fingerprint(result_fields(recipe)):
+        return
+    now = json.loads(json.dumps(result_fields(recipe), default=str))
+    changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"the recipe differs from the one checkpoint {path} was made with, so resuming would not "
+                          f"continue the same run ({'; '.join(changed[:6])}). Restore those values, or pass "
+                          "--force-resume to continue with the new ones anyway")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe=None, force: bool = False) -> TrainState:
+    """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
+
+    Everything is read and checked before anything is changed; ``optimizer.pt`` is read with
+    ``weights_only=True``, so a tampered file cannot run code, and a damaged one is a
+    :class:`CheckpointError`. With ``recipe`` (and not ``force``), a recipe whose result-changing
+    fields differ from the checkpoint's is refused (:func:`check_recipe`).
+    """
+    info = read_json(path / "state.json", "checkpoint state")
+    if recipe is not None and not force:
+        check_recipe(info, recipe, path)
+    step = info.get("step")
+    named = _STEP_DIR.match(path.name)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):
+        raise CheckpointError(f"{path / 'state.json'} names step {step!r}, which does not fit the directory name")
+    tensors = read_safetensors(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != expected:
+        raise CheckpointError(f"checkpoint {path} holds other trainable tensors than this run "
+                              f"({len(tensors)} vs {len(expected)}): was it made by another recipe?")
+    for name, tensor in tensors.items():
+        if params[name].shape != tensor.shape:
+            raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"this run expects {tuple(params[name].shape)}")
+    try:
+        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusing a pickle that would run code lands here too
+        raise CheckpointError(f"refusing to load {path / 'optimizer.pt'}: it is corrupt or holds more than "
+                              f"tensors and plain data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                              ) from None
+    if not isinstance(extra, dict) or not {"optimizer", "scheduler", "rng"} <= set(extra):
+        raise CheckpointError(f"{path / 'optimizer.pt'} does not hold the optimizer, scheduler and RNG state")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    try:
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        set_rng_state(extra["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path / 'optimizer.pt'} does not fit this run's optimizer or scheduler "
+                              f"({type(exc).__name__}: {exc}); was it made by another recipe?") from None
+    return TrainState(step=step, best_val_loss=info.get("best_val_loss"))

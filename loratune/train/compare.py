@@ -1,0 +1,108 @@
+"""LoRA against full fine-tuning on the same recipe: parameters, peak memory, time per step, loss.
+
+Each mode runs in its own fresh process so that its peak memory is its own; both see the same
+data, seed and hyper-parameters, and only which parameters train differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import queue as queue_module
+import statistics
+import time
+
+import torch
+
+from ..errors import LoratuneError
+from ..data import Batches, prepare_data
+from ..adapters.trainable import parameter_report
+from ..recipe import Recipe
+from .metrics import human_bytes, peak_memory_bytes
+from .loop import resolve_device, setup_model
+from .optim import make_optimizer
+from .precision import autocast_for
+from .step import train_step
+
+
+def measure(recipe: Recipe, steps: int, warmup: int = 1) -> dict:
+    """Run ``warmup + steps`` optimizer steps of ``recipe``; time the last ``steps``."""
+    recipe, device = resolve_device(recipe)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer, _ = setup_model(recipe, device)
+    report = parameter_report(model)
+    train_ex, _ = prepare_data(dataclasses.replace(recipe.data, val_fraction=0.0), tokenizer, recipe.seq_len,
+                               recipe.seed)
+    batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
+                      pad_id=tokenizer.pad_id)
+    optimizer = make_optimizer(model, recipe)  # no schedule: a few steps at the recipe's peak lr
+    autocast = autocast_for(recipe.precision, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        batch = batches.batch(step // len(batches), step % len(batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = train_step(model, batch, optimizer, None, recipe, device, autocast, trainable)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(result.loss)
+    return {"finetune": recipe.finetune, "precision": recipe.precision, "trainable": report.trainable, "total": report.total,
+            "peak_memory": peak_memory_bytes(device), "step_s": statistics.median(times),
+            "tokens_per_s": recipe.batch_size * recipe.seq_len / statistics.median(times), "loss": losses[-1],
+            "first_loss": losses[0]}
+
+
+def _child(recipe: Recipe, steps: int, queue) -> None:
+    try:
+        queue.put(("ok", measure(recipe, steps)))
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def compare(recipe: Recipe, steps: int = 5) -> list[dict]:
+    """Measure the recipe as LoRA and as full fine-tuning, each in a fresh process."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for mode in ("lora", "full"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(dataclasses.replace(recipe, finetune=mode), steps, queue))
+        proc.start()
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                if not proc.is_alive():  # killed outright (out of memory, signal): no report will come
+                    status, payload = "error", f"the process died with exit code {proc.exitcode}"
+                    break
+        proc.join()
+        if status != "ok":
+            raise LoratuneError(f"{mode} run failed: {payload}")
+        rows.append(payload)
+    return rows
+
+
+def format_table(rows: list[dict], steps: int) -> str:
+    """The tutorial's comparison as a text table, with full/LoRA ratios."""
+    lora, full = rows
+    lines = [f"{'':26}{'LoRA':>16}{'full':>16}{'full / LoRA':>14}"]
+
+    def row(name, key, fmt, ratio=True):
+        a, b = lora[key], full[key]
+        r = f"{b / a:>13.2f}x" if ratio and a else f"{'':>14}"
+        lines.append(f"{name:26}{fmt(a):>16}{fmt(b):>16}{r}")
+
+    row("trainable parameters", "trainable", lambda v: f"{v:,}")
+    shares = [f"{100 * r['trainable'] / r['total']:.2f}%" for r in (lora, full)]  # each of its own total
+    lines.append(f"{'share of all parameters':26}{shares[0]:>16}{shares[1]:>16}")
+    row("peak memory", "peak_memory", human_bytes)
+    row("time per step (median)", "step_s", lambda v: f"{v * 1000:.0f} ms")
+    row("tokens per second", "tokens_per_s", lambda v: f"{v:,.0f}")
+    row("loss at step 1", "first_loss", lambda v: f"{v:.4f}", ratio=False)
+    row(f"loss at step {steps + 1}", "loss", lambda v: f"{v:.4f}", ratio=False)
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""loratune/packing.py: packed CPU weights give the same products as plain ``F.linear``, leave the
+model exactly as it was, and never stand in for the ordinary path under autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_lora_
+from loratune.generate import SamplingConfig, generate
+from loratune.adapters.lora import LoRAConfig, LoRALinear
+from loratune.generate.cpu_prepack import packed_linears, packing_available
+from loratune.adapters.targets import inject_lora
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.zeros(1)), reason="this PyTorch build has no oneDNN packing")
+
+
+def _ids(B: int = 2, T: int = 12) -> torch.Tensor:
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@torch.no_grad()
+def test_packed_model_gives_the_same_logits(small_gpt2, dtype):
+    model = small_gpt2.to(dtype)
+    ids = _ids()
+    plain = model(ids)
+    with packed_linears(model, rows=2) as n:
+        packed = model(ids)
+    assert n == 2 * 4 + 1  # four projections per block and the head
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(packed, plain, **tol)
+
+
+@torch.no_grad()
+def test_unmerged_lora_layers_keep_their_update_when_packed(small_gpt2):
+    inject_lora(small_gpt2, LoRAConfig(r=2, alpha=4, targets=["q", "v", "mlp.fc"]))
+    randomize_lora_(small_gpt2)
+    ids = _ids()
+    plain = small_gpt2(ids)
+    with packed_linears(small_gpt2) as n:
+        packed = small_gpt2(ids)
+    assert n == 9
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, _base_only(small_gpt2, ids), atol=1e-3)  # the update is really there
+
+
+def _base_only(model, ids):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.enabled = False
+    out = model(ids)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.enabled = True
+    return out
+
+
+def test_model_is_restored_and_later_weight_changes_are_seen(small_gpt2):
+    ids = _ids()
+    with torch.no_grad(), packed_linears(small_gpt2):
+        small_gpt2(ids)
+    assert not any("forward" in m.__dict__ or "_base" in m.__dict__ for m in small_gpt2.modules())
+    with torch.no_grad():
+        small_gpt2.transformer.h[0].mlp.c_fc.weight.mul_(2.0)
+        changed = small_gpt2(ids)
+        with packed_linears(small_gpt2):
+            packed = small_gpt2(ids)
+    torch.testing.assert_close(packed, changed, rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_inside_the_block_takes_the_ordinary_path(small_gpt2):
+    inject_lora(small_gpt2, LoRAConfig(r=2, alpha=4, targets=["q", "v"]))
+    randomize_lora_(small_gpt2)
+    a = next(iter(small_gpt2.transformer.h[0].attn.c_attn.lora_A.values()))
+    with packed_linears(small_gpt2):
+        small_gpt2(_ids()).square().mean().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_nothing_is_packed_where_it_does_not_apply(small_gpt2):
+    half = small_gpt2.to(torch.float16)
+    with packed_linears(half) as n:
+        assert n == 0
+    layer = nn.Linear(4, 4)
+    assert packing_available(layer.weight)
+    assert not packing_available(layer.weight.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_generation_with_and_without_packing_is_identical(small_gpt2, dtype):
+    model = small_gpt2.to(dtype)
+    prompts = _ids(B=3, T=5)
+    cfg = SamplingConfig(max_new_tokens=20)
+    assert torch.equal(generate(model, prompts, cfg, pack=True), generate(model, prompts, cfg, pack=False))
