@@ -23,6 +23,7 @@ import yaml
 from .adapters.lora import LoRAConfig
 from .data.config import DataConfig
 from .errors import ConfigError
+from .models.registry import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -33,7 +34,7 @@ DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 class Recipe:
     """Everything a training run needs; see recipes/gpt2_reddit_tifu.yaml for the tutorial's values."""
 
-    model: str = "gpt2"
+    model: str = DEFAULT_MODEL
     """Base checkpoint: a local Hugging Face directory or a hub id."""
     out_dir: str = "runs/gpt2-reddit-tifu"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""

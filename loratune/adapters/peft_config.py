@@ -126,8 +126,9 @@ def is_targeted(config: dict[str, Any], name: str) -> bool:
     pattern = config.get("layers_pattern")
     patterns = [pattern] if isinstance(pattern, str) else (pattern or [])
     match = None
-    for p in patterns or [None]:  # PEFT's regexes, greedy: the last numbered segment is the layer index
-        regex = rf".*\.{p}\.(?P<idx>\d+)\." if p else r".*\.[^.]*\.(?P<idx>\d+)\."
+    for p in patterns or [None]:  # PEFT's regexes (0.21): lazy, so the FIRST numbered segment is the layer
+        # index ('layers.1.experts.0' is layer 1, not expert 0); older releases were greedy
+        regex = rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." if p else r".*?\.[^.]*\.(?P<idx>\d+)\."
         match = re.match(regex, name)
         if match:
             break

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..hub.export import save_hf_model
-from ..models.registry import FAMILIES
+from ..models.registry import DEFAULT_FAMILY, FAMILIES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("init-model", help="write a randomly initialised checkpoint (offline work, tests)")
     p.add_argument("--out", required=True, help="directory to create")
-    p.add_argument("--family", default="gpt2", choices=sorted(FAMILIES), help="model family (default: gpt2)")
+    p.add_argument("--family", default=DEFAULT_FAMILY, choices=sorted(FAMILIES),
+                   help=f"model family (default: {DEFAULT_FAMILY})")
     p.add_argument("--preset", default="tiny", help="sizes, e.g. tiny, small (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files (tokenizer.json, or "

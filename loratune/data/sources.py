@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
+from types import ModuleType
 
 from ..errors import DataError
 from ..hub.resolve import is_hub_id
 from .config import DataConfig
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -25,7 +29,8 @@ def load_records(source: str, cfg: DataConfig, split: str | None = None) -> list
     objects, or {"data": [...]}), .csv (header row = field names, values are strings),
     .parquet (needs pyarrow), .txt (one record {"text": line} per non-empty line). Anything
     else shaped like 'user/name' is a hub id, loaded with
-    ``datasets.load_dataset(source, cfg.hub_config, split=split or cfg.split)``.
+    ``datasets.load_dataset(source, cfg.hub_config, split=split or cfg.split)``; a script-based
+    one, which ``datasets`` >= 4 refuses, is read from the hub's Parquet export instead.
     """
     if not _looks_local(source):
         records = _load_hub(source, cfg.hub_config, split or cfg.split)
@@ -113,7 +118,18 @@ def _read_txt(path: Path) -> list[dict]:
         return [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
 
 
+PARQUET_REVISION = "refs/convert/parquet"
+"""Git revision where the hub keeps its automatic Parquet export of a data set: one folder per config."""
+
+
 def _load_hub(source: str, config: str | None, split: str) -> list[dict]:
+    """Load ``split`` of hub data set ``source`` (config ``config``) as a list of dicts.
+
+    Why the fallback: ``datasets`` >= 4 no longer runs loading scripts, and some data sets, like
+    the README's ``ctr4si/reddit_tifu``, are still script-based. The hub keeps an automatic Parquet
+    export of most of them on the ``refs/convert/parquet`` revision, so when the library refuses a
+    script we read that export instead (see :func:`_load_parquet_export`).
+    """
     try:
         import datasets
     except ImportError:
@@ -122,7 +138,48 @@ def _load_hub(source: str, config: str | None, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(source, config, split=split).to_list()
     except Exception as exc:  # network, missing data set, bad config or split: all mean "could not get it"
-        raise DataError(f"could not load hub data set {source!r} (config {config!r}, split {split!r}): "
-                        f"{type(exc).__name__}: {exc}. Check the id and your connection, "
-                        "or pass a local .jsonl/.json/.csv/.parquet/.txt file") from None
+        if not _is_script_error(exc):
+            raise DataError(f"could not load hub data set {source!r} (config {config!r}, split {split!r}): "
+                            f"{type(exc).__name__}: {exc}. Check the id and your connection, "
+                            "or pass a local .jsonl/.json/.csv/.parquet/.txt file") from None
+    return _load_parquet_export(datasets, source, config, split)
 
+
+def _is_script_error(exc: Exception) -> bool:
+    """True for the error ``datasets`` >= 4 raises for a script-based data set.
+
+    ``datasets.load.dataset_module_factory`` raises
+    ``RuntimeError(f"Dataset scripts are no longer supported, but found {filename}")``.
+    """
+    return isinstance(exc, RuntimeError) and "Dataset scripts are no longer supported" in str(exc)
+
+
+def _load_parquet_export(datasets: ModuleType, source: str, config: str | None, split: str) -> list[dict]:
+    """Load ``split`` of ``config`` from the hub's Parquet export of a script-based data set.
+
+    The export is a plain Parquet repository (no script) with one folder per config
+    (``long/train/0000.parquet``); a script without named configs is exported as ``default``.
+    ``data_dir`` picks the config folder, and ``datasets`` infers the split from the folder below
+    it. That inference also maps the ``partial-train`` / ``partial-validation`` / ``partial-test``
+    folders, which the converter writes when it exported only the first part of a large split,
+    to train/validation/test, so those load too, but hold only part of the data. Only those
+    split names (and synonyms such as dev/valid/eval) are inferred from folders; a folder holding
+    only other split names is read whole as 'train'.
+    """
+    folder = config or "default"
+    log.info("%s is a script-based data set, which datasets>=4 no longer runs; loading its Parquet "
+             "export (revision %s, folder %r, split %r) instead", source, PARQUET_REVISION, folder, split)
+    try:
+        return datasets.load_dataset(source, revision=PARQUET_REVISION, data_dir=folder, split=split).to_list()
+    except Exception as exc:  # no export, no such config folder or split, network
+        raise DataError(
+            f"hub data set {source!r} is script-based, and datasets>=4 no longer runs data set scripts; "
+            f"no usable Parquet export was found at {PARQUET_REVISION} (folder {folder!r}, split {split!r}): "
+            f"{type(exc).__name__}: {_brief(exc)}. Pin the older library (pip install 'datasets<4'), or "
+            "download/convert the data to a local .jsonl or .parquet file and pass it with --data") from None
+
+
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -56,7 +56,8 @@ def _token_text(value: Any) -> str | None:
 
 
 def _eos_candidates(tok_config: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """End-of-text texts to look for: the tokenizer's own, else the family's, else any known family's."""
+    """End-of-text texts to look for: the tokenizer's own, else the family's; with neither and no
+    eos_token_id in config.json (a bare vocab.json + merges.txt), any known family's."""
     from ..models.registry import FAMILIES, find_family
 
     named = _token_text(tok_config.get("eos_token"))
@@ -65,6 +66,8 @@ def _eos_candidates(tok_config: dict[str, Any], config: dict[str, Any]) -> list[
     family = find_family(config.get("model_type"))
     if family and family.eos_token:
         return [family.eos_token]
+    if config.get("eos_token_id") is not None:
+        return []
     return [f.eos_token for f in FAMILIES.values() if f.eos_token]
 
 

@@ -11,6 +11,10 @@ from .gpt2 import GPT2_SPEC
 from .spec import FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in (GPT2_SPEC,)}
+DEFAULT_FAMILY = GPT2_SPEC.model_type
+"""The family `loratune init-model` writes unless told otherwise."""
+DEFAULT_MODEL = "gpt2"
+"""The tutorial's base model (a hub id), the recipe's default."""
 
 
 def find_family(model_type: Any) -> FamilySpec | None:

@@ -217,8 +217,10 @@ def test_slices_changed_by_peft_load_as_the_whole_projection(tmp_path, tiny_ckpt
     peft.save_pretrained(adapter)  # PEFT rewrites its files; loratune_adapter.json stays
     assert (adapter / "loratune_adapter.json").is_file()
     fresh, _ = load_model(tiny_ckpt)
-    load_adapter(fresh, adapter)
+    loaded = load_adapter(fresh, adapter)
     assert all(list(m.slices) == [WHOLE] and m.r == 8 for _, m in lora_layers(fresh))
+    # the settings returned are those of the adapter loaded (r=8, alpha=32 on c_attn), not our q,v ones
+    assert (loaded.r, loaded.alpha, loaded.targets) == (8, 32.0, ["c_attn"])
     ids = _ids()
     with torch.no_grad():
         _close(fresh(ids), peft(input_ids=ids).logits)
@@ -544,3 +546,24 @@ def test_failed_save_leaves_no_partial_directory_and_keeps_the_previous_one(tmp_
         save_adapter(model, tmp_path / "fresh", cfg, base_model=str(tiny_ckpt))
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no temporary or half-written directory"
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == files
+
+
+NAMES = ["transformer.h.3.attn.c_attn", "model.layers.3.mlp.experts.7.w1", "model.layers.12.self_attn.q_proj",
+         "model.decoder.layers.0.blocks.5.fc", "h.2.attn.c_attn", "encoder.layer.1.attention.output.dense.11.x"]
+
+
+@pytest.mark.parametrize("layers, pattern", [([7], None), ([3], None), ([3], "layers"), ([5], "blocks"),
+                                             ([0, 5], ["layers", "blocks"]), (2, None), ([11], None)])
+def test_layer_selection_follows_peft_exactly(layers, pattern):
+    """layers_to_transform picks the layer index the way the installed PEFT's own check does, on names with
+    several numbers (PEFT 0.21's regexes are lazy: 'model.layers.3.mlp.experts.7.w1' is layer 3, not 7)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from loratune.adapters.peft_config import is_targeted
+
+    targets = ["c_attn", "w1", "q_proj", "fc", "x"]
+    peft_config = LoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    ours = {"target_modules": targets, "layers_to_transform": layers, "layers_pattern": pattern}
+    for name in NAMES:
+        assert is_targeted(ours, name) == bool(check_target_module_exists(peft_config, name)), name

@@ -130,3 +130,44 @@ def test_all_linear_on_transformers_gpt2_skips_lm_head(hf_model):
     names = inject_lora(hf_model, LoRAConfig(targets=["all-linear"]))
     assert len(names) == 4 * 2
     assert not isinstance(hf_model.lm_head, LoRALinear)
+
+
+# --- fused projections of unequal widths come from the family spec --------------------------------
+
+class _GQAFused(torch.nn.Module):
+    """A block with one fused qkv projection under grouped-query attention: q is 4 heads wide, k and
+    v one head each, so the slices are 64, 16 and 16 wide, not thirds of 96."""
+
+    def __init__(self, family) -> None:
+        super().__init__()
+        self.family, self.config = family, {"heads": 4, "kv_heads": 1, "head": 16}
+        self.attn = torch.nn.ModuleDict({"qkv_proj": torch.nn.Linear(32, 96)})
+
+    def forward(self, x):
+        return self.attn["qkv_proj"](x)
+
+
+def _gqa_spec():
+    from loratune.models.spec import Alias, FamilySpec
+
+    def spans(config):
+        q, kv = config["heads"] * config["head"], config["kv_heads"] * config["head"]
+        return {"attn.qkv_proj": {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}}
+
+    return FamilySpec(model_type="gqa-test", display_name="GQA test", config_from_hf=dict, from_hf_state_dict=None,
+                      build=None, aliases={n: Alias("attn.qkv_proj", n) for n in "qkv"}, fused_slices=spans,
+                      memory_profile=None, eos_token=None)
+
+
+def test_slices_take_the_widths_the_family_spec_gives():
+    model = _GQAFused(_gqa_spec())
+    inject_lora(model, LoRAConfig(r=2, alpha=4, targets=["v", "q"]))
+    layer = model.attn["qkv_proj"]
+    assert layer.slices == {"q": (0, 64), "v": (80, 96)}  # in output order, with the real widths
+    assert layer.lora_B["q"].shape == (64, 2) and layer.lora_B["v"].shape == (16, 2)
+    randomize_lora_(model, seed=3, std=0.5)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        delta = model(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert delta[:, :64].abs().min() > 0 and delta[:, 80:].abs().min() > 0
+    assert torch.equal(delta[:, 64:80], torch.zeros(5, 16))  # the k rows are untouched

@@ -109,3 +109,39 @@ def test_missing_or_broken_tokenizer_files(tmp_path, tiny_ckpt):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="could not read the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+# --- special tokens of other families: found as transformers finds them ---------------------------
+
+SHARED_TOKENIZERS = DATA_FILE.parents[2] / "tokenizers"
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "llama2", "qwen3", "gemma3"])
+def test_special_tokens_of_real_tokenizers_match_transformers(name, tmp_path):
+    """End-of-text and padding come from tokenizer_config.json (eos_token, pad_token), as transformers
+    reads them, for four real families' tokenizers; no family-specific code in the tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    src = SHARED_TOKENIZERS / name
+    if not (src / "tokenizer.json").is_file():
+        pytest.skip(f"{src} is not present (../shared holds the real tokenizers)")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(src / f, tmp_path / f)
+    ours = load_tokenizer(tmp_path)
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                  **{k: v for k, v in json.loads((src / "tokenizer_config.json").read_text()).items()
+                                     if k in ("eos_token", "pad_token", "bos_token")})
+    assert ours.eos_id == ref.eos_token_id
+    assert ours.pad_id == (ref.pad_token_id if ref.pad_token_id is not None else ref.eos_token_id)
+    text = "Hello there, how are you?"
+    assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+
+
+def test_eos_from_config_json_when_the_tokenizer_names_none(tmp_path, tiny_ckpt):
+    """Without tokenizer_config.json's eos_token, config.json's eos_token_id decides."""
+    shutil.copyfile(tiny_ckpt / "vocab.json", tmp_path / "vocab.json")
+    shutil.copyfile(tiny_ckpt / "merges.txt", tmp_path / "merges.txt")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "unknown-family", "eos_token_id": 13}))
+    assert load_tokenizer(tmp_path).eos_id == 13
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "unknown-family"}))
+    assert load_tokenizer(tmp_path).eos_id == EOS_ID  # a known family's end-of-text token in the vocabulary
