@@ -27,7 +27,7 @@ from .models.registry import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
-DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Recipe:
     (autocast) or bf16-true (weights stored in bf16; LoRA masters fp32, full fine-tuning Kahan-compensated)."""
     seed: int = 42
     """Seeds LoRA init, dropout and data order."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:N."""
+    device: str = "auto"
+    """auto (the first CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N or mps."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
     eval_every: int = 100
@@ -112,7 +112,7 @@ class Recipe:
         for name in ("log_every", "eval_every", "save_every", "warmup_steps", "sample_tokens"):
             positive(name, allow_zero=True)
         if not isinstance(self.device, str) or not DEVICE.match(self.device):
-            raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         for name in ("lr", "adam_eps"):

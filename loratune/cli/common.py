@@ -8,6 +8,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
+from ..train.precision import pick_device
 
 log = logging.getLogger("loratune")
 
@@ -17,13 +18,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id (e.g. gpt2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto: the first CUDA "
+                   "GPU if there is one, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default: float32)")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     try:
-        device = torch.device(args.device)
+        device = pick_device(args.device)
     except RuntimeError:
         raise ConfigError(f"unknown device {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -32,7 +32,7 @@ from .checkpoint import TrainState, clean_checkpoint_dir, list_checkpoints, load
 from .guards import check_resources, disk_error
 from .metrics import MetricsLog, human_bytes, peak_memory_bytes, perplexity, plot_losses
 from .optim import make_optimizer, make_scheduler
-from .precision import autocast_for, resolve_precision, store_in_bf16
+from .precision import autocast_for, pick_device, resolve_precision, store_in_bf16
 from .step import NonFiniteStep, StepResult, TrainingStopped, evaluate, train_step
 
 log = logging.getLogger("loratune")
@@ -54,14 +54,16 @@ class TrainResult:
 
 
 def resolve_device(recipe: Recipe) -> tuple[Recipe, torch.device]:
-    """The recipe with ``precision: auto`` made concrete for its device (the choice and why are logged)."""
-    device = torch.device(recipe.device)
+    """The recipe with ``device: auto`` and ``precision: auto`` made concrete (the choices are logged)."""
+    device = pick_device(recipe.device)
+    if recipe.device == "auto":
+        log.info(f"device: auto -> {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={recipe.device!r}, but no CUDA GPU is available here; use --set device=cpu")
     precision, why = resolve_precision(recipe.precision, device)
     if why:
         log.info(f"precision: auto -> {precision} ({why})")
-    return dataclasses.replace(recipe, precision=precision), device
+    return dataclasses.replace(recipe, precision=precision, device=str(device)), device
 
 
 def setup_model(recipe: Recipe, device: torch.device):

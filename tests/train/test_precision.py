@@ -40,12 +40,14 @@ def test_amx_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path):
 @pytest.mark.parametrize("amx", [True, False])
 def test_the_recipe_default_is_auto_and_the_run_says_what_it_chose(monkeypatch, caplog, amx):
     monkeypatch.setattr(precision_module, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     recipe = load_recipe(None, [])
-    assert recipe.precision == "auto"
+    assert recipe.precision == "auto" and recipe.device == "auto"
     with caplog.at_level(logging.INFO, logger="loratune"):
         resolved, device = resolve_device(recipe)
     assert device == torch.device("cpu") and resolved.precision == ("bf16-true" if amx else "fp32")
-    assert f"precision: auto -> {resolved.precision} (" in caplog.text
+    assert f"precision: auto -> {resolved.precision} (" in caplog.text and "device: auto -> cpu" in caplog.text
+    assert resolved.device == "cpu"
 
 
 def test_a_cuda_device_without_a_gpu_is_a_clear_error(monkeypatch):

@@ -1,0 +1,256 @@
+"""Markdown tables of a benchmark results file, one row per measured job, for the README.
+
+    python benchmarks/report_tables.py benchmarks/results/cpu.json [more.json ...]
+    python benchmarks/report_tables.py --markers benchmarks/results/*.json   # blocks to paste
+
+Reads a JSON written by ``benchmarks/bench_train.py`` (``machine``, ``train``, ``generate``, and
+either ``runs`` - one entry per command that contributed rows, each with its ``args`` - or a
+single top-level ``args``) and prints:
+
+- one line with the machine, from the JSON's ``machine``;
+- a training table: every row of ``train``, in the JSON's order;
+- a generation table: every row of ``generate``, in the JSON's order (left out when empty);
+- one line counting the rows where loratune is slower than the peer.
+
+Nothing is dropped: a side that failed or is missing is written as ``failed`` / ``missing`` in
+its row. "runs" is the number of successful runs per side: the training rows record it
+(``runs``); for generation rows it is their ``runs`` where recorded, else the ``repeats`` of the
+command that produced them minus that side's errors. Tokens/s of several runs are their median (the median of 2 is their mean).
+
+With ``--markers`` each file's output is wrapped in ``<!-- table: PATH -->`` ...
+``<!-- end table -->``, which is how README.md holds them; ``tests/test_readme_tables.py``
+regenerates every such block and checks the README against it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+OURS = "loratune"
+PEERS = {"train": "peft", "generate": "transformers"}
+PEER_NAMES = {"train": "transformers+PEFT", "generate": "transformers"}
+GIB = 2**30
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def count_jobs(result: dict) -> int:
+    """Measured jobs in a results file: training rows plus generation rows."""
+    return len(result.get("train") or []) + len(result.get("generate") or [])
+
+
+# --------------------------------------------------------------------------- which command made a row
+def _commands(result: dict) -> list[dict]:
+    """The ``args`` of every command that contributed rows."""
+    if isinstance(result.get("runs"), dict):
+        return [r.get("args") or {} for r in result["runs"].values()]
+    return [result["args"]] if isinstance(result.get("args"), dict) else []
+
+
+def _items(text) -> list[str]:
+    return [x for x in str(text or "").split(",") if x]
+
+
+def _train_commands(result: dict, row: dict) -> list[dict]:
+    return [a for a in _commands(result)
+            if row.get("case") in _items(a.get("cases")) and row.get("group") in _items(a.get("precisions"))
+            and str(row.get("seq")) in _items(a.get("seqs")) and row.get("size") in _items(a.get("sizes"))]
+
+
+def _gen_commands(result: dict, row: dict) -> list[dict]:
+    return [a for a in _commands(result)
+            if str(row.get("batch")) in _items(a.get("gen")) and row.get("precision") in _items(a.get("gen_precisions"))]
+
+
+def _one(values: list):
+    """The value all candidates agree on, else None."""
+    values = set(values)
+    return values.pop() if len(values) == 1 else None
+
+
+# --------------------------------------------------------------------------- cells
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _side(row: dict, key: str) -> dict | None:
+    side = row.get(key)
+    return side if isinstance(side, dict) else None
+
+
+def _ok(side: dict | None) -> bool:
+    return bool(side) and bool(side.get("tokens_per_s"))
+
+
+def _missing(side: dict | None) -> str:
+    return "missing" if side is None else "failed"
+
+
+def _tps(side: dict | None) -> str:
+    return f"{side['tokens_per_s']:,.0f}" if _ok(side) else _missing(side)
+
+
+def _ratio(a: dict | None, b: dict | None, key: str, suffix: str = "") -> str:
+    if not (a and b and a.get(key) and b.get(key)):
+        return "—"
+    return f"{a[key] / b[key]:.2f}{suffix}"
+
+
+def _slower(a: dict | None, b: dict | None) -> bool:
+    return _ok(a) and _ok(b) and a["tokens_per_s"] < b["tokens_per_s"]
+
+
+def _speedup(a: dict | None, b: dict | None) -> str:
+    """ours / peer tokens/s; a row where loratune is slower says so (even one that rounds to 1.00x)."""
+    return _ratio(a, b, "tokens_per_s", "x") + (" (slower)" if _slower(a, b) else "")
+
+
+def _mem(side: dict | None) -> str:
+    if side is None:
+        return "missing"
+    if side.get("peak_memory"):
+        return f"{side['peak_memory'] / GIB:.2f} GiB"
+    return "—" if _ok(side) else "failed"
+
+
+def _loss(side: dict | None) -> str:
+    if side is None:
+        return "missing"
+    return f"{side['final_loss']:.4f}" if side.get("final_loss") is not None else "failed"
+
+
+def _runs_one(n) -> str:
+    if n is None:
+        return "not recorded"
+    return "1 (single run)" if n == 1 else f"{n} (median)" if n > 1 else "0"
+
+
+def _runs(ours: dict | None, peer: dict | None, counts: tuple) -> str:
+    """``counts`` = successful runs (ours, peer); failures come from each side's ``errors``."""
+    a, b = counts
+    text = _runs_one(a) if a == b else f"ours {_runs_one(a)}, peer {_runs_one(b)}"
+    errors = [f"{who}: {e}" for who, side in (("ours", ours), ("peer", peer)) if side for e in side.get("errors") or []]
+    if errors:
+        text += f"; {len(errors)} failed ({errors[0][:100]}{' …' if len(errors) > 1 else ''})"
+    return _cell(text)
+
+
+def _size(size) -> str:
+    return str(size).upper() if str(size).lower().endswith("m") else str(size)
+
+
+# --------------------------------------------------------------------------- tables
+def machine_line(result: dict) -> str:
+    m = result.get("machine") or {}
+    host = ", ".join(x for x in (m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None) if x)
+    parts = [f"{m['gpu']} (host: {host})" if m.get("gpu") else host]
+    parts += [f"torch {m['torch']}" if m.get("torch") else "", f"Python {m['python']}" if m.get("python") else ""]
+    parts = [p for p in parts if p]
+    return ("Machine (from the JSON): " + "; ".join(parts) + ".") if parts else "Machine: not recorded in the JSON."
+
+
+def train_table(result: dict) -> list[str]:
+    rows = result.get("train") or []
+    mem = "peak GPU memory" if (result.get("machine") or {}).get("gpu") else "peak RSS"
+    header = (f"| training job (case, precision, seq, size, batch) | loratune tok/s | {PEER_NAMES['train']} tok/s | "
+              f"speed-up | loratune {mem} | peer {mem} | memory ratio | runs | loss after the last step (ours / peer) |")
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        a, b = _side(row, OURS), _side(row, PEERS["train"])
+        job = _train_job(result, row)
+        counts = tuple(s.get("runs") if s else None for s in (a, b))
+        lines.append(f"| {_cell(job)} | {_tps(a)} | {_tps(b)} | {_speedup(a, b)} | {_mem(a)} | "
+                     f"{_mem(b)} | {_ratio(a, b, 'peak_memory')} | {_runs(a, b, counts)} | {_loss(a)} / {_loss(b)} |")
+    return lines
+
+
+def generate_table(result: dict) -> list[str]:
+    rows = result.get("generate") or []
+    mem = "peak GPU memory" if (result.get("machine") or {}).get("gpu") else "peak RSS"
+    header = (f"| greedy generation (precision, batch) | loratune tok/s | {PEER_NAMES['generate']} tok/s | speed-up | "
+              f"loratune {mem} | peer {mem} | memory ratio | runs | first 8 tokens agree |")
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        a, b = _side(row, OURS), _side(row, PEERS["generate"])
+        repeats = _one([c.get("repeats") for c in _gen_commands(result, row)])
+        counts = tuple(None if s is None else s["runs"] if "runs" in s
+                       else None if repeats is None else repeats - len(s.get("errors") or []) for s in (a, b))
+        ta, tb = (s.get("first_tokens") if s else None for s in (a, b))
+        agree = "yes" if ta and ta == tb else "no" if ta and tb else "—"
+        job = _gen_job(result, row)
+        lines.append(f"| {_cell(job)} | {_tps(a)} | {_tps(b)} | {_speedup(a, b)} | {_mem(a)} | "
+                     f"{_mem(b)} | {_ratio(a, b, 'peak_memory')} | {_runs(a, b, counts)} | {agree} |")
+    return lines
+
+
+def _train_job(result: dict, row: dict) -> str:
+    batch = _one([c.get("batch") for c in _train_commands(result, row)])
+    return (f"{row.get('case')}, {row.get('precision')}, seq {row.get('seq')}, {_size(row.get('size'))}, "
+            + (f"batch {batch}" if batch is not None else "batch not recorded"))
+
+
+def _gen_job(result: dict, row: dict) -> str:
+    return f"{row.get('precision')}, batch {row.get('batch')}"
+
+
+def slower_line(result: dict) -> str:
+    """How many rows of each table have loratune slower than the peer, and which."""
+    parts, names = [], []
+    for kind, name, job in (("train", "training", _train_job), ("generate", "generation", _gen_job)):
+        rows = result.get(kind) or []
+        if not rows:
+            continue
+        slower = [r for r in rows if _slower(_side(r, OURS), _side(r, PEERS[kind]))]
+        failed = sum(1 for r in rows if not (_ok(_side(r, OURS)) and _ok(_side(r, PEERS[kind]))))
+        parts.append(f"{len(slower)} of {len(rows)} {name} rows" + (f" ({failed} with a failed side)" if failed else ""))
+        for r in slower:
+            a, b = _side(r, OURS), _side(r, PEERS[kind])
+            q = a["tokens_per_s"] / b["tokens_per_s"]
+            names.append(f"{job(result, r)}: {q:.2f}x" if f"{q:.2f}" != "1.00" else f"{job(result, r)}: {q:.4f}x")
+    return ("loratune is slower than the peer in " + " and ".join(parts)
+            + (f": {'; '.join(names)}." if names else "."))
+
+
+def render(result: dict) -> str:
+    """The machine line, the tables and the slower-rows line of one results file."""
+    out = [machine_line(result), ""]
+    out += train_table(result)
+    if result.get("generate"):
+        out += [""] + generate_table(result)
+    out += ["", slower_line(result)]
+    return "\n".join(out)
+
+
+def render_file(path: str | Path) -> str:
+    return render(load(path))
+
+
+def block(path: str) -> str:
+    """``render_file`` wrapped in the README's marker comments (``path`` as written in the marker)."""
+    return f"<!-- table: {path} -->\n{render_file(path)}\n<!-- end table -->"
+
+
+def table_rows(markdown: str) -> list[str]:
+    """The data rows of every table in ``markdown`` (no header or separator lines)."""
+    lines = markdown.splitlines()
+    seps = {i for i, line in enumerate(lines) if line.startswith("|---")}
+    return [line for i, line in enumerate(lines) if line.startswith("|") and i not in seps and i + 1 not in seps]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="results JSON written by benchmarks/bench_train.py")
+    ap.add_argument("--markers", action="store_true", help="wrap each file's tables in the README's marker comments")
+    args = ap.parse_args(argv)
+    outputs = [block(f) if args.markers else render_file(f) for f in args.files]
+    print("\n\n".join(outputs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
