@@ -7,7 +7,7 @@ as long as the context lasts, routes its forward passes through the packed copie
 weights are untouched, so merging, saving and training see nothing). Measured here on 2 cores
 (3072 x 768 bf16 products, weights streaming from memory): 15 -> 18 GB/s at one row, 9 -> 19
 GB/s at eight; for the float32 50,257 x 768 head at eight rows, 5 -> 17 GB/s. Results are
-bit-identical in bf16 and agree to float rounding in fp32 (tests/test_packing.py).
+bit-identical in bf16 and agree to float rounding in fp32 (tests/generate/test_cpu_prepack.py).
 
 Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, or
 where this PyTorch build lacks the oneDNN ops, the context changes nothing. The packed copies

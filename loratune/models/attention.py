@@ -5,7 +5,7 @@ shapes (8 x 12 heads, 64 wide) at 128 tokens, scores + softmax + weighted sum as
 matmuls with a float32 softmax trains the attention ~2-3x faster; at 256 the gain is ~1.4x
 for T x T probabilities that cost memory, and from ~512 tokens flash wins (it never holds
 them). :func:`attend` picks per call; results agree with SDPA within float rounding
-(tests/test_attention.py).
+(tests/models/test_attention.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""loratune/lora.py and params.py: the LoRA layer's invariants, merging, configs, what trains."""
+"""loratune/adapters/lora.py and trainable.py: the LoRA layer's invariants, merging, configs, what trains."""
 
 from __future__ import annotations
 

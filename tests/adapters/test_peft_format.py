@@ -1,4 +1,4 @@
-"""loratune/adapter.py: adapters in the PEFT format, out to PEFT and in from PEFT, and bad input.
+"""loratune/adapters/peft_format.py: adapters in the PEFT format, out to PEFT and in from PEFT, and bad input.
 
 Every parity check runs the real ``peft`` and ``transformers`` packages on the tiny checkpoint, in
 float32, to 1e-5 relative to the logits' magnitude, and first checks that the adapter changes the

@@ -1,4 +1,4 @@
-"""loratune/targets.py: which projections a LoRA config adapts, on our GPT-2 and on transformers'."""
+"""loratune/adapters/targets.py: which projections a LoRA config adapts, on our GPT-2 and on transformers'."""
 
 from __future__ import annotations
 

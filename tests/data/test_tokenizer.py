@@ -1,4 +1,4 @@
-"""loratune/tokenizer.py: GPT-2 byte-level BPE, equal to transformers' tokenizer id for id."""
+"""loratune/data/tokenizer.py: GPT-2 byte-level BPE, equal to transformers' tokenizer id for id."""
 
 from __future__ import annotations
 

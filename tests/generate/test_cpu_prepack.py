@@ -1,4 +1,4 @@
-"""loratune/packing.py: packed CPU weights give the same products as plain ``F.linear``, leave the
+"""loratune/generate/cpu_prepack.py: packed CPU weights give the same products as plain ``F.linear``, leave the
 model exactly as it was, and never stand in for the ordinary path under autograd."""
 
 from __future__ import annotations

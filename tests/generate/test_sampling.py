@@ -1,4 +1,4 @@
-"""loratune/generate.py: greedy decoding equals transformers' token for token; sampling is seeded."""
+"""loratune/generate/sampling.py: greedy decoding equals transformers' token for token; sampling is seeded."""
 
 from __future__ import annotations
 

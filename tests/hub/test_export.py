@@ -1,4 +1,4 @@
-"""loratune/export.py and ``loratune merge``: a merged model as a Hugging Face directory.
+"""loratune/hub/export.py and ``loratune merge``: a merged model as a Hugging Face directory.
 
 The exported directory is read back with ``transformers.AutoModelForCausalLM`` (and
 ``AutoTokenizer``) unchanged; its logits must equal our merged model's to 1e-4 (absolute, float32)

@@ -1,8 +1,8 @@
 """loratune/hub/files.py and hub/resolve.py: loading never runs code and never leaves the directory it was given.
 
 Pickles (pytorch_model.bin, adapter_model.bin, a checkpoint's optimizer.pt) are only read with
-``weights_only=True``: the model one is tested in tests/test_gpt2.py, the optimizer one in
-tests/test_resume.py, the adapter one here. A sharded index can name only files inside its
+``weights_only=True``: the model one is tested in tests/models/test_gpt2.py, the optimizer one in
+tests/train/test_resume.py, the adapter one here. A sharded index can name only files inside its
 directory; a hub id has to look like one before anything is fetched.
 """
 

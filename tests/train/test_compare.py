@@ -1,4 +1,4 @@
-"""loratune/compare.py (LoRA vs full fine-tuning, each in its own process) and `loratune eval --json`."""
+"""loratune/train/compare.py (LoRA vs full fine-tuning, each in its own process) and `loratune eval --json`."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ SIGTERM must save and exit with status 130, and a last ``--resume`` finishes. Th
 equal an uninterrupted run: every step's loss and every validation loss in metrics.jsonl, and
 the final adapter (fp32, <= 1e-6; in practice bit for bit).
 
-The kill counts (where they landed) are printed; `pytest -s tests/test_crash.py` shows them.
+The kill counts (where they landed) are printed; `pytest -s tests/train/test_crash.py` shows them.
 """
 
 from __future__ import annotations

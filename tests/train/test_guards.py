@@ -1,4 +1,4 @@
-"""loratune/guards.py: a run that cannot fit is refused before it starts; a full disk loses nothing.
+"""loratune/train/guards.py: a run that cannot fit is refused before it starts; a full disk loses nothing.
 
 The memory estimate is checked against the formula and against the peak resident memory of a
 real training step (in a fresh process); the refusals, the full disk (an OSError with ENOSPC

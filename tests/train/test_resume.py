@@ -1,4 +1,4 @@
-"""loratune/resume.py: a stopped and resumed run equals an uninterrupted one, step for step.
+"""loratune/train/checkpoint.py: a stopped and resumed run equals an uninterrupted one, step for step.
 
 The runs use LoRA dropout (RNG state matters), warm-up with a decaying schedule (scheduler
 state matters) and cross an epoch boundary (data position matters).

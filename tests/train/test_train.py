@@ -1,4 +1,4 @@
-"""loratune/train.py: one loop for LoRA and full fine-tuning, on a tiny random GPT-2 and synthetic text.
+"""loratune/train/loop.py: one loop for LoRA and full fine-tuning, on a tiny random GPT-2 and synthetic text.
 
 Each run here is a few optimizer steps of batch 8 x 16 tokens; the runs that several tests
 inspect are module fixtures, made once.
