@@ -43,21 +43,23 @@ class KahanAdamW(torch.optim.Optimizer):
                 state["compensation"] = torch.zeros_like(p)
         state["step"] += 1
         t = float(state["step"])
-        grad, m, v = p.grad.float(), state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-        weight = p.float()
-        update = weight * (-lr * wd)  # decoupled weight decay, then the Adam step
-        update.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        u = p.grad.to(torch.float32, copy=True)  # one work tensor (never the gradient itself): gradient, then
+        # denominator, then the update
+        m.lerp_(u, 1 - beta1)
+        v.mul_(beta2).addcmul_(u, u, value=1 - beta2)
+        torch.sqrt(v, out=u).div_(math.sqrt(1 - beta2 ** t)).add_(eps)
+        torch.div(m, u, out=u).mul_(-lr / (1 - beta1 ** t))  # the Adam step
+        if wd:
+            u.add_(p, alpha=-lr * wd)  # decoupled weight decay, on the weight before this step
         comp = state.get("compensation")
         if comp is None:
-            p.add_(update)
+            p.add_(u)
             return
-        update.add_(comp.float())  # y = update + what earlier roundings lost
-        new = (weight + update).to(p.dtype)  # the representable weight
-        comp.copy_(update - (new.float() - weight))  # what this rounding lost
-        p.copy_(new)
+        u.add_(comp)  # plus what earlier roundings lost
+        w = p.float().add_(u)  # the exact new weight
+        p.copy_(w)  # rounded to the weight's dtype
+        comp.copy_(w.sub_(p))  # what this rounding lost
 
 
 def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
