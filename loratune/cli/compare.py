@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     rows = compare(recipe, steps=args.steps)
-    print(f"{recipe.model} | batch {recipe.batch_size} x seq {recipe.seq_len} | {recipe.precision} | "
+    print(f"{recipe.model} | batch {recipe.batch_size} x seq {recipe.seq_len} | {rows[0]['precision']} | "
           f"LoRA r={recipe.lora.r} on {','.join(recipe.lora.targets)} | {args.steps} timed steps")
     print(format_table(rows, args.steps))
     if args.json:
