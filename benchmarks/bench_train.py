@@ -4,12 +4,22 @@ Every measurement runs in a fresh subprocess (so peak RSS is that job's alone), 
 alternate, each run does warm-up steps and then timed steps, and the table reports medians over
 runs. Both sides train the same thing: the same random GPT-2 weights (saved once in Hugging Face
 format and loaded by each), the same token batches (real reddit_tifu text where
-../shared/data is present), the same AdamW hyper-parameters, and the loss taken the same way
-(cross-entropy of the logits against the next tokens).
+../shared/data is present), the same AdamW hyper-parameters (lr constant, weight decay 0.01,
+eps 1e-6, gradients clipped to norm 1), the same LoRA A init, and the same loss (mean
+cross-entropy of the logits against the next tokens).
+
+loratune's side runs exactly what ``loratune train`` runs: a Recipe for the job, the model from
+``setup_model``, the optimizer from ``make_optimizer`` and every step through ``train_step``. So
+full fine-tuning in bf16-true uses loratune's Kahan-compensated AdamW (fp32 moments, the bf16
+weights' rounding carried over), while the peer uses plain torch AdamW on its bf16 model, which
+loses updates below a bf16 weight's rounding step; and loratune decays matrices only (not biases
+or LayerNorm), the peer every trainable tensor (the same thing for LoRA, where all are matrices).
+The results JSON holds each run's per-step losses, for comparing the curves.
 
     python benchmarks/bench_train.py                       # the default grid (long: ~30-60 min on 2 cores)
     python benchmarks/bench_train.py --quick               # LoRA q,v + full at seq 128, GPT-2 124M
     python benchmarks/bench_train.py --cases lora-qv --precisions bf16 --seqs 128,512 --sizes 124m
+    python benchmarks/bench_train.py --cases full --precisions fp32,bf16-true --steps 30 --gen ''
 """
 
 from __future__ import annotations
@@ -18,12 +28,17 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loratune.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORATUNE_BENCH_DATA", ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"))
@@ -93,20 +108,29 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
 
 
 # --------------------------------------------------------------------------- one job, in a subprocess
-def build_ours(ckpt: Path, case: str, precision: str, r: int, alpha: float, device: str = "cpu"):
+def ours_recipe(spec: dict, device) -> Recipe:
+    """The loratune recipe of one job: what ``loratune train --set ...`` would be given for it. The
+    schedule is constant without warm-up (the peer runs at a fixed lr too), so every timed step is
+    an ordinary step of the training loop at the recipe's peak lr."""
+    from loratune.recipe import load_recipe
 
-    from loratune.adapters.lora import LoRAConfig
-    from loratune.models import load_model
-    from loratune.adapters.trainable import set_trainable
-    from loratune.adapters.targets import inject_lora
-    from loratune.train import store_in_bf16
+    lora = spec["case"] != "full"
+    overrides = [f"model={spec['ckpt']}", f"finetune={'lora' if lora else 'full'}", f"precision={spec['precision']}",
+                 f"device={device}", f"seq_len={spec['seq']}", f"batch_size={spec['batch']}", "grad_accum=1",
+                 f"max_steps={spec['warmup'] + spec['steps']}", f"lr={spec['lr']}", "weight_decay=0.01",
+                 "adam_eps=1e-6", "adam_betas=0.9,0.999", "max_grad_norm=1.0", "schedule=constant",
+                 "warmup_steps=0", "seed=0"]
+    if lora:
+        overrides += [f"lora.r={spec['r']}", f"lora.alpha={spec['alpha']}", "lora.dropout=0.0",
+                      f"lora.targets={'q,v' if spec['case'] == 'lora-qv' else 'qkv'}"]
+    return load_recipe(None, overrides)
 
-    model, _ = load_model(ckpt, device=device)
-    if case != "full":
-        inject_lora(model, LoRAConfig(r=r, alpha=alpha, targets=["q", "v"] if case == "lora-qv" else ["qkv"]))
-    set_trainable(model, "full" if case == "full" else "lora")
-    if precision == "bf16-true":
-        store_in_bf16(model, "full" if case == "full" else "lora")
+
+def build_ours(recipe, device):
+    """Our model for ``recipe`` as ``loratune train`` builds it (load, inject LoRA, set trainable, bf16 storage)."""
+    from loratune.train import setup_model
+
+    model, _, _ = setup_model(recipe, device)
     return model.to(device)
 
 
@@ -126,14 +150,10 @@ def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float, devi
     return model.to(device)
 
 
-def loss_function(model, side: str):
-    """(x, y) -> mean token cross-entropy, each side's own way (ours: the fused chunked head + loss)."""
+def peer_loss_function(model):
+    """(x, y) -> mean token cross-entropy of the peer's logits against the next tokens."""
     import torch.nn.functional as F
 
-    if side == "loratune":
-        from loratune.train.loss import lm_loss_sum
-
-        return lambda x, y: lm_loss_sum(model, x, y) / y.numel()
     return lambda x, y: F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
 
 
@@ -183,26 +203,54 @@ def run_job(spec: dict) -> dict:
     step_s = statistics.median(times)
     return {**spec, "step_s": step_s, "tokens_per_s": spec["batch"] * spec["seq"] / step_s, "losses": losses,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device)}
+            "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device),
+            "optimizer": type(step.optimizer).__name__}
 
 
 def prepare_job(spec: dict, device):
     """Model, optimizer and token batches of one job; returns (trainable params, batches, step), where
-    ``step(batch)`` runs one full optimizer step (forward, backward, clipping, AdamW) and returns the
-    loss tensor, synchronised with the device so it can be timed."""
+    ``step(batch)`` runs one full optimizer step and returns its loss (a float or tensor), synchronised
+    with the device so it can be timed; ``step.optimizer`` is the optimizer it steps.
+
+    loratune's step is ``loratune.train.step.train_step`` with the job's recipe, the model from
+    ``setup_model`` and the optimizer from ``make_optimizer`` (so Kahan-compensated AdamW for full
+    fine-tuning in bf16-true): exactly the step ``loratune train`` runs. The peer's step is the
+    usual transformers + PEFT one: logits, cross-entropy, backward, clipping, torch AdamW."""
     import torch
 
     ckpt = Path(spec["ckpt"])
-    build = build_ours if spec["side"] == "loratune" else build_peer
-    model = build(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
+    batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
+    if spec["side"] == "loratune":
+        from loratune.train import train_step
+        from loratune.train.optim import make_optimizer
+        from loratune.train.precision import autocast_for
+
+        recipe = ours_recipe(spec, device)
+        model = build_ours(recipe, device)
+        model.train()
+        if spec["case"] != "full":
+            seed_lora_A(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(model, recipe)
+        autocast = autocast_for(recipe.precision, device)
+
+        def step(blk):
+            result = train_step(model, {"input_ids": blk[:, :-1], "labels": blk[:, 1:]}, opt, None, recipe, device,
+                                autocast, params)
+            _sync(device)
+            return result.loss
+
+        step.optimizer = opt
+        return params, batches, step
+
+    model = build_peer(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
     model.train()
     if spec["case"] != "full":
         seed_lora_A(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01, eps=1e-6)
-    batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
-    loss_fn = loss_function(model, spec["side"])
+    loss_fn = peer_loss_function(model)
 
     def step(blk):
         with autocast:
@@ -214,6 +262,7 @@ def prepare_job(spec: dict, device):
         _sync(device)
         return loss.detach()
 
+    step.optimizer = opt
     return params, batches, step
 
 
@@ -300,13 +349,16 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="LoRA q,v and full, 124M, seq 128 only")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (= each side's best bf16 mode)")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="fp32, bf16 (= each side's best bf16 mode: both bf16-mixed and bf16-true are run), "
+                    "bf16-mixed, bf16-true")
     ap.add_argument("--seqs", default="128,512,1024")
     ap.add_argument("--sizes", default="124m,355m", help="'' = no training rows")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and case (alternating)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant), both sides")
     ap.add_argument("--gen", default="1,8", help="generation batch sizes ('' = skip generation)")
     ap.add_argument("--gen-precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=0)
@@ -314,6 +366,11 @@ def main() -> None:
                     "memory is the allocator's per-job peak")
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     args = ap.parse_args()
+    precisions = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"], "bf16-mixed": ["bf16-mixed"],
+                  "bf16-true": ["bf16-true"]}
+    for group in _list(args.precisions):
+        if group not in precisions:
+            ap.error(f"--precisions: unknown {group!r}; use fp32, bf16, bf16-mixed or bf16-true")
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(run_gen_job(spec) if spec.get("kind") == "gen" else run_job(spec)))
@@ -322,11 +379,11 @@ def main() -> None:
         args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
     cache = bench_cache()
     run = in_process if args.device.startswith("cuda") else in_subprocess
-    result = {"machine": _machine(args.device), "args": vars(args), "train": [], "generate": []}
+    command = "python benchmarks/bench_train.py " + shlex.join(sys.argv[1:])
+    result = {"machine": _machine(args.device), "command": command, "args": vars(args), "train": [], "generate": []}
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     # bf16 means each side's best bf16 mode: we measure both autocast and bf16 weights and keep the faster
-    precisions = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"]}
     for size in _list(args.sizes):
         ckpt = make_checkpoint(size, cache)
         for seq in map(int, _list(args.seqs)):
@@ -338,11 +395,11 @@ def main() -> None:
                             for side in ("loratune", "peft"):
                                 spec = dict(side=side, case=case, precision=precision, seq=seq, size=size,
                                             batch=args.batch, steps=args.steps, warmup=args.warmup, r=4, alpha=32,
-                                            lr=5e-5, ckpt=str(ckpt), threads=args.threads, device=args.device)
+                                            lr=args.lr, ckpt=str(ckpt), threads=args.threads, device=args.device)
                                 res = run(spec)
                                 runs[side].append(res)
                                 print(_line(res), file=sys.stderr, flush=True)
-                        result["train"].append(_summarise(runs, case, precision, seq, size, prec_group))
+                        result["train"].append(_summarise(runs, case, precision, seq, size, prec_group, args.lr))
                         _save(result, out)
     for b in map(int, _list(args.gen)):
         for precision in _list(args.gen_precisions):
@@ -380,14 +437,17 @@ def _median(runs: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
-def _summarise(runs: dict, case: str, precision: str, seq: int, size: str, group: str) -> dict:
-    out = {"case": case, "precision": precision, "group": group, "seq": seq, "size": size}
+def _summarise(runs: dict, case: str, precision: str, seq: int, size: str, group: str, lr: float = 5e-5) -> dict:
+    """One table row; besides the medians, each side's optimizer and every run's per-step losses
+    (warm-up steps included: the curves of the trained model, the timing aside)."""
+    out = {"case": case, "precision": precision, "group": group, "seq": seq, "size": size, "lr": lr}
     for side, results in runs.items():
         ok = [r for r in results if "error" not in r]
         out[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_memory": _median(ok, "peak_memory"),
                      "final_loss": statistics.median(r["losses"][-1] for r in ok) if ok else None,
                      "trainable": ok[0]["trainable"] if ok else None, "runs": len(ok),
-                     "errors": [r["error"] for r in results if "error" in r]}
+                     "errors": [r["error"] for r in results if "error" in r],
+                     "optimizer": ok[0].get("optimizer") if ok else None, "losses": [r["losses"] for r in ok]}
     return out
 
 

@@ -3,9 +3,10 @@
     python benchmarks/profile_step.py --side loratune --case lora-qv --precision bf16-true --seq 128
     python benchmarks/profile_step.py --side peft --device cuda ...
 
-Builds the model exactly as benchmarks/bench_train.py does (same checkpoint, same data), runs
-warm-up steps, then profiles ``--steps`` steps and prints the operators by self time (CPU, and
-CUDA where present) with the wall time per step.
+Builds the job exactly as benchmarks/bench_train.py does (same checkpoint, same data; loratune's
+side through its Recipe, ``setup_model``, ``make_optimizer`` and ``train_step``, the step
+``loratune train`` runs), runs warm-up steps, then profiles ``--steps`` steps and prints the
+operators by self time (CPU, and CUDA where present) with the wall time per step.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()
 
     ckpt = bench.make_checkpoint(args.size, bench.bench_cache())
     device = torch.device(args.device)
     spec = dict(side=args.side, case=args.case, precision=args.precision, seq=args.seq, batch=args.batch,
-                warmup=args.warmup, steps=args.steps, r=4, alpha=32, lr=5e-5, ckpt=str(ckpt))
+                warmup=args.warmup, steps=args.steps, r=4, alpha=32, lr=args.lr, ckpt=str(ckpt))
     _, batches, step = bench.prepare_job(spec, device)
+    print(f"optimizer: {type(step.optimizer).__name__}")
     for blk in batches[:args.warmup]:
         step(blk)
     from torch.profiler import ProfilerActivity, profile
