@@ -4,7 +4,7 @@
 
 Each check prints PASS or FAIL with its measured difference; the exit status is the number of
 failures. The model is a small random GPT-2 with large weights (matrices std 0.2, embeddings 0.1,
-as tests/conftest.py's ``reinit_``), saved by transformers and loaded by both sides: at GPT-2's
+tests/weights.py's ``reinit_``, as the tests use), saved by transformers and loaded by both sides: at GPT-2's
 own 0.02 a random model's logits are nearly flat and greedy decoding repeats one token, so
 agreement would prove little. Every comparison is relative (to the reference's norm or largest
 value), and the checks that could pass vacuously are guarded: the LoRA adapter must change the
@@ -30,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # loratune, when it is not installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_train import DATA, copy_gpt2_tokenizer  # noqa: E402 - this folder is on sys.path when run as a script
+from weights import reinit_  # noqa: E402 - tests/weights.py, the tests' large seeded weights
 
 FAILURES: list[str] = []
 REL_L2_LIMIT = 1e-5
@@ -62,23 +64,6 @@ def rel_max(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max |ref|, in float32."""
     a, ref = a.float(), ref.float()
     return float((a - ref).abs().max() / ref.abs().max())
-
-
-def reinit_(model: torch.nn.Module, seed: int = 0, std: float = 0.2, emb_std: float = 0.1) -> torch.nn.Module:
-    """Seeded large random weights (tests/conftest.py's ``reinit_``): matrices std ``std``, token and
-    position embeddings ``emb_std``, LayerNorm scales 1 +- 0.1, biases 0.02."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "wte" in name or "wpe" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * emb_std)
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif "ln" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def main() -> int:

