@@ -1,10 +1,16 @@
-"""``loratune`` command line: one sub-command per job, each in its own module."""
+"""``loratune`` command line: one sub-command per job, each in its own module.
+
+Every mistake a user can make ends in one line on stderr and exit status 2 (a ``LoratuneError``
+or an ``OSError`` such as a missing file); anything else is a bug in loratune, reported in one
+line with exit status 1, and the full traceback appears only with ``-v``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 
 from ..errors import LoratuneError
 from . import compare, evaluate, generate, info, init_model, merge, train
@@ -32,11 +38,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except LoratuneError as exc:
-        print(f"loratune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc), 2)
+    except OSError as exc:  # a file or directory the user named, or a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(args, f"{exc.strerror or exc}{where}", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in loratune: short by default, the traceback with -v
+        return _fail(args, f"unexpected {type(exc).__name__}: {exc}. This is a bug in loratune; please report it "
+                           f"with the output of the same command run with -v (loratune -v {args.command} ...)", 1,
+                     label="internal error")
+
+
+def _fail(args: argparse.Namespace, message: str, code: int, label: str = "error") -> int:
+    """One line on stderr (the whole traceback only with -v); returns the exit status."""
+    if args.verbose:
+        traceback.print_exc(file=sys.stderr)
+    first = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    print(f"loratune {args.command}: {label}: {first}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

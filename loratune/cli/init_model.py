@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..data.tokenizer import load_tokenizer
 from ..hub.export import save_hf_model
+from ..hub.outdir import prepare_output_dir
 from ..models.registry import DEFAULT_FAMILY, FAMILIES
 
 
@@ -32,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if args.preset not in family.presets:
         raise ConfigError(f"no preset {args.preset!r} for {family.display_name}; choose one of "
                           f"{', '.join(family.presets)}")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty")
     if args.tokenizer is None and family.offline_tokenizer is None:
         raise ConfigError(f"no package ships {family.display_name}'s tokenizer: pass --tokenizer DIR")
+    if args.tokenizer is not None:
+        if not Path(args.tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer {args.tokenizer} is not a directory: pass the directory that holds "
+                              "tokenizer.json, or vocab.json and merges.txt")
+        load_tokenizer(args.tokenizer)  # a directory without a usable tokenizer is refused before anything is written
+    out = prepare_output_dir(args.out)
     config = family.config_from_hf({"model_type": family.model_type, **family.presets[args.preset]})
     model = family.build(config).init_weights(args.seed)
     save_hf_model(model, out, tokenizer_dir=args.tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import ConfigError
 from ..recipe import load_recipe
 from ..train.metrics import human_bytes
 from ..train import train
@@ -17,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="output directory (recipe key out_dir)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (recipe key max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds an earlier one (its checkpoints are removed)")
     p.add_argument("--force-resume", action="store_true",
                    help="with --resume: continue even though result-changing recipe fields differ from the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,8 +49,10 @@ def recipe_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
+    if args.overwrite and (args.resume or args.force_resume):
+        raise ConfigError("--overwrite starts over and --resume continues: pass one of them")
     result = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume,
-                   progress=not args.no_progress and sys.stderr.isatty())
+                   overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty())
     print(f"{result.status}: {result.steps} steps, {result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}"
           f", train loss {_fmt(result.train_loss)}, validation loss {_fmt(result.val_loss)} -> {result.out_dir}")
     return 0 if result.status == "done" else 130

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from ..data import Batches, load_tokenizer, prepare_data
 from ..errors import ConfigError
 from ..generate import SamplingConfig, generate
 from ..hub.export import save_hf_model
+from ..hub.outdir import prepare_output_dir, run_lock
 from ..models import load_model
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
@@ -108,30 +111,48 @@ class _Run:
         return self.out / "checkpoints"
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_resume: bool = False) -> TrainResult:
+def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
     """Run the recipe; see the module docstring. Raises TrainingStopped on a NaN loss.
 
-    ``force_resume`` continues from a checkpoint even when the recipe's result-changing fields
-    differ from the ones the checkpoint was made with.
+    The output directory must be new or empty unless ``resume`` (continue the run there) or
+    ``overwrite`` (start over: its checkpoints are removed once the new run is set up). The run
+    holds a lock there while it runs. ``force_resume`` continues from a checkpoint even when the
+    recipe's result-changing fields differ from the ones the checkpoint was made with. Nothing
+    in the directory changes before the recipe, model, data and resources have been checked.
     """
     recipe, device = resolve_device(recipe)
     torch.manual_seed(recipe.seed)
-    out = Path(recipe.out_dir)
+    out = Path(recipe.out_dir).expanduser()
     clean_checkpoint_dir(out / "checkpoints")  # unfinished writes go, swapped-out checkpoints return
-    if not resume and list_checkpoints(out / "checkpoints"):
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    run = _start(recipe, device, out, resume, force_resume)
-    start_time = time.perf_counter()
-    status, last = _loop(run, progress)
-    elapsed = time.perf_counter() - start_time
-    path = save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
-                           recipe.keep_checkpoints, recipe)
-    if status == "interrupted":
-        log.info(f"stopped at step {run.state.step}; checkpoint {path}. Continue with: loratune train ... --resume")
-        return _result(run, status, last, None, elapsed)
-    return _finish(run, path, last, elapsed)
+    if not resume and not overwrite and list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to start over, "
+                          "or choose another --out")
+    out = prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    with run_lock(out):
+        run = _start(recipe, device, out, resume, force_resume)
+        if overwrite and not resume:
+            _remove_checkpoints(run.ckpt_root)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")  # once the run is validated
+        run.samples = _read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
+        start_time = time.perf_counter()
+        status, last = _loop(run, progress)
+        elapsed = time.perf_counter() - start_time
+        path = save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
+                               recipe.keep_checkpoints, recipe)
+        if status == "interrupted":
+            log.info(f"stopped at step {run.state.step}; checkpoint {path}. Continue with: loratune train ... --resume")
+            return _result(run, status, last, None, elapsed)
+        return _finish(run, path, last, elapsed)
+
+
+def _remove_checkpoints(root: Path) -> None:
+    """--overwrite: the earlier run's checkpoints go (renamed out of sight first, then deleted), so a
+    later --resume cannot pick one of them up."""
+    for path in list_checkpoints(root):
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_resume: bool) -> _Run:
@@ -157,11 +178,9 @@ def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_
             raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
         state = load_checkpoint(found[-1], model, optimizer, scheduler, recipe, force=force_resume)
         log.info(f"resumed from {found[-1]} (step {state.step})")
-    run = _Run(recipe, device, out, model, tokenizer, model_dir, batches, val_batches, total_steps, optimizer,
-               scheduler, state, MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None),
-               autocast_for(recipe.precision, device), {})
-    run.samples = _read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
-    return run
+    return _Run(recipe, device, out, model, tokenizer, model_dir, batches, val_batches, total_steps, optimizer,
+                scheduler, state, MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None),
+                autocast_for(recipe.precision, device), {})
 
 
 def _first_sample(run: _Run) -> dict:
