@@ -23,11 +23,37 @@ import yaml
 from .adapters.lora import LoRAConfig
 from .data.config import DataConfig
 from .errors import ConfigError
+from .generate.sampling import check_seed
 from .models.registry import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+LR_MAX = 10.0
+"""The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
+larger one is a typo (and past float32's range it would crash the update)."""
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False, what: str = "") -> None:
+    """Refuse ``value`` unless it is a finite number in [low, high] (ends open as flagged); the message
+    says the range, e.g. ``weight_decay must be a finite number >= 0, got inf``."""
+    ok = _finite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if ok:
+        return
+    if high == math.inf:
+        span = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{name} must be a finite number {span}{' ' + what if what else ''}, got {value!r}")
 
 
 @dataclass
@@ -56,15 +82,16 @@ class Recipe:
     epochs: int = 1
     """Epochs when max_steps is None."""
     lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate (AdamW), in (0, 10]."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay, applied to matrices only (not biases or LayerNorm)."""
+    """AdamW decoupled weight decay, applied to matrices only (not biases or LayerNorm); >= 0, and
+    lr * weight_decay < 1 (each step multiplies the weights by 1 - lr * weight_decay)."""
     adam_eps: float = 1e-6
-    """AdamW epsilon."""
+    """AdamW epsilon, in (0, 1]."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
     max_grad_norm: float | None = 1.0
-    """Clip the gradient's global norm to this; None = no clipping."""
+    """Clip the gradient's global norm to this (finite, > 0); None = no clipping."""
     schedule: str = "constant"
     """Learning-rate shape after warm-up: constant, linear (to 0) or cosine (to 0)."""
     warmup_steps: int = 0
@@ -73,7 +100,7 @@ class Recipe:
     """auto (bf16-true where bf16 matmuls are fast: CUDA, CPUs with AMX; else fp32), fp32, bf16-mixed
     (autocast) or bf16-true (weights stored in bf16; LoRA masters fp32, full fine-tuning Kahan-compensated)."""
     seed: int = 42
-    """Seeds LoRA init, dropout and data order."""
+    """Seeds LoRA init, dropout and data order; in [0, 2**64)."""
     device: str = "auto"
     """auto (the first CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N or mps."""
     log_every: int = 10
@@ -92,6 +119,19 @@ class Recipe:
     """New tokens in each sample."""
 
     def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ConfigError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not isinstance(self.device, str) or not DEVICE.match(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self._check_counts()
+        self._check_optimizer()
+        check_seed(self.seed)
+
+    def _check_counts(self) -> None:
         def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
             value = getattr(self, name)
             if value is None and allow_none:
@@ -99,33 +139,32 @@ class Recipe:
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
                 raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
 
-        if self.finetune not in ("lora", "full"):
-            raise ConfigError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "epochs", "keep_checkpoints"):
             positive(name)
         positive("max_steps", allow_none=True)
         positive("eval_batches", allow_none=True)
         for name in ("log_every", "eval_every", "save_every", "warmup_steps", "sample_tokens"):
             positive(name, allow_zero=True)
-        if not isinstance(self.device, str) or not DEVICE.match(self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        for name in ("lr", "adam_eps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:  # also NaN
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be positive or null, got {self.max_grad_norm!r}")
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+
+    def _check_optimizer(self) -> None:
+        """AdamW's numbers, finite and where an update stays meaningful: one NaN or Inf here turns every
+        trained weight NaN at the first step (lora.alpha, lora.dropout and data.val_fraction are checked
+        by their own sections)."""
+        check_number("lr", self.lr, 0, LR_MAX, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("adam_eps", self.adam_eps, 0, 1, low_open=True)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True, what="or null (no clipping)")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(f"lr * weight_decay must be < 1, got {self.lr:g} * {self.weight_decay:g}: decoupled "
+                              "weight decay multiplies every weight by 1 - lr * weight_decay each step")
+        betas = self.adam_betas
+        if (isinstance(betas, str) or not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(_finite(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
 
     @property
     def micro_batch_size(self) -> int:
@@ -157,19 +196,29 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         if hint is float and not isinstance(value, bool):
             return float(value)
-        if hint is str:
-            if isinstance(value, (dict, list)):  # e.g. an unquoted {tldr} in YAML
-                raise ValueError
-            return str(value)
+        if hint is str:  # --set text arrives as str; a YAML number, bool, date, list or mapping does not
+            if not isinstance(value, str):
+                raise ConfigError(f"{key}: expected text, got {_kind(value)} (quote it in YAML)")
+            return value
         if origin is list:
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             return [_coerce(v, typing.get_args(hint)[0], key) for v in items]
         if origin is tuple:
             items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
             return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in items)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float() of a 400-digit integer
         raise ConfigError(f"{key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
     return value
+
+
+def _kind(value: Any) -> str:
+    """How YAML read a value that should have been text: 'the number 5', 'a mapping {...}' (an unquoted {tldr})."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()} (YAML reads yes, no, on, off, true, false as booleans)"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    kinds = {dict: "a mapping", list: "a list"}
+    return f"{kinds.get(type(value), 'a ' + type(value).__name__)} {value!r}"
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -239,9 +288,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad dates, !!int 'x', bad UTF-8
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if values is None:  # an empty file, or only comments: all defaults is never what was meant
+            raise ConfigError(f"{path} is empty: write the recipe's keys in it (model, data, lr ...), e.g. starting "
+                              "from recipes/gpt2_reddit_tifu.yaml")
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of recipe keys")
     for assignment in overrides:

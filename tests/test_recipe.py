@@ -94,8 +94,8 @@ def test_unknown_key_in_the_yaml_file(tmp_path):
     ("batch_size=0", "batch_size must be a positive integer, got 0"),
     ("grad_accum=3", "batch_size=32 is not divisible by grad_accum=3"),
     ("finetune=qlora", "finetune must be 'lora' or 'full'"),
-    ("lr=0", "lr must be a positive number"),
-    ("lr=nan", "lr must be a positive number"),
+    ("lr=0", "lr must be a finite number in (0, 10], got 0.0"),
+    ("lr=nan", "lr must be a finite number in (0, 10], got nan"),
     ("seq_len=abc", "seq_len: cannot read 'abc' as int"),
     ("lora.r=2.5", "lora.r: cannot read 2.5 as int"),
     ("lora.r=0", "lora.r must be a positive integer"),
@@ -153,5 +153,76 @@ def test_text_fields_take_the_override_as_typed():
 def test_unquoted_template_in_yaml_is_an_error_not_a_silent_mapping(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("data:\n  completion_template: {tldr}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="data.completion_template: cannot read"):
+    with pytest.raises(ConfigError, match=re.escape("data.completion_template: expected text, got a mapping "
+                                                    "{'tldr': None} (quote it in YAML)")):
+        load_recipe(path)
+
+
+# --- numbers that would make the first update NaN, or crash it -----------------------------------
+
+@pytest.mark.parametrize("assignment, message", [
+    ("weight_decay=inf", "weight_decay must be a finite number >= 0, got inf"),
+    ("weight_decay=nan", "weight_decay must be a finite number >= 0, got nan"),
+    ("weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
+    ("weight_decay=1e30", "lr * weight_decay must be < 1, got 5e-05 * 1e+30"),
+    ("lr=1e300", "lr must be a finite number in (0, 10], got 1e+300"),
+    ("lr=11", "lr must be a finite number in (0, 10], got 11.0"),
+    ("lr=-inf", "lr must be a finite number in (0, 10], got -inf"),
+    ("adam_eps=inf", "adam_eps must be a finite number in (0, 1], got inf"),
+    ("adam_eps=0", "adam_eps must be a finite number in (0, 1], got 0.0"),
+    ("adam_betas=0.9,nan", "adam_betas must be two numbers in [0, 1), got (0.9, nan)"),
+    ("adam_betas=0.9,inf", "adam_betas must be two numbers in [0, 1), got (0.9, inf)"),
+    ("adam_betas=0.9,0.9,0.9", "adam_betas must be two numbers in [0, 1), got (0.9, 0.9, 0.9)"),
+    ("max_grad_norm=inf", "max_grad_norm must be a finite number > 0 or null (no clipping), got inf"),
+    ("max_grad_norm=0", "max_grad_norm must be a finite number > 0 or null (no clipping), got 0.0"),
+    ("lora.alpha=inf", "lora.alpha must be a positive number, got inf"),
+    ("lora.alpha=nan", "lora.alpha must be a positive number, got nan"),
+    ("lora.dropout=nan", "lora.dropout must be in [0, 1), got nan"),
+    ("lora.dropout=inf", "lora.dropout must be in [0, 1), got inf"),
+    ("data.val_fraction=nan", "val_fraction must be in [0, 1), got nan"),
+    ("data.val_fraction=inf", "val_fraction must be in [0, 1), got inf"),
+    ("seed=-1", "seed must be an integer in [0, 2**64), got -1"),
+    ("seed=18446744073709551616", "seed must be an integer in [0, 2**64), got 18446744073709551616"),
+    ("lr=1" + "0" * 400, "lr: cannot read 1000"),  # an integer beyond float's range
+])
+def test_non_finite_or_out_of_range_numbers_are_refused(assignment, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(TUTORIAL, [assignment])
+
+
+def test_the_bounds_themselves_are_accepted():
+    r = load_recipe(None, ["lr=10", "weight_decay=0", "adam_eps=1", "adam_betas=0,0.999", "seed=18446744073709551615"])
+    assert (r.lr, r.weight_decay, r.adam_eps, r.adam_betas) == (10.0, 0.0, 1.0, (0.0, 0.999))
+
+
+# --- what YAML reads as something other than text --------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("data:\n  text_field: 5\n", "data.text_field: expected text, got the number 5 (quote it in YAML)"),
+    ("sample_prompt: [a, b]\n", "sample_prompt: expected text, got a list ['a', 'b'] (quote it in YAML)"),
+    ("model: yes\n", "model: expected text, got the boolean true (YAML reads yes, no, on, off, true, false"),
+    ("data:\n  hub_config: 1.5\n", "data.hub_config: expected text, got the number 1.5 (quote it in YAML)"),
+    ("sample_prompt: 2024-01-31\n", "sample_prompt: expected text, got a date datetime.date(2024, 1, 31)"),
+    ("lora:\n  targets: [q, 5]\n", "lora.targets: expected text, got the number 5 (quote it in YAML)"),
+])
+def test_yaml_non_text_in_a_text_field_is_an_error(tmp_path, yaml_text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(path)
+
+
+def test_quoted_yaml_and_set_text_stay_text(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  text_field: '5'\nmodel: 'yes'\n", encoding="utf-8")
+    assert (load_recipe(path).data.text_field, load_recipe(path).model) == ("5", "yes")
+    r = load_recipe(None, ["data.text_field=5", "sample_prompt=2024-01-31"])  # --set text is taken as typed
+    assert (r.data.text_field, r.sample_prompt) == ("5", "2024-01-31")
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n\n", "---\n"])
+def test_an_empty_recipe_file_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"{path} is empty: write the recipe's keys in it")):
         load_recipe(path)

@@ -15,6 +15,7 @@ float32 and cast back, and refuses non-finite updates.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from torch import nn
 from ..errors import ConfigError, MergeError
 
 WHOLE = "all"  # slice name used when the whole projection is adapted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +108,10 @@ class LoRALinear(nn.Module):
         for name, (start, stop) in self.slices.items():
             if not 0 <= start < stop <= self.out_features:
                 raise ConfigError(f"LoRA slice {name!r}=({start}, {stop}) is outside 0..{self.out_features}")
+        limit, narrowest = rank_limit(self.in_features, self.slices)
+        if r > limit:  # PEFT allows it, so loaded adapters may have it; new ones are refused in inject_lora
+            log.warning(f"LoRA rank {r} exceeds min(in, out) = {limit} of this layer{_slice_text(narrowest)}: "
+                        "the update is not low-rank")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=weight.device, dtype=torch.float32)
         self.lora_A = nn.ParameterDict(
@@ -196,6 +203,19 @@ class LoRALinear(nn.Module):
             raise MergeError("adapter is not merged")
         self._apply_delta(-1.0)
         self.merged = False
+
+
+def rank_limit(in_features: int, slices: dict[str, tuple[int, int]]) -> tuple[int, str]:
+    """The highest rank that is still low-rank for a layer: (min(in, out) of its narrowest slice, its name).
+
+    Why: B A with r >= min(in, out) can already express any update of that slice; a larger r
+    only adds parameters and memory, and hides a mistyped rank.
+    """
+    return min((min(in_features, stop - start), name) for name, (start, stop) in slices.items())
+
+
+def _slice_text(name: str) -> str:
+    return "" if name == WHOLE else f" (slice {name})"
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .lora import LoRAConfig
 from .targets import suffix_match
 
@@ -96,16 +96,24 @@ def _check_fields(config: dict[str, Any], extra: dict[str, Any], path: Path) -> 
             raise bad(key, "a mapping of module-name patterns to " + ("ranks" if key == "rank_pattern" else "alphas"))
     if not isinstance(config.get("use_rslora", False), (bool, type(None))):
         raise bad("use_rslora", "true or false")
+    _check_extra(extra, path.with_name(EXTRA_NAME))
+
+
+def _check_extra(extra: dict[str, Any], path: Path) -> None:
+    """Our loratune_adapter.json: the slices and the LoRAConfig it records (a bad value names the file)."""
     slices = extra.get("slices", {})
     if not isinstance(slices, dict) or not all(
             isinstance(spans, dict) and spans and all(
                 isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
                 for v in spans.values()) for spans in slices.values()):
-        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'slices' must map module names to "
-                              "{slice name: [start, stop]}")
+        raise CheckpointError(f"{path}: 'slices' must map module names to {{slice name: [start, stop]}}")
     lora = extra.get("lora")
     if lora is not None and not (isinstance(lora, dict) and set(lora) <= {f.name for f in fields(LoRAConfig)}):
-        raise CheckpointError(f"{path.with_name(EXTRA_NAME)}: 'lora' must hold LoRAConfig fields, got {lora!r}")
+        raise CheckpointError(f"{path}: 'lora' must hold LoRAConfig fields, got {lora!r}")
+    try:
+        LoRAConfig(**(lora or {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: 'lora' holds an invalid value ({exc})") from None
 
 
 def is_targeted(config: dict[str, Any], name: str) -> bool:

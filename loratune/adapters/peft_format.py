@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hub.files import read_json, read_pickled_tensors, read_safetensors
+from ..hub.finite import check_finite
 from ..hub.fsutil import atomic_dir
 from ..hub.resolve import resolve_hub_dir
 from ..models.registry import family_of
@@ -103,8 +104,10 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[d
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_model: str) -> Path:
-    """Write a PEFT-format adapter directory (atomically: complete or absent); returns it."""
+    """Write a PEFT-format adapter directory (atomically: complete or absent); returns it.
+    An adapter holding NaN/Inf is refused: it would turn every output NaN wherever it is applied."""
     config, tensors = peft_adapter(model, lora, base_model)
+    check_finite(tensors, f"refusing to save the adapter to {out_dir}", "its training diverged: lower the lr")
     extra = {"format_version": 1, "lora": asdict(lora), "base_model": str(base_model),
              "slices": {n: m.slices for n, m in lora_layers(model) if list(m.slices) != [WHOLE]},
              "base_config": model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None}
@@ -151,7 +154,10 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     saved_base = config.get("base_model_name_or_path")
     if base_model and saved_base and str(saved_base) != str(base_model):
         log.warning(f"adapter was trained on {saved_base!r}, applying it to {base_model!r}")
-    pairs = _tensor_pairs(_read_adapter_tensors(adapter_dir), adapter_dir)
+    tensors = _read_adapter_tensors(adapter_dir)
+    check_finite(tensors, f"adapter weights in {adapter_dir}",
+                 "the file is corrupt, or the run that wrote it diverged: train it again")
+    pairs = _tensor_pairs(tensors, adapter_dir)
     modules = dict(model.named_modules())
     _check_modules(config, pairs, {n for n, m in modules.items() if linear_kind(m) is not None})
     layers = {name: _build_layer(config, extra, name, modules[name], pair) for name, pair in pairs.items()}

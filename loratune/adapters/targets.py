@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import ConfigError, TargetError
 from ..models.registry import family_of
 from ..models.spec import Alias, Span
-from .lora import LoRAConfig, LoRALinear
+from .lora import WHOLE, LoRAConfig, LoRALinear
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
@@ -113,14 +113,40 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
     The base weights are shared, not copied, and keep their state-dict keys. Slices of a fused
     projection take the spans the family spec gives (their real widths: under grouped-query
-    attention q, k and v differ), in the projection's output order.
+    attention q, k and v differ), in the projection's output order. A rank above a layer's
+    min(in, out) is refused before any module is replaced (see :func:`check_rank`).
     """
     plan = resolve_targets(model, cfg.targets)
+    layers = {}
     for name, slice_names in plan.items():
-        base = model.get_submodule(name)
         slices = None
         if slice_names:
             spans = fused_spans(model, name)
             slices = {n: spans[n] for n in sorted(set(slice_names), key=lambda n: spans[n][0])}
+        layers[name] = slices
+    check_rank(model, layers, cfg.r)
+    for name, slices in layers.items():
+        base = model.get_submodule(name)
         replace_module(model, name, LoRALinear.wrap(base, cfg, slices=slices, fan_in_fan_out=bool(linear_kind(base))))
     return list(plan)
+
+
+def check_rank(model: nn.Module, layers: dict[str, dict[str, Span] | None], r: int) -> None:
+    """ConfigError if rank ``r`` exceeds min(in, out) of a targeted layer (or slice): it would not be low-rank.
+
+    Why: such an update costs more than the full weight it replaces, trains no better than
+    r = min(in, out), and is usually a typo or a rank copied from a wider model. The message
+    names the narrowest layer, so the rank it suggests fits every targeted layer.
+    """
+    widths = []  # (min(in, out), module, slice, in, out) for every adapted layer or slice
+    for name, slices in layers.items():
+        base = model.get_submodule(name)
+        out_f, in_f = (int(d) for d in (base.weight.shape[::-1] if linear_kind(base) else base.weight.shape))
+        for part, (start, stop) in (slices or {WHOLE: (0, out_f)}).items():
+            widths.append((min(in_f, stop - start), name, part, in_f, stop - start))
+    if not widths or r <= min(w[0] for w in widths):
+        return
+    limit, name, part, in_f, out_f = min(widths, key=lambda w: w[0])
+    where = name if part == WHOLE else f"{name}'s {part} slice"
+    raise ConfigError(f"lora.r={r} exceeds {where} (in {in_f}, out {out_f}): a rank above min(in, out) is no "
+                      f"longer low-rank; use r <= {limit}")

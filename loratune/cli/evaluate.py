@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 
 import torch
 
 from ..adapters.peft_format import load_adapter
 from ..data import Batches, DataConfig, build_examples, load_records
-from ..models import load_model
-from ..train.metrics import perplexity
 from ..data.tokenizer import load_tokenizer
+from ..errors import CheckpointError
+from ..models import check_tokenizer_fits, load_model
 from ..train import evaluate
-from .common import add_model_args, device_and_dtype
+from ..train.metrics import perplexity
+from .common import add_model_args, device_and_dtype, log
 
 
 def add_parser(sub) -> None:
@@ -26,11 +28,24 @@ def add_parser(sub) -> None:
     p.add_argument("--text-field", default="documents")
     p.add_argument("--prompt-template", default=DataConfig.prompt_template)
     p.add_argument("--completion-template", default=DataConfig.completion_template)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seq-len", type=positive_int, default=128,
+                   help="tokens per sequence (capped, with a notice, at the model's context)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-examples", type=positive_int, default=None, help="only the first N records")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (perplexity null where it overflows, loss >= 50)")
     p.set_defaults(run=run)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count would silently mean 'all' or 'all but N')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,21 +54,33 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
     tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer)
     cfg = DataConfig(source=args.data, task=args.task, text_field=args.text_field,
                      prompt_template=args.prompt_template, completion_template=args.completion_template,
                      val_fraction=0.0, shuffle=False)
     records = load_records(args.data, cfg)
-    if args.max_examples:
+    if args.max_examples is not None:
         records = records[:args.max_examples]
-    examples = build_examples(records, cfg, tokenizer, min(args.seq_len, model.config.context_length))
+    examples = build_examples(records, cfg, tokenizer, _seq_len(args.seq_len, model.config.context_length))
     batches = Batches(examples, args.batch_size, shuffle=False, pad_id=tokenizer.pad_id, drop_last=False)
     with torch.inference_mode():
         loss = evaluate(model, batches, device, contextlib.nullcontext())
-    result = {"loss": round(loss, 6), "perplexity": round(perplexity(loss), 4), "examples": len(examples),
-              "tokens": sum(sum(1 for t in e.labels if t != -100) for e in examples)}
+    if not math.isfinite(loss):
+        raise CheckpointError(f"the loss on {args.data} is {loss}: the model's outputs are NaN/Inf on this data "
+                              "(with --dtype float16, try float32 or bfloat16)")
+    ppl = perplexity(loss)
+    result = {"loss": round(loss, 6), "perplexity": round(ppl, 4) if math.isfinite(ppl) else None,
+              "examples": len(examples), "tokens": sum(sum(1 for t in e.labels if t != -100) for e in examples)}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
-        print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+        print(f"loss {result['loss']:.4f} | perplexity {ppl:.2f} | "
               f"{result['examples']} examples, {result['tokens']} target tokens")
     return 0
+
+
+def _seq_len(asked: int, context: int) -> int:
+    """``--seq-len``, capped at the model's context, saying so (a silent cap would change what is measured)."""
+    if asked > context:
+        log.warning(f"--seq-len {asked} capped to {context}, the model's context")
+    return min(asked, context)

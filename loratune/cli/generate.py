@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-from ..adapters.peft_format import load_adapter
-from ..generate import SamplingConfig, generate
 from ..adapters.lora import merge_lora
-from ..models import load_model
+from ..adapters.peft_format import load_adapter
 from ..data.tokenizer import load_tokenizer
+from ..generate import SamplingConfig, generate
+from ..models import check_tokenizer_fits, load_model
 from .common import add_model_args, device_and_dtype, log
 
 
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     model, model_dir = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer)
     if args.adapter:
         lora = load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
         log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")

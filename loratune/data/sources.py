@@ -91,15 +91,49 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
+MAX_FIELD_NAME_CHARS = 200
+"""Longest CSV header cell taken as a field name; a longer one is a record's text, not a name."""
+
+
 def _read_csv(path: Path) -> list[dict]:
     old_limit = csv.field_size_limit(2**31 - 1)  # long documents exceed the 128 KiB default
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            return [dict(row) for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:  # an empty file
+                return []
+            check_csv_header(path, list(reader.fieldnames))
+            return [dict(row) for row in reader]
     except csv.Error as exc:
         raise DataError(f"{path} is not valid CSV: {exc}") from None
     finally:
         csv.field_size_limit(old_limit)
+
+
+def check_csv_header(path: Path, names: list[str]) -> None:
+    """Refuse a CSV whose first row does not look like field names.
+
+    Why: the first row is always read as the header, so a file without one turns its first
+    record into "field names", and the missing-field error that follows lists a whole post as
+    the fields on offer. A name is refused if it is over 200 characters or holds a line break,
+    and the row if it has no name at all; single empty cells pass (pandas writes one for its index).
+    """
+    if not any(n.strip() for n in names):
+        problem = "it is empty"
+    elif any(len(n) > MAX_FIELD_NAME_CHARS for n in names):
+        problem = f"a cell over {MAX_FIELD_NAME_CHARS} characters looks like data, not a name"
+    elif any("\n" in n or "\r" in n for n in names):
+        problem = "a cell with a line break looks like data, not a name"
+    else:
+        return
+    shown = ", ".join(repr(_shorten(n, 40)) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    raise DataError(f"{path}: the CSV's first row is used as field names, but {problem} ({shown or 'no cells'}); "
+                    "add a header row naming the fields, e.g. text,summary")
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())  # line breaks shown as spaces: the message stays one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from .cpu_prepack import packed_linears
+
+log = logging.getLogger("loratune")
+
+
+SEED_LIMIT = 2 ** 64
+"""Seeds are 0 <= seed < 2**64: what torch.Generator.manual_seed takes (an unsigned 64-bit integer)."""
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    """Refuse a seed torch cannot take, here rather than as a traceback from manual_seed."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
 
 
 @dataclass
@@ -37,6 +51,8 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be positive, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
 
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -71,6 +87,9 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
     steps = min(cfg.max_new_tokens, limit - T)
     if steps <= 0 and cfg.max_new_tokens > 0:
         raise ConfigError(f"prompt of {T} tokens leaves no room in the context of {limit}")
+    if steps < cfg.max_new_tokens:
+        log.warning(f"max_new_tokens={cfg.max_new_tokens} capped to {steps}: the prompt's {T} tokens and the "
+                    f"new ones must fit the model's context of {limit}")
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)

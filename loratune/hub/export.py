@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from .finite import check_finite
 from .files import TOKENIZER_FILES
 from ..errors import CheckpointError, ConfigError
 from .fsutil import atomic_dir
 from ..adapters.lora import lora_layers
 
+LORATUNE_KEY = "loratune"
+"""config.json key of loratune's own record (transformers keeps unknown keys as plain attributes)."""
 
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
@@ -63,11 +68,54 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def merged_adapters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The adapters already merged into a checkpoint, oldest first, as its config.json records them.
+
+    Why: merged weights carry no trace of the adapter, so without this record merging the same
+    adapter again would silently apply its update twice.
+    """
+    block = config.get(LORATUNE_KEY)
+    entries = block.get("merged_adapters") if isinstance(block, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def with_merged_adapter(config: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose ``loratune.merged_adapters`` list ends with ``entry`` (earlier ones kept)."""
+    new = copy.deepcopy(config)
+    block = new.get(LORATUNE_KEY) if isinstance(new.get(LORATUNE_KEY), dict) else {}
+    block["merged_adapters"] = [*merged_adapters(config), entry]
+    new[LORATUNE_KEY] = block
+    return new
+
+
+def export_config(model, base_config: dict[str, Any] | None, dtype: torch.dtype) -> dict[str, Any]:
+    """The exported config.json: the base checkpoint's own, changed only where the export changed it.
+
+    Why: our typed config knows only the fields our model uses; rebuilding config.json from it
+    would reset the rest (GPT-2's attn/resid/embd dropout go to 0.0) and drop keys other tools
+    read. So the base dict is kept, with the weights' dtype written (``torch_dtype``, which older
+    transformers read, and ``dtype`` where the base has it) and ``architectures`` filled in if
+    missing. Without a base (``init-model``) the model's own config is written.
+    """
+    fresh = model.config.to_hf()
+    config = fresh if base_config is None else copy.deepcopy(base_config)
+    if not config.get("architectures"):
+        config["architectures"] = fresh["architectures"]
+    name = str(dtype).replace("torch.", "")
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    return config
+
+
 def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                  dtype: torch.dtype | None = None, max_shard_size: str | int | None = None) -> Path:
+                  dtype: torch.dtype | None = None, max_shard_size: str | int | None = None,
+                  base_config: dict[str, Any] | None = None) -> Path:
     """Save config.json, model.safetensors (sharded with an index past ``max_shard_size``),
     generation_config.json and the tokenizer files.
 
+    ``base_config`` is the config.json dict of the checkpoint the model was loaded from: it is
+    written back with only the fields the export changes (see :func:`export_config`).
     LoRA layers must be merged first (their update would otherwise be lost). The directory is
     written under a temporary name and renamed, so it is complete or absent.
     """
@@ -77,9 +125,9 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
     with atomic_dir(out) as tmp:
         state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
                  for k, v in model.to_hf_state_dict().items()}
+        check_finite(state, f"the model to write to {out}", "nothing was written")  # also a bf16/fp16 overflow
         _write_weights(state, tmp, parse_size(max_shard_size) if max_shard_size else None)
-        config = model.config.to_hf()
-        config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+        config = export_config(model, base_config, next(iter(state.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")

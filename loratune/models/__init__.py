@@ -11,12 +11,13 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hub.files import read_config, read_state_dict
+from ..hub.finite import check_finite
 from ..hub.resolve import resolve_model_dir
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache
 from .registry import family_for_config
 
-__all__ = ["GPT2", "GPT2Config", "KVCache", "load_model"]
+__all__ = ["GPT2", "GPT2Config", "KVCache", "check_tokenizer_fits", "load_model"]
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
@@ -24,6 +25,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     """Load a Hugging Face checkpoint (local directory or hub id) of a supported family as our model.
 
     Returns the model (in eval mode) and the local directory it came from (for the tokenizer).
+    Weights holding NaN/Inf (a corrupt file, or values beyond ``dtype``'s range) are a
+    :class:`CheckpointError` naming the first such tensor, not garbage output later.
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = read_config(model_dir)
@@ -36,4 +39,21 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
         model = family.from_hf_state_dict(config, state, dtype)
     except CheckpointError as exc:
         raise CheckpointError(f"{model_dir}: {exc}") from None
-    return model.to(device).eval(), model_dir
+    model = model.to(device).eval()
+    advice = ("its values overflow float16, or the file is corrupt: load it in float32 or bfloat16"
+              if dtype == torch.float16 else "the file is corrupt: download or export it again")
+    check_finite(dict(model.named_parameters()), f"model weights in {model_dir}", advice)
+    return model, model_dir
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding has no row for.
+
+    Such an id crashes the embedding lookup (or, on a GPU, an assertion in the middle of a run);
+    a tokenizer smaller than the embedding is fine (GPT-2-style padded vocabularies).
+    """
+    rows = model.config.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens, but the model's embedding has "
+                              f"{rows} rows (its vocab_size): ids >= {rows} would crash the embedding; use the tokenizer "
+                              "files that belong to this model")

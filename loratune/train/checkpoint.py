@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
+from ..hub.finite import check_finite
 from ..hub.fsutil import atomic_dir, fsync_dir
 from ..recipe import fingerprint, result_fields
 from .guards import disk_error
@@ -78,14 +79,18 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
 
     A failed write (a full disk above all) removes its temporary directory and raises a
     :class:`~loratune.errors.LoratuneError` that says so; the earlier checkpoints are untouched.
+    Trainable tensors holding NaN/Inf are refused (:class:`CheckpointError`) before anything is
+    written: a checkpoint on disk is always one a run can resume from.
     """
     final = root / f"step-{state.step:06d}"
+    tensors = trainable_state(model)
+    check_finite(tensors, f"refusing to save checkpoint {final}", _last_complete(root))
     try:
         # fsynced, then renamed into place; the same step again (a stop right after a periodic save, a resume
         # at the end) is swapped in with the old one aside as .old-step-N-PID, which clean_checkpoint_dir()
         # puts back if we die between the two renames
         with atomic_dir(final) as tmp:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            save_file(tensors, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                        tmp / "optimizer.pt")
             info = {"step": state.step, "best_val_loss": state.best_val_loss}
@@ -94,13 +99,22 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
                 info.update(recipe_hash=fingerprint(fields), recipe_fields=fields)
             (tmp / "state.json").write_text(json.dumps(info, default=str))
     except OSError as exc:  # atomic_dir has removed the unfinished directory
-        kept = list_checkpoints(root)
-        raise disk_error(exc, f"checkpoint {final}",
-                         f"the last complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
-                         ) from None
+        raise disk_error(exc, f"checkpoint {final}", _last_complete(root)) from None
     for stale in list_checkpoints(root)[:-keep]:
         _remove(stale)
     return final
+
+
+def _last_complete(root: Path) -> str:
+    kept = list_checkpoints(root)
+    return f"the last complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Every complete checkpoint under ``root`` goes (a run started over with --overwrite), so a
+    later --resume cannot pick up one of the earlier run's."""
+    for path in list_checkpoints(root):
+        _remove(path)
 
 
 def _remove(path: Path) -> None:
@@ -197,6 +211,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe=N
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):
         raise CheckpointError(f"{path / 'state.json'} names step {step!r}, which does not fit the directory name")
     tensors = read_safetensors(path / "trainable.safetensors")
+    check_finite(tensors, f"checkpoint {path}", "resume from an earlier checkpoint, or start over")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..errors import LoratuneError
+from ..errors import ConfigError, LoratuneError
 from ..data import Batches, prepare_data
 from ..adapters.trainable import parameter_report
 from ..recipe import Recipe
@@ -25,8 +25,21 @@ from .precision import autocast_for
 from .step import train_step
 
 
+def check_steps(steps: int, warmup: int = 0) -> None:
+    """ConfigError unless at least one step is timed: the median time per step needs one.
+
+    Why here: without it ``--steps 0`` runs both models and then fails with statistics' "no
+    median for empty data", which names neither the flag nor the fix.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be a whole number >= 1 (timed steps per mode), got {steps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be a whole number >= 0, got {warmup!r}")
+
+
 def measure(recipe: Recipe, steps: int, warmup: int = 1) -> dict:
     """Run ``warmup + steps`` optimizer steps of ``recipe``; time the last ``steps``."""
+    check_steps(steps, warmup)
     recipe, device = resolve_device(recipe)
     torch.manual_seed(recipe.seed)
     model, tokenizer, _ = setup_model(recipe, device)
@@ -66,6 +79,7 @@ def _child(recipe: Recipe, steps: int, queue) -> None:
 
 def compare(recipe: Recipe, steps: int = 5) -> list[dict]:
     """Measure the recipe as LoRA and as full fine-tuning, each in a fresh process."""
+    check_steps(steps)  # before starting any process
     ctx = mp.get_context("spawn")
     rows = []
     for mode in ("lora", "full"):

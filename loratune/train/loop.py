@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,10 +26,12 @@ from ..data import Batches, load_tokenizer, prepare_data
 from ..errors import ConfigError
 from ..generate import SamplingConfig, generate
 from ..hub.export import save_hf_model
+from ..hub.files import read_config
 from ..hub.outdir import prepare_output_dir, run_lock
-from ..models import load_model
+from ..models import check_tokenizer_fits, load_model
 from ..recipe import Recipe, dump_recipe
-from .checkpoint import TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
+                         save_checkpoint)
 from .guards import check_resources, disk_error
 from .metrics import MetricsLog, human_bytes, peak_memory_bytes, perplexity, plot_losses
 from .optim import make_optimizer, make_scheduler
@@ -77,6 +77,7 @@ def setup_model(recipe: Recipe, device: torch.device):
         raise ConfigError(f"seq_len={recipe.seq_len} exceeds the model's context of {context} tokens; "
                           f"set seq_len <= {context}")
     tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer)
     if recipe.finetune == "lora":
         inject_lora(model, recipe.lora)
         model.to(device)
@@ -132,7 +133,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
     with run_lock(out):
         run = _start(recipe, device, out, resume, force_resume)
         if overwrite and not resume:
-            _remove_checkpoints(run.ckpt_root)
+            remove_checkpoints(run.ckpt_root)
         (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")  # once the run is validated
         run.samples = _read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
         start_time = time.perf_counter()
@@ -144,15 +145,6 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
             log.info(f"stopped at step {run.state.step}; checkpoint {path}. Continue with: loratune train ... --resume")
             return _result(run, status, last, None, elapsed)
         return _finish(run, path, last, elapsed)
-
-
-def _remove_checkpoints(root: Path) -> None:
-    """--overwrite: the earlier run's checkpoints go (renamed out of sight first, then deleted), so a
-    later --resume cannot pick one of them up."""
-    for path in list_checkpoints(root):
-        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_resume: bool) -> _Run:
@@ -226,7 +218,8 @@ def _stopped(run: _Run, step: int, exc: NonFiniteStep) -> TrainingStopped:
     run.metrics.write({"step": step, "error": f"non-finite {exc.what}"})
     return TrainingStopped(
         f"{exc.what} became {exc.value} at step {step}; stopping. Last good checkpoint: "
-        f"{good[-1] if good else 'none'}. Try a lower lr, bf16-mixed instead of bf16-true, or check the data; "
+        f"{good[-1] if good else 'none'}. Try a lower lr or weight_decay, bf16-mixed instead of bf16-true, or check "
+        "the data; "
         "resume with --resume")
 
 
@@ -361,7 +354,7 @@ def _save_result(model: nn.Module, recipe: Recipe, out: Path, model_dir: Path) -
     if recipe.finetune == "lora":
         save_adapter(model, out / "adapter", recipe.lora, base_model=recipe.model)
     else:
-        save_hf_model(model, out / "model", tokenizer_dir=model_dir)
+        save_hf_model(model, out / "model", tokenizer_dir=model_dir, base_config=read_config(model_dir))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import LoratuneError
+from ..hub.finite import first_non_finite
 from .loss import count_targets, lm_loss_sum
 
 
@@ -22,7 +23,11 @@ class TrainingStopped(LoratuneError):
 
 
 class NonFiniteStep(TrainingStopped):
-    """A step's loss or gradient norm was NaN or Inf; nothing was updated."""
+    """A step's loss, gradient norm or updated weights were NaN or Inf.
+
+    For the loss and the gradient norm (``what``) nothing was updated; for ``"weights"`` the update
+    has already been applied, so the model must not be saved or used any further.
+    """
 
     def __init__(self, what: str, value: float) -> None:
         super().__init__(f"{what} became {value}")
@@ -64,8 +69,13 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
                recipe, device: torch.device, autocast, trainable: list[nn.Parameter]) -> StepResult:
-    """One optimizer step of ``recipe`` on ``batch``; raises :class:`NonFiniteStep` (weights untouched)
-    when the loss or the gradient norm is not finite. ``scheduler`` may be None."""
+    """One optimizer step of ``recipe`` on ``batch``; ``scheduler`` may be None.
+
+    Raises :class:`NonFiniteStep` when the loss or the gradient norm is not finite (weights untouched),
+    or when the update made a trainable weight NaN/Inf (a finite gradient can still overflow a weight:
+    an absurd weight decay, a bf16 weight past its range). Then the weights are already corrupt, and
+    the caller must not save them; the check is one fused reduction per step.
+    """
     loss, grad_norm = forward_backward(model, batch, recipe.micro_batch_size, recipe.max_grad_norm, device,
                                        autocast, trainable)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -73,10 +83,18 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         raise NonFiniteStep("loss" if not math.isfinite(loss) else "gradient norm",
                             loss if not math.isfinite(loss) else grad_norm)
     optimizer.step()
+    bad = first_non_finite(trainable)
+    if bad is not None:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep("weights", _nan_or_inf(trainable[bad]))
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, batch["input_ids"].numel())
+
+
+def _nan_or_inf(tensor: torch.Tensor) -> float:
+    return math.nan if bool(tensor.isnan().any()) else math.inf
 
 
 @torch.no_grad()

@@ -377,9 +377,10 @@ def test_bf16_runs_track_fp32(precision, fp32_runs, ckpt, data_file, tmp_path):
 # --- a diverging run ---------------------------------------------------------------------------
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(ckpt, data_file, tmp_path):
-    # An absurd learning rate (1e6) blows the LoRA weights up within a few Adam steps until the
-    # logits overflow float32 and the loss becomes NaN: no monkeypatching needed.
-    recipe = make_recipe(ckpt, data_file, tmp_path, "lr=1e6", "max_steps=10", "save_every=1",
+    # The largest learning rate the recipe allows (10) with an absurd LoRA scale (alpha 1e20) blows the
+    # adapter's update up within a few Adam steps until the logits overflow float32 and the loss
+    # becomes NaN: no monkeypatching needed.
+    recipe = make_recipe(ckpt, data_file, tmp_path, "lr=10", "lora.alpha=1e20", "max_steps=10", "save_every=1",
                          "keep_checkpoints=2", "max_grad_norm=null")
     with pytest.raises(TrainingStopped) as info:
         train(recipe, progress=False)
@@ -407,7 +408,8 @@ def test_non_finite_loss_through_the_cli_is_exit_2(ckpt, data_file, tmp_path, ca
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {ckpt}\ndata:\n  source: {data_file}\n  text_field: text\n", encoding="utf-8")
     code = main(["train", str(recipe), "--out", str(tmp_path / "out"), "--max-steps", "10", "--no-progress",
-                 "--set", f"seq_len={SEQ_LEN}", "--set", "batch_size=8", "--set", "lr=1e6",
+                 "--set", f"seq_len={SEQ_LEN}", "--set", "batch_size=8", "--set", "lr=10",
+                 "--set", "lora.alpha=1e20",
                  "--set", "save_every=1", "--set", "max_grad_norm=null", "--set", "sample_tokens=0"])
     err = capsys.readouterr().err
     assert code == 2
