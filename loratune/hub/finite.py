@@ -19,7 +19,7 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
 
     One fused reduction and a single host sync, so training can afford it after every step.
     """
-    flags = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    flags = [_finite(t) for t in tensors if t.is_floating_point()]
     if not flags:
         return None
     device = flags[0].device
@@ -28,6 +28,13 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
         return None
     floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
     return floats[int((~ok).nonzero()[0, 0])]
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``t.isfinite().all()``; the float8 dtypes have no isfinite kernel, so they are read as float32 (exact)."""
+    if t.element_size() == 1:
+        t = t.float()
+    return t.isfinite().all()
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str, advice: str = "") -> None:

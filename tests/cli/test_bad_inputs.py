@@ -170,6 +170,8 @@ def test_bad_input(row, world, tmp_path):
     before = _digests(world["root"])
     proc = subprocess.run([sys.executable, "-m", "loratune", *args], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
+    said = [line for line in proc.stderr.splitlines() if needle in line]
+    print(f"\nROW | {row[0]} | exit {proc.returncode} | {said[-1] if said else ''}")  # RELIABILITY.md's table (-s)
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stderr[-2000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert needle in proc.stderr, proc.stderr[-2000:]
