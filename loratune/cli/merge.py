@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from ..adapters.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter, resolve_adapter_dir
-from ..errors import CheckpointError, ConfigError, MergeError
+from ..errors import CheckpointError, MergeError
+from ..hub.outdir import prepare_output_dir
 from ..hub.export import merged_adapters, save_hf_model, with_merged_adapter
 from ..hub.files import read_config, sha256_file
 from ..hub.resolve import resolve_model_dir
@@ -56,29 +56,9 @@ def refuse_repeat(base_config: dict[str, Any], record: dict[str, Any], model: st
                          "merging it again applies it twice: pass --allow-repeat to do that anyway")
 
 
-def check_out(out: Path) -> None:
-    """Refuse, in one line and before the model is loaded, an --out the export cannot be written to.
-
-    An existing empty directory is fine; nothing is written into a non-empty one. The export
-    goes to a temporary sibling first, so the parent must take a new directory.
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not empty; choose a new --out")
-    probe = out.parent / f".loratune-write-test-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe.mkdir(exist_ok=True)
-        probe.rmdir()
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"cannot create --out {out}: a part of that path is a file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
-    out = Path(args.out).expanduser()
-    check_out(out)
+    out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")
     model_dir = resolve_model_dir(args.model)
     base_config = read_config(model_dir)
     adapter_dir = resolve_adapter_dir(args.adapter)

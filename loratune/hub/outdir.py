@@ -22,27 +22,32 @@ LOCK_NAME = ".loratune.lock"
 """The lock file a training run keeps in its output directory while it runs."""
 
 
-def prepare_output_dir(path: str | Path, flag: str = "--out", resume: bool = False,
-                       overwrite: bool = False) -> Path:
-    """Create ``path`` (and its parents) for writing, or refuse in one line.
+def prepare_output_dir(path: str | Path, flag: str = "--out", resume: bool = False, overwrite: bool = False,
+                       create: bool = True, remedy: str | None = None) -> Path:
+    """Make sure ``path`` can be written, or refuse in one line; returns it.
 
     A directory that exists and holds anything but a stale lock is refused unless ``resume`` or
-    ``overwrite``; ``flag`` names the option in the message. Nothing existing is changed here.
+    ``overwrite`` (``remedy`` replaces the advice for commands without those flags); ``flag``
+    names the option in the message. With ``create`` the directory is made (a run writes into
+    it); without, only its parent is made and probed (an export that writes a temporary sibling
+    and renames it into place). Nothing existing is changed here.
     """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file, not a directory: choose another {flag}")
-    if out.is_dir() and not (resume or overwrite) and _contents(out):
-        raise ConfigError(f"{flag} {out} exists and is not empty (it holds {', '.join(_contents(out)[:3])}"
-                          f"{', ...' if len(_contents(out)) > 3 else ''}): pass --resume to continue a run there, "
-                          f"--overwrite to replace it, or choose another {flag}")
+    held = _contents(out) if out.is_dir() else []
+    if held and not (resume or overwrite):
+        remedy = remedy or f"pass --resume to continue a run there, --overwrite to replace it, or choose another {flag}"
+        raise ConfigError(f"{flag} {out} exists and is not empty (it holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}): {remedy}")
+    target = out if create else out.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a file somewhere on the way: mkdir says so for a parent that is a file
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file somewhere on the way
         raise ConfigError(f"cannot create {flag} {out}: a part of that path is a file") from None
     except OSError as exc:
         raise ConfigError(f"cannot create {flag} {out}: {exc.strerror or exc}") from None
-    _check_writable(out, flag)
+    _check_writable(target, flag, out)
     return out
 
 
@@ -50,13 +55,13 @@ def _contents(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    probe = path / f".loratune-write-test-{os.getpid()}"
+def _check_writable(directory: Path, flag: str, out: Path) -> None:
+    probe = directory / f".loratune-write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write into {flag} {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot write {flag} {out}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

@@ -201,7 +201,7 @@ def test_merge_into_a_non_empty_directory_is_refused(merged, tiny_ckpt, tmp_path
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     message = _cli_error(capsys, _merge(tiny_ckpt, merged.adapter, out))
-    assert message == f"{out} exists and is not empty; choose a new --out"
+    assert message == f"--out {out} exists and is not empty (it holds notes.txt): choose a new --out"
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()  # an existing empty directory is fine
