@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError, TargetError
 from ..models.registry import family_of
 from ..models.spec import Alias, Span
-from .lora import WHOLE, LoRAConfig, LoRALinear
+from .lora import WHOLE, LoRAConfig, LoRALinear, rank_limit
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
@@ -138,12 +138,13 @@ def check_rank(model: nn.Module, layers: dict[str, dict[str, Span] | None], r: i
     r = min(in, out), and is usually a typo or a rank copied from a wider model. The message
     names the narrowest layer, so the rank it suggests fits every targeted layer.
     """
-    widths = []  # (min(in, out), module, slice, in, out) for every adapted layer or slice
+    widths = []  # (limit, module, narrowest slice, in, its out) for every adapted layer
     for name, slices in layers.items():
         base = model.get_submodule(name)
         out_f, in_f = (int(d) for d in (base.weight.shape[::-1] if linear_kind(base) else base.weight.shape))
-        for part, (start, stop) in (slices or {WHOLE: (0, out_f)}).items():
-            widths.append((min(in_f, stop - start), name, part, in_f, stop - start))
+        spans = slices or {WHOLE: (0, out_f)}
+        limit, part = rank_limit(in_f, spans)
+        widths.append((limit, name, part, in_f, spans[part][1] - spans[part][0]))
     if not widths or r <= min(w[0] for w in widths):
         return
     limit, name, part, in_f, out_f = min(widths, key=lambda w: w[0])

@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
 from ..hub.finite import check_finite
 from ..hub.fsutil import atomic_dir, fsync_dir
-from ..recipe import fingerprint, result_fields
+from ..recipe import fingerprint
 from .guards import disk_error
 
 log = logging.getLogger("loratune")
@@ -71,10 +71,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int,
-                    recipe=None) -> Path:
+                    recipe_fields: dict[str, Any] | None = None) -> Path:
     """Write ``root/step-N`` atomically and prune older checkpoints beyond ``keep``.
 
-    With ``recipe``, state.json records its result-changing fields and their hash, which
+    With ``recipe_fields`` (``recipe.result_fields``, computed once per run: it reads the data files),
+    state.json records the recipe's result-changing fields and their hash, which
     :func:`load_checkpoint` compares on resume.
 
     A failed write (a full disk above all) removes its temporary directory and raises a
@@ -94,9 +95,8 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                        tmp / "optimizer.pt")
             info = {"step": state.step, "best_val_loss": state.best_val_loss}
-            if recipe is not None:
-                fields = result_fields(recipe)
-                info.update(recipe_hash=fingerprint(fields), recipe_fields=fields)
+            if recipe_fields is not None:
+                info.update(recipe_hash=fingerprint(recipe_fields), recipe_fields=recipe_fields)
             (tmp / "state.json").write_text(json.dumps(info, default=str))
     except OSError as exc:  # atomic_dir has removed the unfinished directory
         raise disk_error(exc, f"checkpoint {final}", _last_complete(root)) from None
@@ -180,13 +180,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def check_recipe(info: dict[str, Any], recipe, path: Path) -> None:
+def check_recipe(info: dict[str, Any], fields: dict[str, Any], path: Path) -> None:
     """Refuse to resume with a recipe whose result-changing fields differ from the checkpoint's,
     naming each difference (a checkpoint without a recorded recipe passes)."""
     saved = info.get("recipe_fields")
-    if not isinstance(saved, dict) or info.get("recipe_hash") == fingerprint(result_fields(recipe)):
+    if not isinstance(saved, dict) or info.get("recipe_hash") == fingerprint(fields):
         return
-    now = json.loads(json.dumps(result_fields(recipe), default=str))
+    now = json.loads(json.dumps(fields, default=str))
     changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:
@@ -195,17 +195,18 @@ def check_recipe(info: dict[str, Any], recipe, path: Path) -> None:
                           "--force-resume to continue with the new ones anyway")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe=None, force: bool = False) -> TrainState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_fields: dict[str, Any] | None = None,
+                    force: bool = False) -> TrainState:
     """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
 
     Everything is read and checked before anything is changed; ``optimizer.pt`` is read with
     ``weights_only=True``, so a tampered file cannot run code, and a damaged one is a
-    :class:`CheckpointError`. With ``recipe`` (and not ``force``), a recipe whose result-changing
+    :class:`CheckpointError`. With ``recipe_fields`` (and not ``force``), a recipe whose result-changing
     fields differ from the checkpoint's is refused (:func:`check_recipe`).
     """
     info = read_json(path / "state.json", "checkpoint state")
-    if recipe is not None and not force:
-        check_recipe(info, recipe, path)
+    if recipe_fields is not None and not force:
+        check_recipe(info, recipe_fields, path)
     step = info.get("step")
     named = _STEP_DIR.match(path.name)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):

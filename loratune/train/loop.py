@@ -29,7 +29,7 @@ from ..hub.export import save_hf_model
 from ..hub.files import read_config
 from ..hub.outdir import prepare_output_dir, run_lock
 from ..models import check_tokenizer_fits, load_model
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Recipe, dump_recipe, result_fields
 from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
                          save_checkpoint)
 from .guards import check_resources, disk_error
@@ -106,6 +106,8 @@ class _Run:
     metrics: MetricsLog
     autocast: object
     samples: dict
+    recipe_fields: dict
+    """The recipe's result-changing fields, recorded in every checkpoint."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -140,7 +142,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
         status, last = _loop(run, progress)
         elapsed = time.perf_counter() - start_time
         path = save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
-                               recipe.keep_checkpoints, recipe)
+                               recipe.keep_checkpoints, run.recipe_fields)
         if status == "interrupted":
             log.info(f"stopped at step {run.state.step}; checkpoint {path}. Continue with: loratune train ... --resume")
             return _result(run, status, last, None, elapsed)
@@ -164,15 +166,16 @@ def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     state = TrainState(step=0)
+    fields = result_fields(recipe)  # once: it reads the data files' digests
     if resume:
         found = list_checkpoints(out / "checkpoints")
         if not found:
             raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        state = load_checkpoint(found[-1], model, optimizer, scheduler, recipe, force=force_resume)
+        state = load_checkpoint(found[-1], model, optimizer, scheduler, fields, force=force_resume)
         log.info(f"resumed from {found[-1]} (step {state.step})")
     return _Run(recipe, device, out, model, tokenizer, model_dir, batches, val_batches, total_steps, optimizer,
                 scheduler, state, MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None),
-                autocast_for(recipe.precision, device), {})
+                autocast_for(recipe.precision, device), {}, fields)
 
 
 def _first_sample(run: _Run) -> dict:
@@ -239,7 +242,7 @@ def _after_step(run: _Run, result: StepResult, meter: "_Throughput", bar) -> Non
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.rate():.0f}")
     if recipe.save_every and step % recipe.save_every == 0 and step < total:
         save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state, recipe.keep_checkpoints,
-                        recipe)
+                        run.recipe_fields)
 
 
 class _Throughput:
