@@ -23,6 +23,7 @@ import yaml
 from .adapters.lora import LoRAConfig
 from .data.config import DataConfig
 from .errors import ConfigError
+from .hub.files import sha256_file
 from .generate.sampling import check_seed
 from .models.registry import DEFAULT_MODEL
 
@@ -339,17 +340,8 @@ def result_fields(recipe: Recipe) -> dict[str, Any]:
     for key in ("source", "val_source"):
         path = Path(str(getattr(recipe.data, key) or "")).expanduser()
         if getattr(recipe.data, key) and path.is_file():
-            flat[f"data.{key}.sha256"] = file_digest(path)
+            flat[f"data.{key}.sha256"] = sha256_file(path)
     return flat
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(fields: dict[str, Any]) -> str:

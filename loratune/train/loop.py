@@ -222,8 +222,7 @@ def _stopped(run: _Run, step: int, exc: NonFiniteStep) -> TrainingStopped:
     return TrainingStopped(
         f"{exc.what} became {exc.value} at step {step}; stopping. Last good checkpoint: "
         f"{good[-1] if good else 'none'}. Try a lower lr or weight_decay, bf16-mixed instead of bf16-true, or check "
-        "the data; "
-        "resume with --resume")
+        "the data; resume with --resume")
 
 
 def _after_step(run: _Run, result: StepResult, meter: "_Throughput", bar) -> None:
