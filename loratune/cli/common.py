@@ -31,3 +31,21 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
     return device, DTYPES[args.dtype]
+
+
+def load_for_inference(args: argparse.Namespace):
+    """``--model`` (with ``--device``/``--dtype``), its tokenizer (checked to fit the model's vocabulary)
+    and ``--adapter`` if given: what ``generate`` and ``eval`` start from.
+
+    Returns (model, tokenizer, device, the adapter's LoRAConfig or None).
+    """
+    from ..adapters.peft_format import load_adapter
+    from ..data.tokenizer import load_tokenizer
+    from ..models import check_tokenizer_fits, load_model
+
+    device, dtype = device_and_dtype(args)
+    model, model_dir = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer)
+    lora = load_adapter(model, args.adapter, base_model=args.model) if args.adapter else None  # on the model's device
+    return model, tokenizer, device, lora

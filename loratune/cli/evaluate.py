@@ -9,14 +9,11 @@ import math
 
 import torch
 
-from ..adapters.peft_format import load_adapter
 from ..data import Batches, DataConfig, build_examples, load_records
-from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
-from ..models import check_tokenizer_fits, load_model
 from ..train import evaluate
 from ..train.metrics import perplexity
-from .common import add_model_args, device_and_dtype, log
+from .common import add_model_args, load_for_inference, log
 
 
 def add_parser(sub) -> None:
@@ -49,12 +46,7 @@ def positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    device, dtype = device_and_dtype(args)
-    model, model_dir = load_model(args.model, dtype=dtype, device=device)
-    if args.adapter:
-        load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
-    tokenizer = load_tokenizer(model_dir)
-    check_tokenizer_fits(model, tokenizer)
+    model, tokenizer, device, _ = load_for_inference(args)
     cfg = DataConfig(source=args.data, task=args.task, text_field=args.text_field,
                      prompt_template=args.prompt_template, completion_template=args.completion_template,
                      val_fraction=0.0, shuffle=False)

@@ -8,11 +8,8 @@ import sys
 import torch
 
 from ..adapters.lora import merge_lora
-from ..adapters.peft_format import load_adapter
-from ..data.tokenizer import load_tokenizer
 from ..generate import SamplingConfig, generate
-from ..models import check_tokenizer_fits, load_model
-from .common import add_model_args, device_and_dtype, log
+from .common import add_model_args, load_for_inference, log
 
 
 def add_parser(sub) -> None:
@@ -33,12 +30,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    device, dtype = device_and_dtype(args)
-    model, model_dir = load_model(args.model, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_dir)
-    check_tokenizer_fits(model, tokenizer)
-    if args.adapter:
-        lora = load_adapter(model, args.adapter, base_model=args.model)  # on the model's device
+    model, tokenizer, device, lora = load_for_inference(args)
+    if lora is not None:
         log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")
         if args.merge:
             merge_lora(model)
