@@ -238,10 +238,17 @@ class GPT2(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
+    logit_softcap = None
+    """GPT-2 does not soft-cap its logits (see the Llama-style models' final_logit_softcapping)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output-head logits (..., V) of final hidden states (..., C)."""
+        return self.lm_head(hidden)
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T)."""
-        return self.lm_head(self.hidden_states(idx, cache, attention_mask))
+        return self.logits(self.hidden_states(idx, cache, attention_mask))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (see :func:`cache_dtype`)."""

@@ -1,4 +1,11 @@
-"""A preallocated key/value cache for incremental decoding (no concatenation per step)."""
+"""A preallocated key/value cache for incremental decoding (no concatenation per decoding step).
+
+Layers that attend to every earlier position keep ``max_len`` slots. Sliding-window layers
+(Mistral, Gemma 3's local layers) keep only ``window`` slots as a ring buffer: position i lives
+in slot i % window, and each slot remembers which sequence index it holds, so the attention mask
+is built from indices (see ``models/decoder.py``). A long generation thus costs a Gemma 3 local
+layer 512 slots, not the whole sequence.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +13,72 @@ import torch
 
 
 class KVCache:
-    """Keys and values of past positions for every layer, preallocated to ``max_len`` positions."""
+    """Keys and values of past positions for every layer, preallocated."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, n_kv_head, max_len, head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+                 dtype: torch.dtype, device: torch.device, windows: list[int | None] | None = None) -> None:
+        windows = windows or [None] * n_layer
+        self.sizes = [max_len if w is None or w >= max_len else w for w in windows]
+        self.ring = [w is not None and w < max_len for w in windows]
+        self.k = [torch.zeros((batch, n_kv_head, s, head_size), dtype=dtype, device=device) for s in self.sizes]
+        self.v = [torch.zeros((batch, n_kv_head, s, head_size), dtype=dtype, device=device) for s in self.sizes]
+        self.slot_index = {s: torch.full((s,), -1, dtype=torch.long, device=device)
+                           for s, r in zip(self.sizes, self.ring) if r}  # ring size -> sequence index per slot
+        self.tokens = torch.zeros((batch, max_len), dtype=torch.long, device=device)  # the ids so far
         self.length = 0
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, nh, T, hs) keys/values; return all so far, (B, nh, L + T, hs)."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store this step's (B, nh, T, hs) keys/values; return the keys/values the layer attends over.
+
+        Full layers: all positions so far, (B, nh, L + T, hs). Ring layers: one new token is written
+        first and all slots returned (the one it replaces is outside every window); a chunk of
+        several is attended as old slots + the chunk (:meth:`key_index` orders keys the same way),
+        and then its last tokens are written.
+        """
+        T, start = k.shape[2], self.length
+        if not self.ring[layer]:
+            end = start + T
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        size = self.sizes[layer]
+        if T == 1:
+            self.k[layer][:, :, start % size] = k[:, :, 0]
+            self.v[layer][:, :, start % size] = v[:, :, 0]
+            return self.k[layer], self.v[layer]
+        keys, values = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        keep = min(T, size)
+        slots = torch.arange(start + T - keep, start + T, device=k.device) % size
+        self.k[layer][:, :, slots] = k[:, :, T - keep:]
+        self.v[layer][:, :, slots] = v[:, :, T - keep:]
+        return keys, values
+
+    def key_index(self, window: int | None, T: int, device: torch.device) -> torch.Tensor:
+        """(L,) sequence index of each key a layer with ``window`` sees in this step's :meth:`update`; -1 = empty."""
+        start = self.length
+        size = self.max_len if window is None or window >= self.max_len else window
+        if size not in self.slot_index:
+            return torch.arange(start + T, device=device)
+        if T == 1:
+            index = self.slot_index[size].clone()
+            index[start % size] = start
+            return index
+        return torch.cat([self.slot_index[size], torch.arange(start, start + T, device=device)])
+
+    def reset(self) -> None:
+        """Forget every stored position (the buffers are reused)."""
+        for index in self.slot_index.values():
+            index.fill_(-1)
+        self.length = 0
+
+    def advance(self, T: int) -> None:
+        """Record that every layer stored ``T`` more positions."""
+        for size, index in self.slot_index.items():
+            keep = min(T, size)
+            new = torch.arange(self.length + T - keep, self.length + T, device=index.device)
+            index[new % size] = new
+        self.length += T
 
 
 def cache_dtype(weight: torch.Tensor) -> torch.dtype:

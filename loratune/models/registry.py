@@ -7,10 +7,17 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError
+from .gemma3 import GEMMA3_SPEC
 from .gpt2 import GPT2_SPEC
+from .llama import LLAMA_SPEC
+from .mistral import MISTRAL_SPEC
+from .phi3 import PHI3_SPEC
+from .qwen2 import QWEN2_SPEC
+from .qwen3 import QWEN3_SPEC
 from .spec import FamilySpec
 
-FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in (GPT2_SPEC,)}
+FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in (
+    GPT2_SPEC, LLAMA_SPEC, MISTRAL_SPEC, QWEN2_SPEC, QWEN3_SPEC, PHI3_SPEC, GEMMA3_SPEC)}
 DEFAULT_FAMILY = GPT2_SPEC.model_type
 """The family `loratune init-model` writes unless told otherwise."""
 DEFAULT_MODEL = "gpt2"

@@ -228,12 +228,12 @@ def test_missing_config(tmp_path, tiny_ckpt):
 
 
 def test_other_architecture_is_refused_by_name(tmp_path, tiny_ckpt):
-    d = _copy_ckpt(tiny_ckpt, tmp_path / "llama")
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+    d = _copy_ckpt(tiny_ckpt, tmp_path / "mamba")
+    (d / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
                                                "hidden_size": 64}))
-    with pytest.raises(CheckpointError, match="llama") as info:
+    with pytest.raises(CheckpointError, match="mamba") as info:
         load_model(d)
-    assert "LlamaForCausalLM" in str(info.value) and "gpt2" in str(info.value)
+    assert "MambaForCausalLM" in str(info.value) and "gpt2" in str(info.value) and "qwen3" in str(info.value)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -1,0 +1,272 @@
+"""The Llama-style decoder, lean: RMSNorm, rotary embeddings, grouped-query attention, gated MLP.
+
+One implementation serves Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3 and Gemma 3
+text models; their differences are named fields of :class:`DecoderConfig` (qkv bias, q/k norm,
+sliding-window layers, fused projections, Gemma's (1 + w) norms, scaled embeddings, sandwich
+norms and soft-capping). Module names and state-dict keys are transformers' own
+(``model.layers.0.self_attn.q_proj.weight`` ...), so LoRA targets and PEFT adapters use the same
+names in both, and checkpoints load without key surgery.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .decoder_config import DecoderConfig
+from .kv_cache import KVCache, cache_dtype
+from .rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w in float32, cast back; Gemma's variant scales by (1 + w)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma: the product in float32, then cast (transformers' Gemma3RMSNorm)
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(x.dtype)  # Llama: cast, then scale (transformers' LlamaRMSNorm)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx, self.n_head, self.n_kv, self.hs = layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        if c.fused_qkv:
+            self.qkv_proj = nn.Linear(c.hidden_size, c.q_width + 2 * c.kv_width, bias=c.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, c.q_width, bias=c.qkv_bias)
+            self.k_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
+            self.v_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.q_width, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_unit_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_unit_offset)
+        self.fused, self.qk_norm = c.fused_qkv, c.qk_norm
+        self.scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
+        self.window = c.window(layer_idx)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused:
+            q_w, kv_w = self.n_head * self.hs, self.n_kv * self.hs
+            return self.qkv_proj(x).split((q_w, kv_w, kv_w), dim=-1)  # (B, T, q + 2 kv) -> q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        q = q.view(B, T, self.n_head, self.hs)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv, self.hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs), L = the keys this layer sees
+            q = q.to(k.dtype)
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv query heads
+            rep = self.n_head // self.n_kv
+            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_head, *k.shape[2:])
+            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_head, *v.shape[2:])
+        causal = mask is None and k.shape[2] == T and T > 1
+        y = attend(q, k, v, mask, causal, self.scale, 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs).to(x.dtype)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        c = config
+        if c.fused_gate_up:
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.fused = c.fused_gate_up
+        self.gelu = c.hidden_act == "gelu_pytorch_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, 2F) -> 2 x (B, T, F)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        c, norm = config, (lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset))
+        self.input_layernorm = norm()
+        self.self_attn = Attention(c, layer_idx)
+        self.post_attention_layernorm = norm()  # Llama: before the MLP; Gemma 3: after attention
+        if c.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(c)
+        self.sandwich = c.sandwich_norm
+        self.layer_type = c.layer_types[layer_idx]
+
+    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, masks: dict) -> torch.Tensor:
+        cos, sin = rope[self.layer_type]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, masks[self.layer_type])
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """A Llama-style causal language model with transformers-compatible parameter names."""
+
+    def __init__(self, config: DecoderConfig, family=None) -> None:
+        super().__init__()
+        self.config, self._family = config, family
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def family(self):
+        """This model's family spec (what code outside models/ may know about it)."""
+        return self._family
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """cap in cap * tanh(z / cap) on the output logits, or None."""
+        return self.config.final_logit_softcapping
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "DecoderLM":
+        """Random N(0, std) weights, zero biases, norms at identity; for tests and `init-model`."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "norm" in name.rsplit(".", 2)[-2]:
+                    p.fill_(0.0 if self.config.norm_unit_offset else 1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def _positions(self, B: int, T: int, start: int, attention_mask: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.arange(start, start + T, device=device)[None].expand(B, T)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # real tokens only
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) of token ids (B, T).
+
+        ``attention_mask`` (B, L) marks real tokens (1) and left padding (0) over all positions so
+        far, cached ones included; rotary positions then count real tokens only, as in transformers.
+        """
+        B, T = idx.shape
+        c = self.config
+        start = cache.length if cache is not None else 0
+        if cache is not None and self._rope_switches(start, T):
+            return self._recompute(idx, cache, attention_mask)
+        if start + T > c.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {c.context_length}")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        if c.embed_scale:
+            x = x * torch.tensor(c.hidden_size ** 0.5, dtype=x.dtype)
+        pos = self._positions(B, T, start, attention_mask, idx.device)
+        rope = {kind: rope_cos_sin(c.rope[kind], c.head_dim, c.max_position_embeddings, pos, x.dtype)
+                for kind in set(c.layer_types)}
+        masks = {kind: _mask(cache, start, T, attention_mask, c.sliding_window if kind == "sliding_attention"
+                             else None, idx.device) for kind in set(c.layer_types)}
+        for layer in self.model.layers:
+            x = layer(x, rope, cache, masks)
+        if cache is not None:
+            cache.tokens[:, start:start + T] = idx
+            cache.advance(T)
+        return self.model.norm(x)
+
+    def _rope_switches(self, start: int, T: int) -> bool:
+        """longrope switches from its short to its long factors when the sequence first passes the
+        original context: keys cached before were rotated by the short ones."""
+        rope = self.config.rope["full_attention"]
+        original = rope.original_max_position_embeddings
+        return rope.rope_type == "longrope" and 0 < start <= original < start + T
+
+    def _recompute(self, idx: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the whole sequence again from an emptied cache (as transformers' Phi-3 generation does
+        at that step); returns the hidden states of ``idx``'s positions only."""
+        full = torch.cat([cache.tokens[:, :cache.length], idx], dim=1)  # (B, start + T)
+        T = idx.shape[1]
+        cache.reset()
+        return self.hidden_states(full, cache, attention_mask)[:, -T:]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output-head logits (..., V) of final hidden states (..., C), soft-capped where the config says."""
+        z = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return z if cap is None else torch.tanh(z / cap) * cap
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T)."""
+        return self.logits(self.hidden_states(idx, cache, attention_mask))
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' keys, without LoRA tensors (a tied head saved once, as transformers does)."""
+        tied = self.config.tie_word_embeddings
+        return {k: v for k, v in self.state_dict().items()
+                if ".lora_" not in k and not (tied and k == "lm_head.weight")}
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions; sliding-window
+        layers keep only their window (a ring buffer), see :class:`KVCache`."""
+        c, p = self.config, self.model.embed_tokens.weight
+        windows = [c.window(i) for i in range(c.num_hidden_layers)]
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, min(max_len, c.context_length),
+                       c.head_dim, cache_dtype(p), p.device, windows=windows)
+
+
+def _mask(cache: KVCache | None, start: int, T: int, attention_mask: torch.Tensor | None, window: int | None,
+          device: torch.device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, L) mask of the keys each query sees, or None for plain causal attention.
+
+    Keys are identified by their index in the sequence (cache slots remember theirs), so padding,
+    causality and the sliding window are one comparison each, for full caches and ring buffers alike.
+    """
+    if cache is None:
+        if attention_mask is None and (window is None or T <= window):
+            return None  # causal over the whole chunk: SDPA's is_causal
+        k_idx = torch.arange(T, device=device)
+    else:
+        if attention_mask is None and window is None and (start == 0 or T == 1):
+            return None  # the keys so far are exactly the causal ones
+        k_idx = cache.key_index(window, T, device)  # (L,) sequence index of each key this layer sees, -1 = empty
+    q_idx = torch.arange(start, start + T, device=device)
+    keep = (k_idx[None, :] >= 0) & (k_idx[None, :] <= q_idx[:, None])  # (T, L)
+    if window is not None:
+        keep = keep & (q_idx[:, None] - k_idx[None, :] < window)
+    keep = keep[None]  # (1, T, L)
+    if attention_mask is not None:
+        real = attention_mask.bool()[:, k_idx.clamp(min=0)]  # (B, L)
+        keep = keep & real[:, None, :]
+        keep = keep | (k_idx[None, None, :] == q_idx[None, :, None])  # pad rows see themselves: no NaN
+    return keep[:, None]  # (B or 1, 1, T, L)

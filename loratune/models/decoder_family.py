@@ -1,0 +1,149 @@
+"""What every Llama-style family shares in its spec: weight loading, LoRA aliases, fused slices, memory.
+
+A family file (``models/llama.py``, ``models/qwen3.py`` ...) supplies only its config.json
+reader and writer, its name and its presets; :func:`decoder_spec` builds the rest of its
+:class:`~loratune.models.spec.FamilySpec` from the shared :class:`~loratune.models.decoder.DecoderLM`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+from .decoder import DecoderLM
+from .decoder_config import DecoderConfig
+from .spec import Alias, FamilySpec, MemoryProfile
+
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
+
+HF_WRITERS: dict[str, Callable[[DecoderConfig], dict[str, Any]]] = {}
+"""model_type -> config.json writer, filled in by each family's file (DecoderConfig.to_hf looks here)."""
+
+_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+          "down": "down_proj"}
+_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def _aliases(fused_qkv: bool, fused_gate_up: bool) -> dict[str, Alias]:
+    """q/k/v/o/gate/up/down and the projection names themselves; on fused layouts, slices of the fused one."""
+    out = {}
+    for short, proj in _NAMES.items():
+        module = f"{_MODULES[proj]}.{proj}"
+        alias = Alias(module)
+        if fused_qkv and short in ("q", "k", "v"):
+            alias = Alias("self_attn.qkv_proj", short)
+        if fused_gate_up and short in ("gate", "up"):
+            alias = Alias("mlp.gate_up_proj", short)
+        out[short] = alias
+        if alias.slice is not None:
+            out[proj] = alias  # Phi-3 has no q_proj module: 'q_proj' means its slice of qkv_proj
+    return out
+
+
+def _fused_slices(config: DecoderConfig) -> dict[str, dict[str, tuple[int, int]]]:
+    out = {}
+    if config.fused_qkv:
+        q, kv = config.q_width, config.kv_width
+        out["self_attn.qkv_proj"] = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    if config.fused_gate_up:
+        F = config.intermediate_size
+        out["mlp.gate_up_proj"] = {"gate": (0, F), "up": (F, 2 * F)}
+    return out
+
+
+def _memory_profile(config: DecoderConfig) -> MemoryProfile:
+    C, F, Q, KV = config.hidden_size, config.intermediate_size, config.q_width, config.kv_width
+    norms = 6 * C if config.sandwich_norm else 4 * C
+    # saved per block: norm in/out (x2, Gemma x3), q and k before and after rotary, v, GQA-expanded k and v,
+    # attention out (o_proj in); MLP: gate, up, act(gate), act * up (down_proj in)
+    per_block = norms + 3 * Q + 4 * KV + (2 * Q if KV != Q else 0) + 4 * F
+    return MemoryProfile(n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, hidden=C,
+                         vocab=config.vocab_size, saved_per_token_per_block=per_block,
+                         saved_per_token_outside=4 * C, backward_per_token=3 * F)
+
+
+def _describe(config: DecoderConfig) -> str:
+    kv = (f"{config.num_key_value_heads} kv heads (grouped-query)" if config.num_key_value_heads
+          != config.num_attention_heads else "no grouped-query")
+    extra = []
+    sliding = config.layer_types.count("sliding_attention")
+    if sliding:
+        extra.append(f"sliding window {config.sliding_window} on {sliding} of {config.num_hidden_layers} layers")
+    rope_types = sorted({r.rope_type for k, r in config.rope.items() if k in config.layer_types})
+    extra.append(f"rope {'/'.join(rope_types)}")
+    if config.tie_word_embeddings:
+        extra.append("tied head")
+    return (f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads of {config.head_dim}, {kv}, "
+            f"hidden {config.hidden_size}, mlp {config.intermediate_size}, context {config.max_position_embeddings}, "
+            f"vocab {config.vocab_size}; " + ", ".join(extra))
+
+
+def load_decoder(config: DecoderConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                 family: FamilySpec) -> DecoderLM:
+    """Build the model from a transformers state dict (``*ForCausalLM`` or bare ``*Model`` keys).
+
+    Every key and shape is checked; a mismatch is a CheckpointError naming it, and nothing is
+    returned half-loaded. A tied head takes the embedding (a saved lm_head.weight is then ignored,
+    as transformers ignores it).
+    """
+    layers = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
+    if len(layers) != config.num_hidden_layers:  # before building: num_hidden_layers=10**9 must not hang
+        raise CheckpointError(f"config.json says num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                              f"{len(layers)} layers")
+    with torch.device("meta"):
+        model = DecoderLM(config, family)
+    tied = config.tie_word_embeddings
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key in list(state):
+        if _IGNORED.search(key) or (tied and key == "lm_head.weight"):
+            continue
+        name = key if key.startswith(("model.", "lm_head.")) else "model." + key
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, but config.json "
+                                  f"implies {tuple(expected[name])}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"checkpoint tensor {key} has dtype {tensor.dtype}, expected floating point")
+        mapped[name] = tensor.to(dtype or tensor.dtype).contiguous()
+    missing = sorted(set(expected) - set(mapped))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"checkpoint does not match a {family.display_name} of this config: " + "; ".join(parts))
+    if tied:
+        mapped["lm_head.weight"] = mapped["model.embed_tokens.weight"]
+    model.load_state_dict(mapped, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, Any]], DecoderConfig],
+                 write: Callable[[DecoderConfig], dict[str, Any]], presets: dict[str, dict[str, Any]],
+                 fused: bool = False) -> FamilySpec:
+    """A Llama-style family's spec from its config reader/writer, name and presets."""
+    HF_WRITERS[model_type] = write
+    spec: FamilySpec
+
+    def build(config: DecoderConfig) -> DecoderLM:
+        return DecoderLM(config, spec)
+
+    spec = FamilySpec(
+        model_type=model_type, display_name=display_name, config_from_hf=read,
+        from_hf_state_dict=lambda config, state, dtype: load_decoder(config, state, dtype, spec),
+        build=build, aliases=_aliases(fused, fused), fused_slices=_fused_slices, memory_profile=_memory_profile,
+        eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None)
+    return spec
