@@ -34,7 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                need_h: bool, need_w: bool) -> torch.Tensor:
+                need_h: bool, need_w: bool, softcap: float | None) -> torch.Tensor:
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -45,7 +45,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n_valid = int(valid.sum())  # one host sync per chunk
             if n_valid == 0:
                 continue
-            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (n, V), only this chunk
+            z = h @ weight.t()  # (n, V), only this chunk
+            capped = None
+            if softcap is not None:  # logits = cap * tanh(z / cap); d logits / dz = 1 - tanh^2
+                capped = torch.tanh(z.float() / softcap)
+                z = capped * softcap
+            logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+            del z
             safe_y = y.clamp(min=0)
             total -= torch.where(valid, logp.gather(1, safe_y[:, None]).squeeze(1), 0.0).sum()
             if need_h or need_w:
@@ -53,13 +59,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), safe_y] -= valid.float()
                 if n_valid < len(y):
                     probs.mul_(valid[:, None])
+                if capped is not None:
+                    probs.mul_(1 - capped.square_())
                 d_logits = probs.to(hidden.dtype)
                 if need_h:
                     grad_h[start:start + chunk] = d_logits @ weight
                 if need_w:
                     grad_w += (d_logits.t() @ h).float()  # bf16 products accumulate in fp32 inside the matmul
                 del probs, d_logits  # free this chunk before the next one is made
-            del logp
+            del logp, capped
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -69,18 +77,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk: int | None = None) -> torch.Tensor:
-    """Summed CE of ``hidden`` (N, C) through the head ``weight`` (V, C) against ``labels`` (N,)."""
+                             chunk: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Summed CE of ``hidden`` (N, C) through the head ``weight`` (V, C) against ``labels`` (N,).
+
+    ``softcap`` soft-caps the logits as cap * tanh(z / cap) first (Gemma's final_logit_softcapping).
+    """
     grad = torch.is_grad_enabled()
     need_w = grad and weight.requires_grad
     chunk = chunk or default_chunk(hidden.device, weight.shape[0], need_w)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, grad and hidden.requires_grad, need_w)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, grad and hidden.requires_grad, need_w, softcap)
 
 
 def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,8 @@ def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     hidden = model.hidden_states(input_ids)  # (B, T, C)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten())
+    return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten(),
+                                    softcap=model.logit_softcap)
 
 
 def count_targets(labels: torch.Tensor) -> int:

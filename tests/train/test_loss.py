@@ -30,6 +30,27 @@ def test_chunked_loss_and_grads_equal_plain_fp32(chunk):
     assert h.grad[::5].abs().sum() == 0  # ignored positions get no gradient
 
 
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_softcapped_loss_and_grads_equal_plain_fp32(chunk):
+    """Gemma's final_logit_softcapping: CE of cap * tanh(z / cap), values and both gradients."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(90, 16, generator=g, requires_grad=True)
+    w = (torch.randn(200, 16, generator=g) * 2).requires_grad_()  # logits well past the cap: tanh bends
+    y = torch.randint(0, 200, (90,), generator=g)
+    y[::4] = IGNORE
+    ours = linear_cross_entropy_sum(h, w, y, chunk=chunk, softcap=5.0)
+    (ours * 0.5).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    z = h2 @ w2.t()
+    assert z.abs().max() > 15  # the cap matters here
+    ref = F.cross_entropy(torch.tanh(z / 5.0) * 5.0, y, ignore_index=IGNORE, reduction="sum")
+    (ref * 0.5).backward()
+    assert abs(float(ours) - float(_reference(h2.detach(), w2.detach(), y))) > 1.0  # differs from the uncapped loss
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_bf16_within_bf16_tolerance_of_fp32():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(64, 32, generator=g)
