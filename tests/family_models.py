@@ -1,0 +1,75 @@
+"""Tiny random checkpoints of every Llama-style family, built with transformers' own config classes.
+
+Each case switches on what makes the family differ (grouped-query attention, a sliding window
+shorter than the generated length, qkv bias, q/k norms, fused projections, soft-capping, rope
+scaling, tied and untied heads). No pytest here: benchmarks may import it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+CASES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=500000.0, tie_word_embeddings=True)),
+    "llama-yarn-bias": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=12)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=10,
+                                                       max_window_layers=1, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, rope_scaling={"rope_type": "linear",
+                                                                                  "factor": 2.0})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=20, pad_token_id=0, bos_token_id=1,
+                                                   eos_token_id=2)),
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        max_position_embeddings=128, original_max_position_embeddings=32, partial_rotary_factor=0.75,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                      "long_factor": [1.5 + 0.2 * i for i in range(6)]},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=32, sliding_window=8, query_pre_attn_scalar=24, final_logit_softcapping=10.0,
+        tie_word_embeddings=False,  # a tied random Gemma repeats its last token under greedy decoding
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+}
+"""name -> (transformers config class, model class, the family's features switched on)."""
+
+
+def reinit_decoder_(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torch.nn.Module:
+    """Seeded weights large enough that greedy decoding of a random model varies (norms around
+    their identity: 1 for Llama-style, 0 for Gemma's (1 + w))."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = 0.0 if type(model).__name__.startswith("Gemma") else 1.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(offset + 0.3 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if offset else 0.3))  # Gemma scales it by sqrt(C)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def hf_family_model(name: str, seed: int = 0, **overrides):
+    """A seeded random transformers model of case ``name`` (eval mode, fp32)."""
+    import transformers
+
+    config_cls, model_cls, extra = CASES[name]
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    return reinit_decoder_(getattr(transformers, model_cls)(config), seed).eval()
+
+
+def save_family(name: str, dest: Path, seed: int = 0, **overrides):
+    """Write case ``name`` with save_pretrained into ``dest``; returns the transformers model."""
+    model = hf_family_model(name, seed, **overrides)
+    model.save_pretrained(dest)
+    return model
