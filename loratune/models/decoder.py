@@ -40,7 +40,8 @@ class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
         c = config
-        self.layer_idx, self.n_head, self.n_kv, self.hs = layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.layer_idx, self.n_head, self.n_kv = layer_idx, c.num_attention_heads, c.num_key_value_heads
+        self.hs = c.head_dim
         if c.fused_qkv:
             self.qkv_proj = nn.Linear(c.hidden_size, c.q_width + 2 * c.kv_width, bias=c.qkv_bias)
         else:

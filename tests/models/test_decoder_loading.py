@@ -77,7 +77,8 @@ def test_gemma3_embedding_models_are_refused(tmp_path):
 
 
 def test_bare_model_keys_and_saved_tied_head_load(tmp_path, qwen3_dir):
-    """A checkpoint of the bare *Model (no 'model.' prefix), and a tied head saved anyway, load as transformers loads them."""
+    """A checkpoint of the bare *Model (no 'model.' prefix), and a tied head saved anyway, load as
+    transformers loads them."""
     def strip(state):
         for key in list(state):
             state[key.removeprefix("model.")] = state.pop(key)
