@@ -20,9 +20,10 @@ from ..models.registry import DEFAULT_FAMILY, FAMILIES
 def add_parser(sub) -> None:
     p = sub.add_parser("init-model", help="write a randomly initialised checkpoint (offline work, tests)")
     p.add_argument("--out", required=True, help="directory to create")
-    p.add_argument("--family", default=DEFAULT_FAMILY, choices=sorted(FAMILIES),
-                   help=f"model family (default: {DEFAULT_FAMILY})")
-    p.add_argument("--preset", default="tiny", help="sizes, e.g. tiny, small (default: tiny)")
+    p.add_argument("--arch", "--family", dest="family", default=DEFAULT_FAMILY, choices=sorted(FAMILIES),
+                   help=f"architecture, config.json's model_type (default: {DEFAULT_FAMILY})")
+    p.add_argument("--preset", default="tiny", help="sizes: tiny, small, or a real model's shape where the family "
+                   "has one (e.g. qwen3-0.6b, smollm2-135m); default: tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files (tokenizer.json, or "
                    "vocab.json + merges.txt); default: the family's files from a package that ships them")

@@ -68,8 +68,9 @@ def _memory_profile(config: DecoderConfig) -> MemoryProfile:
 
 
 def _describe(config: DecoderConfig) -> str:
-    kv = (f"{config.num_key_value_heads} kv heads (grouped-query)" if config.num_key_value_heads
-          != config.num_attention_heads else "no grouped-query")
+    n_kv = config.num_key_value_heads
+    kv = (f"{n_kv} kv head{'s' if n_kv > 1 else ''} (grouped-query)" if n_kv != config.num_attention_heads
+          else "no grouped-query")
     extra = []
     sliding = config.layer_types.count("sliding_attention")
     if sliding:
