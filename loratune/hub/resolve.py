@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from ..errors import CheckpointError
 from .files import TOKENIZER_FILES, WEIGHT_FILES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-MODEL_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+MODEL_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+"""What a model download fetches first; a sharded checkpoint's shards follow, by the names its index lists
+(not '*.safetensors': Mistral's repos also hold a consolidated.safetensors of the same weights)."""
 
 
 def is_hub_id(name: str) -> bool:
@@ -24,9 +27,20 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if isinstance(path, Path):
         return path
     local = download(path, MODEL_PATTERNS, what="model")
-    if not any((local / f).exists() for f in WEIGHT_FILES[:2]):  # an old repo with pickled weights only
+    if (local / "model.safetensors.index.json").is_file():
+        local = download(path, MODEL_PATTERNS + shard_names(local / "model.safetensors.index.json"), what="model")
+    elif not any((local / f).exists() for f in WEIGHT_FILES[:2]):  # an old repo with pickled weights only
         local = download(path, MODEL_PATTERNS + ["pytorch_model.bin"], what="model")
     return local
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a safetensors index names (what to download next); [] if it names none."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return []  # reading the checkpoint later reports what is wrong with the index
+    return sorted({v for v in weight_map.values() if isinstance(v, str)}) if isinstance(weight_map, dict) else []
 
 
 def resolve_hub_dir(name_or_path: str | Path, patterns: list[str], what: str) -> Path:
