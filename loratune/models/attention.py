@@ -19,19 +19,35 @@ MATMUL_MAX_T = 128  # CPU training with at most this many positions uses the mat
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
            scale: float, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for (B, nh, T, hs) queries over (B, nh, L, hs) keys/values."""
+    """softmax(q k^T * scale + mask) v for (B, nh, T, hs) queries over (B, nkv, L, hs) keys/values.
+
+    With fewer key/value heads than query heads (grouped-query attention), query head h uses
+    kv head h // (nh / nkv), as transformers' repeat_kv; the keys and values are not copied.
+    """
     T = q.shape[2]
     if (is_causal and q.device.type == "cpu" and dropout_p == 0.0 and T <= MATMUL_MAX_T
             and torch.is_grad_enabled() and k.shape[2] == T):
         return causal_matmul_attention(q, k, v, scale)
+    if k.shape[1] != q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              dropout_p=dropout_p, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           dropout_p=dropout_p)
 
 
 def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention as two batched matmuls; the softmax runs in float32 whatever q's dtype."""
+    """Causal attention as two batched matmuls; the softmax runs in float32 whatever q's dtype.
+
+    Grouped-query attention stacks the query heads that share a kv head along the rows,
+    (B * nkv, rep * T, hs), so each group is one matmul against its keys, uncopied.
+    """
     B, nh, T, hs = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
     bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
-    scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2), alpha=scale)
+    if rep > 1:
+        bias = bias.repeat(rep, 1)  # (rep * T, T): the same causal rows for every query head of a group
+    scores = torch.baddbmm(bias, q.reshape(B * nkv, rep * T, hs), k.reshape(B * nkv, T, hs).transpose(1, 2),
+                           alpha=scale)  # (B * nkv, rep * T, T)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.bmm(probs, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+    return torch.bmm(probs, v.reshape(B * nkv, T, hs)).view(B, nh, T, hs)

@@ -76,12 +76,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs), L = the keys this layer sees
             q = q.to(k.dtype)
-        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv query heads
-            rep = self.n_head // self.n_kv
-            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_head, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_head, *v.shape[2:])
         causal = mask is None and k.shape[2] == T and T > 1
-        y = attend(q, k, v, mask, causal, self.scale, 0.0)
+        y = attend(q, k, v, mask, causal, self.scale, 0.0)  # grouped-query: k, v keep their n_kv heads
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs).to(x.dtype)  # (B, nh, T, hs) -> (B, T, nh*hs)
         return self.o_proj(y)
 

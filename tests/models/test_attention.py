@@ -34,6 +34,28 @@ def test_matmul_attention_equals_sdpa_forward_and_backward(dtype, scale):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["matmul", "sdpa-masked", "sdpa-causal"])
+def test_grouped_query_attention_equals_repeated_kv_heads(dtype, path, monkeypatch):
+    """6 query heads over 2 kv heads: each group of 3 query heads uses its kv head, as transformers'
+    repeat_kv does (kv head h // 3), forward and backward, on every path attend takes."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 6, 20, 8, generator=gen).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 20, 8, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(2, 6, 20, 8, generator=gen).to(dtype)
+    mask = torch.ones(20, 20, dtype=torch.bool).tril()[None, None] if path == "sdpa-masked" else None
+    if path == "sdpa-causal":
+        monkeypatch.setattr(attention, "MATMUL_MAX_T", 0)  # past the matmul path's length limit
+    ours = attend(q, k, v, mask, mask is None, 0.3, 0.0)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    kr, vr = (t.repeat_interleave(3, dim=1) for t in (k, v))
+    ref = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
 def test_first_position_attends_only_to_itself():
     q, k, v = _qkv(torch.float32, T=5)
     out = causal_matmul_attention(q, k, v, 0.3)
