@@ -73,3 +73,23 @@ def save_family(name: str, dest: Path, seed: int = 0, **overrides):
     model = hf_family_model(name, seed, **overrides)
     model.save_pretrained(dest)
     return model
+
+
+def write_small_tokenizer(dest: Path, vocab_size: int = 320) -> None:
+    """A real byte-level BPE ``tokenizer.json`` (+ tokenizer_config.json) of ``vocab_size`` tokens,
+    trained on a few sentences, so a tiny family checkpoint is a complete model directory without
+    ../shared. Its end-of-text token is ``</s>`` (id 0)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    words = ["the", "cat", "dog", "fox", "bird", "red", "blue", "green", "garden", "house", "park", "river",
+             "runs", "sleeps", "to", "in", "and", "where", "does"]
+    tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, trainer)
+    tok.save(str(Path(dest) / "tokenizer.json"))
+    (Path(dest) / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "</s>"}))

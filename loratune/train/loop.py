@@ -70,8 +70,14 @@ def resolve_device(recipe: Recipe) -> tuple[Recipe, torch.device]:
 
 
 def setup_model(recipe: Recipe, device: torch.device):
-    """Base model + adapter (or full unfreezing) + precision; returns (model, tokenizer, model_dir)."""
-    model, model_dir = load_model(recipe.model, device=device)
+    """Base model + adapter (or full unfreezing) + precision; returns (model, tokenizer, model_dir).
+
+    The weights load straight into the dtype they train in, tensor by tensor: bf16 for bf16-true
+    (a bf16 hub checkpoint is never widened to float32 on the way), float32 otherwise (fp32 and
+    bf16-mixed keep float32 masters, whatever the checkpoint's dtype).
+    """
+    dtype = torch.bfloat16 if recipe.precision == "bf16-true" else torch.float32
+    model, model_dir = load_model(recipe.model, dtype=dtype, device=device)
     context = model.config.context_length
     if recipe.seq_len > context:
         raise ConfigError(f"seq_len={recipe.seq_len} exceeds the model's context of {context} tokens; "
