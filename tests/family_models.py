@@ -38,6 +38,8 @@ CASES: dict[str, tuple[str, str, dict]] = {
         tie_word_embeddings=False,  # a tied random Gemma repeats its last token under greedy decoding
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_hidden_layers=4, no_rope_layer_interval=2,
+                                                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 """name -> (transformers config class, model class, the family's features switched on)."""
 

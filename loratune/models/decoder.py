@@ -55,6 +55,7 @@ class Attention(nn.Module):
         self.fused, self.qk_norm = c.fused_qkv, c.qk_norm
         self.scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
         self.window = c.window(layer_idx)
+        self.rope = not c.rope_layers or c.rope_layers[layer_idx]
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fused:
@@ -70,8 +71,9 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs), L = the keys this layer sees

@@ -50,6 +50,8 @@ class DecoderConfig:
     """Rotary settings per attention layer type (Gemma 3's local layers have their own base)."""
     layer_types: list[str] = field(default_factory=list)
     """Per layer: full_attention or sliding_attention ([] = all full)."""
+    rope_layers: list[bool] = field(default_factory=list)
+    """Per layer: whether it rotates q and k ([] = all do; SmolLM3 leaves every 4th without: NoPE)."""
     sliding_window: int | None = None
     """Keys a sliding_attention layer sees: the query's own position and the window - 1 before it."""
     qkv_bias: bool = False
@@ -106,6 +108,9 @@ class DecoderConfig:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers:
             raise CheckpointError(f"config.json: layer_types lists {len(self.layer_types)} layers, but "
+                                  f"num_hidden_layers is {self.num_hidden_layers}")
+        if self.rope_layers and len(self.rope_layers) != self.num_hidden_layers:
+            raise CheckpointError(f"config.json: no_rope_layers lists {len(self.rope_layers)} layers, but "
                                   f"num_hidden_layers is {self.num_hidden_layers}")
         for kind in set(self.layer_types):
             if kind not in LAYER_TYPES:

@@ -14,10 +14,11 @@ from .mistral import MISTRAL_SPEC
 from .phi3 import PHI3_SPEC
 from .qwen2 import QWEN2_SPEC
 from .qwen3 import QWEN3_SPEC
+from .smollm3 import SMOLLM3_SPEC
 from .spec import FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in (
-    GPT2_SPEC, LLAMA_SPEC, MISTRAL_SPEC, QWEN2_SPEC, QWEN3_SPEC, PHI3_SPEC, GEMMA3_SPEC)}
+    GPT2_SPEC, LLAMA_SPEC, MISTRAL_SPEC, QWEN2_SPEC, QWEN3_SPEC, PHI3_SPEC, GEMMA3_SPEC, SMOLLM3_SPEC)}
 DEFAULT_FAMILY = GPT2_SPEC.model_type
 """The family `loratune init-model` writes unless told otherwise."""
 DEFAULT_MODEL = "gpt2"
