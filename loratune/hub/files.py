@@ -1,7 +1,9 @@
 """Read Hugging Face checkpoint files: JSON, safetensors (single or sharded), and pickles safely.
 
 Pickled weights (``pytorch_model.bin``) are only read with ``torch.load(weights_only=True)``,
-which refuses to run code hidden in the file.
+which refuses to run code hidden in the file. Safetensors files are parsed here (header checked as
+safetensors checks it) and read tensor by tensor into the tensors themselves: no memory map, no
+second copy, and a dtype conversion per tensor, so a multi-GB checkpoint loads in about its size.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -21,6 +27,18 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_DTYPES = {name: dtype for name, dtype in (
+    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+    ("BOOL", torch.bool), ("C64", torch.complex64),
+    ("U64", getattr(torch, "uint64", None)), ("U32", getattr(torch, "uint32", None)),
+    ("U16", getattr(torch, "uint16", None)),
+    ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+    ("F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None)),
+    ("F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None)),
+) if dtype is not None}
+"""safetensors dtype names -> torch dtypes (those this torch has), as safetensors.torch maps them."""
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -41,27 +59,149 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / "config.json", "config.json")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file; a corrupt or truncated file is a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a corrupt or truncated file is a CheckpointError.
 
+    Each tensor's bytes are read straight into its own tensor (no memory map, no second copy), so
+    reading a file costs about its size in memory. With ``dtype``, each floating tensor is
+    converted as soon as it is read: a bfloat16 file loaded as float32 never holds both copies.
+    """
+    return _read_tensors(path, _check_dtype(dtype), None)
+
+
+def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    """One tensor of a safetensors header: where its bytes lie in the file (absolute offsets)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _corrupt(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({reason}); "
+                           "it may be truncated or corrupt: download or save it again")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_json(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], int]:
+    if size < 8:
+        raise _corrupt(path, f"the file has {size} bytes, fewer than the 8 of the header length")
+    length = int.from_bytes(f.read(8), "little")
+    if length > min(size - 8, _MAX_HEADER_BYTES):
+        raise _corrupt(path, f"the header length {length:,} goes past the end of the file ({size:,} bytes)"
+                       if length > size - 8 else f"the header length {length:,} is over the 100 MB limit")
+    raw = f.read(length)
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
-                              "it may be truncated or corrupt: download or save it again") from None
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _corrupt(path, f"the header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    return header, 8 + length
 
 
-def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A dict of tensors from a pickle file, with ``weights_only=True``: code hidden in it is refused."""
+def _entry(path: Path, name: str, info: Any, data_start: int) -> _TensorEntry:
+    if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - set(info):
+        raise _corrupt(path, f"tensor {name!r} needs dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r} "
+                       f"(known: {', '.join(sorted(_DTYPES))})")
+    if not isinstance(shape, list) or not all(_is_count(n) and n < 2**63 for n in shape):
+        raise _corrupt(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes in [0, 2**63)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise _corrupt(path, f"tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes:,} bytes, "
+                       f"but its data_offsets {offsets} span {offsets[1] - offsets[0]:,}")
+    return _TensorEntry(_DTYPES[dtype], tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _read_header(f: BinaryIO, path: Path) -> dict[str, _TensorEntry]:
+    """The tensors a safetensors file holds, checked as safetensors itself checks them: known dtypes,
+    sizes that match shapes, and data that tiles the rest of the file exactly (no overlap, no gap)."""
+    size = os.fstat(f.fileno()).st_size
+    header, data_start = _header_json(f, path, size)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str)
+                                                                        for v in metadata.values())):
+        raise _corrupt(path, "__metadata__ is not an object of strings")
+    entries = {name: _entry(path, name, info, data_start) for name, info in header.items()}
+    position = data_start
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.end > size:
+            raise _corrupt(path, f"tensor {name!r} ends at byte {e.end - data_start:,} of the data, but the file "
+                           f"holds {size - data_start:,} after the header")
+        if e.begin != position:
+            what = "overlaps the tensor before it" if e.begin < position else "leaves a gap before it"
+            raise _corrupt(path, f"tensor {name!r} at data_offsets [{e.begin - data_start}, {e.end - data_start}] "
+                           f"{what}")
+        position = e.end
+    if position != size:
+        raise _corrupt(path, f"the header describes {position - data_start:,} bytes of data, but the file holds "
+                       f"{size - data_start:,} after the header")
+    return entries
+
+
+def _read_tensors(path: Path, dtype: torch.dtype | None, names: Iterable[str] | None) -> dict[str, torch.Tensor]:
+    try:
+        with open(path, "rb", buffering=0) as f:  # unbuffered: readinto fills the tensor itself
+            entries = _read_header(f, path)
+            wanted = set(entries if names is None else names)
+            state = {}
+            for name, e in sorted(entries.items(), key=lambda item: item[1].begin):  # one pass through the file
+                if name in wanted:
+                    state[name] = _read_tensor(f, path, e, dtype)
+            return state
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_tensor(f: BinaryIO, path: Path, e: _TensorEntry, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = torch.empty(e.shape, dtype=e.dtype)
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes
+    f.seek(e.begin)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise _corrupt(path, "the file ended early (did it change while being read?)")
+        done += got
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+def read_pickled_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A dict of tensors from a pickle file, with ``weights_only=True``: code hidden in it is refused.
+
+    With ``dtype``, floating tensors are converted one at a time after loading (a pickle cannot be
+    read tensor by tensor).
+    """
+    dtype = _check_dtype(dtype)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; all mean the same to the user
         raise CheckpointError(f"refusing to load {path}: it is corrupt or holds more than tensors "
                               f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
+    if dtype is not None:
+        for key, tensor in state.items():  # replaced in place: each old tensor is freed as we go
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state
 
 
@@ -74,13 +214,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's weights: model.safetensors, a sharded index, or (safely) pytorch_model.bin.
 
     Where a directory holds several of them (hub repos often ship both safetensors and a pickle),
     the first of :data:`WEIGHT_FILES` wins, and a log line says which file was read and which
     were ignored, so that a user who edited the other file learns why it had no effect.
+    With ``dtype``, floating tensors are converted as they are read (integer ones are kept), so
+    a multi-GB checkpoint costs about its converted size in memory, not two copies.
     """
+    dtype = _check_dtype(dtype)
     present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
     if not present:
         raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(WEIGHT_FILES)}")
@@ -88,21 +231,58 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     if ignored:
         log.info(f"{model_dir} holds {', '.join(present)}: reading {used}, ignoring {', '.join(ignored)}")
     if used == "model.safetensors":
-        return read_safetensors(model_dir / used)
+        return _read_tensors(model_dir / used, dtype, None)
     if used == "model.safetensors.index.json":
-        return _read_sharded(model_dir, model_dir / used)
-    return read_pickled_tensors(model_dir / used)
+        return _read_sharded(model_dir, model_dir / used, dtype)
+    return read_pickled_tensors(model_dir / used, dtype)
 
 
-def _read_sharded(model_dir: Path, index: Path) -> dict[str, torch.Tensor]:
+def _shard_paths(model_dir: Path, index: Path) -> tuple[dict[str, str], dict[str, Path]]:
     weight_map = read_json(index, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "\0" not in v
                                                    for v in weight_map.values()):
         raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to shard file names")
-    state: dict[str, torch.Tensor] = {}
+    paths = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = (model_dir / shard).resolve()  # symlinks followed: a link out of the directory is refused too
         if model_dir.resolve() not in shard_path.parents:
             raise CheckpointError(f"{index} names a shard outside the checkpoint directory: {shard}")
-        state.update(read_safetensors(shard_path))
+        paths[shard] = shard_path
+    missing = [shard for shard, path in paths.items() if not path.is_file()]
+    if missing:
+        raise CheckpointError(f"{len(missing)} of the {len(paths)} shards that {index} names are missing from "
+                              f"{model_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                              "download the missing shard(s)")
+    return weight_map, paths
+
+
+def _read_sharded(model_dir: Path, index: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every shard is checked (present, a valid header holding the tensors the index puts there)
+    before any tensor is read, so a broken checkpoint fails in seconds, not after minutes of reading.
+
+    The index decides what is read: a shard's tensors the index does not list are skipped, with a
+    warning (they are stale copies or belong to another revision).
+    """
+    weight_map, paths = _shard_paths(model_dir, index)
+    listed: dict[str, list[str]] = {shard: [] for shard in paths}
+    for name, shard in weight_map.items():
+        listed[shard].append(name)
+    for shard, path in paths.items():
+        try:
+            with open(path, "rb", buffering=0) as f:
+                held = _read_header(f, path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        absent = [name for name in listed[shard] if name not in held]
+        if absent:
+            raise CheckpointError(f"{index} puts {len(absent)} tensor(s) in {shard} that it does not hold "
+                                  f"(e.g. {', '.join(absent[:3])}): the shard and the index do not match; "
+                                  "download them again")
+        extra = sorted(set(held) - set(listed[shard]))
+        if extra:
+            log.warning(f"{path} holds {len(extra)} tensor(s) that {index.name} does not list; skipping them "
+                        f"(e.g. {', '.join(extra[:3])})")
+    state: dict[str, torch.Tensor] = {}
+    for shard, path in paths.items():
+        state.update(_read_tensors(path, dtype, listed[shard]))
     return state

@@ -32,7 +32,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     hf_config = read_config(model_dir)
     family = family_for_config(hf_config)
     config = family.config_from_hf(hf_config)
-    state = read_state_dict(model_dir)
+    state = read_state_dict(model_dir, dtype)  # converted tensor by tensor: never two copies of the weights
     if not state:
         raise CheckpointError(f"the weights in {model_dir} are empty")
     try:

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loratune.adapters.lora import LoRAConfig
 from loratune.adapters.peft_format import load_adapter, save_adapter
+from loratune.adapters.targets import inject_lora
+from loratune.errors import CheckpointError
 from loratune.hub.files import read_state_dict
 from loratune.hub.resolve import is_hub_id, resolve_model_dir
-from loratune.errors import CheckpointError
-from loratune.adapters.lora import LoRAConfig
 from loratune.models import load_model
-from loratune.adapters.targets import inject_lora
 
 
 class _Payload:
