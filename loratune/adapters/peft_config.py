@@ -1,5 +1,6 @@
-"""Reading a PEFT ``adapter_config.json``: which keys are honoured, refused or ignored, and PEFT's rules
-for which modules an adapter targets and which rank/alpha each gets (``rank_pattern``, ...)."""
+"""Reading a PEFT ``adapter_config.json``: which keys are honoured, refused or ignored, which model
+family the adapter was made for, and PEFT's rules for which modules an adapter targets and which
+rank/alpha each gets (``rank_pattern``, ...)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..errors import CheckpointError, ConfigError
+from ..hub.files import read_json
+from ..models.registry import family_of, find_family
 from .lora import LoRAConfig
 from .targets import suffix_match
 
@@ -114,6 +119,49 @@ def _check_extra(extra: dict[str, Any], path: Path) -> None:
         LoRAConfig(**(lora or {}))
     except ConfigError as exc:
         raise CheckpointError(f"{path}: 'lora' holds an invalid value ({exc})") from None
+
+
+def adapter_family(config: dict[str, Any], extra: dict[str, Any]) -> tuple[str, str] | None:
+    """(model_type, where it was read) of the model the adapter was made for, where the adapter says.
+
+    Our loratune_adapter.json records the base's config; a PEFT-made adapter names its base in
+    ``base_model_name_or_path``, which is read when it is a local checkpoint directory.
+    """
+    base_config = extra.get("base_config")
+    if isinstance(base_config, dict) and isinstance(base_config.get("model_type"), str):
+        return base_config["model_type"], EXTRA_NAME
+    base = config.get("base_model_name_or_path")
+    path = Path(base).expanduser() / "config.json" if isinstance(base, str) and base else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        model_type = read_json(path, "config.json").get("model_type")
+    except CheckpointError:
+        return None  # only a hint: the tensors' names and shapes are still checked
+    return (model_type, str(path)) if isinstance(model_type, str) else None
+
+
+def check_family(model: nn.Module, config: dict[str, Any], extra: dict[str, Any], adapter_dir: Path) -> None:
+    """CheckpointError if the adapter was made for another model family than ``model``'s.
+
+    Why: Llama, Mistral, Qwen and Gemma share module names (``model.layers.0.self_attn.q_proj``)
+    and, at equal sizes, tensor shapes, so only the family says that an update trained on one
+    means nothing on another.
+    """
+    try:
+        found = family_of(model)
+    except CheckpointError:  # a transformers model whose config our reader refuses: its names still decide
+        found = None
+    made_for = adapter_family(config, extra)
+    if found is None or made_for is None or made_for[0] == found[0].model_type:
+        return
+    theirs = find_family(made_for[0])
+    name = theirs.display_name if theirs else made_for[0]
+    ours = found[0].display_name
+    raise CheckpointError(f"{adapter_dir} is an adapter for a {name} model (model_type {made_for[0]!r} in "
+                          f"{made_for[1]}), but this model is a {ours} ({found[0].model_type!r}): its update means "
+                          f"nothing here. Load it onto the {name} model it was trained on, or train an adapter "
+                          f"for this {ours} model")
 
 
 def is_targeted(config: dict[str, Any], name: str) -> bool:

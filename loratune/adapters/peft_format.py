@@ -4,12 +4,15 @@ A directory with ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alph
 ``target_modules`` ...) and ``adapter_model.safetensors`` holding
 ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r) under the
 Hugging Face module names of the base model. Our own extras go to ``loratune_adapter.json``,
-which PEFT ignores.
+which PEFT ignores: the slices, our LoRAConfig, and the base's config (so an adapter loaded onto
+another model family is refused by name, see :func:`~.peft_config.check_family`).
 
-GPT-2's q and v *slices* of the fused ``c_attn`` have no PEFT twin, so they are written as the
-exactly equivalent whole-``c_attn`` adapter: A stacked ``[A_q; A_v]`` (rank S*r), B block-shaped
-with zero rows for k, and alpha scaled so alpha'/r' (or alpha'/sqrt(r') with rsLoRA) is our
-scale. ``loratune_adapter.json`` records the slices, so loading here restores them exactly.
+*Slices* of a fused projection (q and v of GPT-2's ``c_attn`` or Phi-3's ``qkv_proj``, up of
+``gate_up_proj``) have no PEFT twin, so they are written as the exactly equivalent whole-module
+adapter: A stacked ``[A_q; A_v]`` (rank S*r), B block-shaped with zero rows outside the slices
+(k's, at their real grouped-query width), and alpha scaled so alpha'/r' (or alpha'/sqrt(r') with
+rsLoRA) is our scale. ``loratune_adapter.json`` records the slices, so loading here restores them
+exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from ..hub.fsutil import atomic_dir
 from ..hub.resolve import resolve_hub_dir
 from ..models.registry import family_of
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
-from .peft_config import EXTRA_NAME, check_adapter_config, is_targeted, pattern_value
+from .peft_config import (
+    EXTRA_NAME,
+    check_adapter_config,
+    check_family,
+    is_targeted,
+    pattern_value,
+)
 from .targets import linear_kind, replace_module
 
 log = logging.getLogger("loratune")
@@ -151,6 +160,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     config = read_json(path, "adapter config")
     extra = read_json(adapter_dir / EXTRA_NAME, "loratune metadata") if (adapter_dir / EXTRA_NAME).is_file() else {}
     check_adapter_config(config, extra, path)
+    check_family(model, config, extra, adapter_dir)
     saved_base = config.get("base_model_name_or_path")
     if base_model and saved_base and str(saved_base) != str(base_model):
         log.warning(f"adapter was trained on {saved_base!r}, applying it to {base_model!r}")
@@ -170,7 +180,7 @@ def _tensor_pairs(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> dict[s
     """{module name: {"A": lora_A, "B": lora_B}} from PEFT's tensor names."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        match = _KEY.match(key.removeprefix(PREFIX))
         if not match:
             raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
         pairs.setdefault(match["module"], {})[match["which"]] = tensor
@@ -184,8 +194,9 @@ def _check_modules(config: dict[str, Any], pairs: dict, linears: set[str]) -> No
     """The weights, the config's targets and the model's layers must name the same modules."""
     absent = sorted(set(pairs) - linears)
     if absent:
-        raise CheckpointError(f"adapter targets modules this model does not have: {', '.join(absent[:3])}; "
-                              "was it made for another architecture?")
+        raise CheckpointError(f"adapter targets modules this model does not have: {', '.join(absent[:3])}; it was "
+                              f"made for another architecture{_base_named(config)}: load it onto the model it was "
+                              "trained on")
     targeted = {n for n in linears if is_targeted(config, n)}
     missing = sorted(targeted - set(pairs))
     if missing or not pairs:
@@ -197,6 +208,11 @@ def _check_modules(config: dict[str, Any], pairs: dict, linears: set[str]) -> No
                               f"not target (target_modules {config.get('target_modules')!r})")
 
 
+def _base_named(config: dict[str, Any]) -> str:
+    base = config.get("base_model_name_or_path")
+    return f" (adapter_config names {base!r})" if isinstance(base, str) and base else ""
+
+
 def _build_layer(config: dict[str, Any], extra: dict[str, Any], name: str, base: nn.Module,
                  pair: dict[str, torch.Tensor]) -> LoRALinear:
     transposed = bool(linear_kind(base))
@@ -206,7 +222,8 @@ def _build_layer(config: dict[str, Any], extra: dict[str, Any], name: str, base:
     alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
         raise CheckpointError(f"adapter tensors for {name} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                              f"this model's layer is {in_f} -> {out_f}: the adapter was made for another base model")
+                              f"this model's layer is {in_f} -> {out_f}: the adapter was made for a base model of "
+                              f"another shape{_base_named(config)}: load it onto that model")
     if a.shape[0] != r:
         raise CheckpointError(f"adapter tensors for {name} have rank {a.shape[0]}, adapter_config says {r}")
     return _layer_from_peft(base, a, b, r, alpha, bool(config.get("use_rslora", False)),

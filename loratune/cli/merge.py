@@ -6,13 +6,23 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..adapters.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter, resolve_adapter_dir
-from ..errors import CheckpointError, MergeError
-from ..hub.outdir import prepare_output_dir
-from ..hub.export import merged_adapters, save_hf_model, with_merged_adapter
-from ..hub.files import read_config, sha256_file
-from ..hub.resolve import resolve_model_dir
 from ..adapters.lora import merge_lora
+from ..adapters.peft_format import (
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    load_adapter,
+    resolve_adapter_dir,
+)
+from ..errors import CheckpointError, MergeError
+from ..hub.export import (
+    checkpoint_dtype,
+    merged_adapters,
+    save_hf_model,
+    with_merged_adapter,
+)
+from ..hub.files import read_config, sha256_file
+from ..hub.outdir import prepare_output_dir
+from ..hub.resolve import resolve_model_dir
 from ..models import load_model
 from .common import DTYPES, add_model_args, device_and_dtype, log
 
@@ -26,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format) or hub id")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--out-dtype", default=None, choices=sorted(DTYPES), help="dtype of the saved weights "
-                   "(default: the model's)")
+                   "(default: the base model's, as its config.json states it; else --dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--allow-repeat", action="store_true", help="merge even if the model's config.json records "
                    "that this adapter is already merged into it (its update is then applied twice)")
@@ -68,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     model, model_dir = load_model(model_dir, dtype=dtype, device=device)
     load_adapter(model, adapter_dir, base_model=args.model)
     merged = merge_lora(model)
-    out_dtype = DTYPES[args.out_dtype] if args.out_dtype else None
+    out_dtype = DTYPES[args.out_dtype] if args.out_dtype else checkpoint_dtype(base_config)
     save_hf_model(model, out, tokenizer_dir=model_dir, dtype=out_dtype, max_shard_size=args.max_shard_size,
-                  base_config=with_merged_adapter(base_config, record))
+                  base_config=with_merged_adapter(base_config, record), base_dir=model_dir)
     log.info(f"merged {merged} LoRA layers into {args.model}")
     print(f"wrote {out}")
     return 0

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .finite import check_finite
-from .files import TOKENIZER_FILES
-from ..errors import CheckpointError, ConfigError
-from .fsutil import atomic_dir
 from ..adapters.lora import lora_layers
+from ..errors import CheckpointError, ConfigError
+from .files import TOKENIZER_FILES
+from .finite import check_finite
+from .fsutil import atomic_dir
 
 LORATUNE_KEY = "loratune"
 """config.json key of loratune's own record (transformers keeps unknown keys as plain attributes)."""
+GENERATION_CONFIG = "generation_config.json"
+
 
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
@@ -108,14 +110,30 @@ def export_config(model, base_config: dict[str, Any] | None, dtype: torch.dtype)
     return config
 
 
+def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The floating-point dtype a config.json states for its weights (``dtype``, or the older
+    ``torch_dtype``), or None where it states none we know.
+
+    Why: a merge computes in float32, but a bfloat16 base should come out bfloat16 again, not
+    twice its size with a config.json that no longer says what the base said.
+    """
+    for key in ("dtype", "torch_dtype"):
+        dtype = getattr(torch, str(config.get(key)), None) if isinstance(config.get(key), str) else None
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return None
+
+
 def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                   dtype: torch.dtype | None = None, max_shard_size: str | int | None = None,
-                  base_config: dict[str, Any] | None = None) -> Path:
+                  base_config: dict[str, Any] | None = None, base_dir: str | Path | None = None) -> Path:
     """Save config.json, model.safetensors (sharded with an index past ``max_shard_size``),
     generation_config.json and the tokenizer files.
 
     ``base_config`` is the config.json dict of the checkpoint the model was loaded from: it is
     written back with only the fields the export changes (see :func:`export_config`).
+    ``base_dir`` is that checkpoint's directory: its generation_config.json (several eos ids,
+    sampling defaults) is copied unchanged; without one, bos and eos come from the model's config.
     LoRA layers must be merged first (their update would otherwise be lost). The directory is
     written under a temporary name and renamed, so it is complete or absent.
     """
@@ -129,11 +147,19 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
         _write_weights(state, tmp, parse_size(max_shard_size) if max_shard_size else None)
         config = export_config(model, base_config, next(iter(state.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        _write_generation_config(model, tmp, base_dir)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
-                if src.is_file() and name != "generation_config.json":
+                if src.is_file() and name != GENERATION_CONFIG:
                     shutil.copyfile(src, tmp / name)
     return out
+
+
+def _write_generation_config(model, out: Path, base_dir: str | Path | None) -> None:
+    src = Path(base_dir) / GENERATION_CONFIG if base_dir is not None else None
+    if src is not None and src.is_file():
+        shutil.copyfile(src, out / GENERATION_CONFIG)
+        return
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")

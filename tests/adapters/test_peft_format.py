@@ -407,7 +407,8 @@ def _edit_config(adapter: Path, **changes) -> None:
 def test_adapter_for_another_hidden_size_is_refused(tmp_path, tiny_ckpt, model):
     _peft_made_adapter(tiny_ckpt, tmp_path / "adapter", hf=hf_tiny(seed=1, n_embd=32))
     _error(model, tmp_path / "adapter", r"transformer\.h\.0\.attn\.c_attn have shapes A \(4, 32\), B \(96, 4\); "
-                                        r"this model's layer is 64 -> 192: the adapter was made for another base")
+                                        r"this model's layer is 64 -> 192: the adapter was made for a base model of "
+                                        r"another shape")
 
 
 def test_adapter_for_another_architecture_is_refused(tmp_path, model):

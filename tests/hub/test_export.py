@@ -13,19 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PROMPT_IDS, randomize_lora_, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import PROMPT_IDS, randomize_lora_, rel_err
-from loratune.hub import export as export_module
+from loratune.adapters.lora import LoRAConfig, merge_lora
 from loratune.adapters.peft_format import load_adapter, save_adapter
+from loratune.adapters.targets import inject_lora
 from loratune.cli import main
 from loratune.errors import CheckpointError, ConfigError
-from loratune.hub.export import parse_size, save_hf_model, shard_state
 from loratune.generate import SamplingConfig, generate
-from loratune.adapters.lora import LoRAConfig, merge_lora
+from loratune.hub import export as export_module
+from loratune.hub.export import parse_size, save_hf_model, shard_state
 from loratune.models import load_model
-from loratune.adapters.targets import inject_lora
 
 ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -95,7 +95,7 @@ def test_greedy_generation_agrees_token_for_token(merged, tiny_ckpt):
     with torch.no_grad():
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=24,
                              pad_token_id=50256)[0, prompt.shape[1]:].tolist()
-    mine = generate(ours, prompt, SamplingConfig(max_new_tokens=24), eos_id=50256)[0].tolist()
+    mine = generate(ours, prompt, SamplingConfig(max_new_tokens=24), eos_ids=[50256])[0].tolist()
     if 50256 in mine:
         mine = mine[:mine.index(50256) + 1]  # transformers stops after eos; we pad with it
     assert len(set(mine)) > 3, "the continuation should be varied for the comparison to mean something"
