@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
         log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")
         if args.merge:
             merge_lora(model)
-    ids = tokenizer.encode(args.prompt)
+    # the prompt starts with BOS where the tokenizer has one, as in training and transformers' tokenizer(text)
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(args.prompt)
     if not ids:
         ids = [tokenizer.eos_id]
     prompt = torch.tensor([ids], device=device)
-    new = generate(model, prompt, sampling, eos_id=tokenizer.eos_id)[0].tolist()
-    if tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
+    new = generate(model, prompt, sampling, eos_ids=tokenizer.eos_ids)[0].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in tokenizer.eos_ids), len(new))]  # cut at the first eos
     sys.stdout.write(tokenizer.decode(new) + "\n")
     return 0

@@ -11,7 +11,8 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> list[list[int]]:
 
     Each block gives ``seq_len`` (input, next-token) pairs; consecutive blocks share one token, so
     every token of the stream is a target once. The last partial block is dropped. Documents should
-    end with the end-of-text token so that the model sees where one stops and the next begins.
+    end with the end-of-text token so that the model sees where one stops and the next begins, and
+    start with the tokenizer's BOS where it has one (see :func:`loratune.data.tasks.build_examples`).
     """
     stream = [tok for doc in docs for tok in doc]
     return [stream[start:start + seq_len + 1] for start in range(0, len(stream) - seq_len, seq_len)]

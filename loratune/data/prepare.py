@@ -32,6 +32,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
                  seed: int) -> tuple[list[Example], list[Example]]:
     """Load, subset, tokenize and split: the (train, val) examples a training run uses.
 
+    Each document is tokenized from the tokenizer's BOS (where it has one) to its EOS, see
+    :func:`~loratune.data.tasks.build_examples`.
+
     With max_examples, the first N records of a seeded shuffle of source are used. Validation
     comes from val_source when set (a local file, or else a split of the hub data set source,
     used whole), otherwise from a held-out val_fraction: of the examples, or, with packing, of

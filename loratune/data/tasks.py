@@ -46,22 +46,26 @@ def build_examples(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
                    source: str | None = None) -> list[Example]:
     """Tokenize records into examples of at most ``seq_len`` tokens (``source`` names them in errors).
 
-    causal_lm: ``ids = encode(text) + [eos]`` cut to seq_len + 1, then input = ids[:-1],
-    labels = ids[1:]. With packing, all documents (each followed by eos) form one stream cut
-    into blocks of seq_len + 1 at stride seq_len; the last partial block is dropped.
-    completion: ids = prompt + completion + [eos]; when too long the completion keeps at least
-    half the window and the prompt loses its start (its end carries the 'TL;DR:' marker).
-    Labels are -100 wherever the target is a prompt token.
+    A document starts with the tokenizer's BOS where it has one (``tokenizer.bos_id``: Llama,
+    Gemma), as transformers' ``tokenizer(text)`` starts it, and ends with EOS; without a BOS
+    (GPT-2, Qwen) it is ``encode(text) + [eos]``.
+
+    causal_lm: ``ids = [bos] + encode(text) + [eos]`` cut to seq_len + 1, then input = ids[:-1],
+    labels = ids[1:]. With packing, all documents (each from its bos to its eos) form one stream
+    cut into blocks of seq_len + 1 at stride seq_len; the last partial block is dropped.
+    completion: ids = [bos] + prompt + completion + [eos]; when too long the completion keeps at
+    least half the window and the prompt loses its start after the bos (its end carries the
+    'TL;DR:' marker). Labels are -100 wherever the target is a prompt token (the bos included).
     """
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     source = source or cfg.source
     if not records:
         raise DataError(f"the data is empty: no records from {source}")
-    eos = tokenizer.eos_id
+    bos, eos = [] if tokenizer.bos_id is None else [tokenizer.bos_id], tokenizer.eos_id
     if cfg.task == "causal_lm":
         records = _usable(records, [cfg.text_field], source)
-        docs = [ids + [eos] for ids in tokenizer.encode_batch([str(r[cfg.text_field]) for r in records])]
+        docs = [bos + ids + [eos] for ids in tokenizer.encode_batch([str(r[cfg.text_field]) for r in records])]
         blocks = pack_documents(docs, seq_len) if cfg.packing else [d[:seq_len + 1] for d in docs]
         examples = [_shifted(b) for b in blocks]
     else:
@@ -70,7 +74,7 @@ def build_examples(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
         records = _usable(records, fields, source)
         prompts = tokenizer.encode_batch(_fill(cfg.prompt_template, records, source))
         completions = tokenizer.encode_batch(_fill(cfg.completion_template, records, source))
-        examples = [_completion(p, c + [eos], seq_len) for p, c in zip(prompts, completions)]
+        examples = [_completion(bos, p, c + [eos], seq_len) for p, c in zip(prompts, completions)]
     if not examples:
         more = f" (packing needs at least {seq_len + 1} tokens in all)" if cfg.packing and records else ""
         raise DataError(f"the data is empty: no usable examples from {len(records)} records of {source}{more}")
@@ -95,10 +99,10 @@ def _shifted(ids: list[int], n_prompt: int = 0) -> Example:
     return Example(input_ids=ids[:-1], labels=labels)
 
 
-def _completion(prompt: list[int], completion: list[int], seq_len: int) -> Example:
-    room = seq_len + 1
+def _completion(bos: list[int], prompt: list[int], completion: list[int], seq_len: int) -> Example:
+    room = seq_len + 1 - len(bos)  # the bos always stays first
     n_completion = min(len(completion), max(room - len(prompt), room // 2))
     n_prompt = min(len(prompt), room - n_completion)
-    prompt = prompt[len(prompt) - n_prompt:]  # keep the prompt's end
-    return _shifted(prompt + completion[:n_completion], n_prompt=n_prompt)
+    prompt = bos + prompt[len(prompt) - n_prompt:]  # keep the prompt's end
+    return _shifted(prompt + completion[:n_completion], n_prompt=len(prompt))
 

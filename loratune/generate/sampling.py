@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +75,14 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 
 
 @torch.inference_mode()
-def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequence[int] | None = None,
              attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True) -> torch.Tensor:
     """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
 
-    Left-padded batches pass ``attention_mask`` (B, T). Finished rows are padded with ``eos_id``.
+    A row finishes at the first of any of ``eos_ids`` (Llama 3 instruct models end a turn with
+    ``<|eot_id|>`` and a text with ``<|end_of_text|>``: ``Tokenizer.eos_ids`` lists both); finished
+    rows are padded with ``eos_ids[0]``. None or empty: no stop ids, every row runs all steps.
+    Left-padded batches pass ``attention_mask`` (B, T).
     ``pack`` runs the linear layers on oneDNN-packed weights where that applies (CPU; see
     :mod:`loratune.generate.cpu_prepack`).
     """
@@ -95,6 +99,7 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
         generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)
     cache = model.new_cache(B, T + steps) if use_cache else None
     mask = attention_mask
+    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompts.device) if eos_ids else None
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     seq, out = prompts, []
     step_input = prompts
@@ -104,25 +109,25 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_id: int | No
                 hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
             else:
                 hidden = model.hidden_states(seq, attention_mask=mask)
-            logits = model.lm_head(hidden[:, -1])  # (B, V): the head runs on the last position only
-            token, done = _pick(logits, cfg, generator, eos_id, done)
+            logits = model.logits(hidden[:, -1])  # (B, V): the head runs on the last position only
+            token, done = _pick(logits, cfg, generator, stop, done)
             out.append(token)
             step_input = token[:, None]
             if cache is None:  # without a cache every step re-reads the whole sequence
                 seq = torch.cat([seq, step_input], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
-            if eos_id is not None and cfg.stop_at_eos and bool(done.all()):
+            if stop is not None and cfg.stop_at_eos and bool(done.all()):
                 break
     if not out:
         return prompts.new_zeros(B, 0)
     return torch.stack(out, dim=1)
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator, eos_id: int | None, done: torch.Tensor):
-    """The next token per row; rows already finished get ``eos_id`` again."""
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator, stop: torch.Tensor | None, done: torch.Tensor):
+    """The next token per row; rows already finished get the first stop id ``stop[0]``."""
     token = next_token(logits, cfg, generator)  # (B,)
-    if eos_id is not None:
-        token = torch.where(done, torch.full_like(token, eos_id), token)
-        done = done | (token == eos_id)
+    if stop is not None:
+        token = torch.where(done, stop[0], token)
+        done = done | torch.isin(token, stop)
     return token, done

@@ -341,13 +341,14 @@ def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.devic
     """A short continuation of the recipe's sample prompt (seeded top-k sampling)."""
     if not recipe.sample_prompt or recipe.sample_tokens == 0:
         return ""
-    ids = torch.tensor([tokenizer.encode(recipe.sample_prompt)], device=device)
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as the training documents start
+    ids = torch.tensor([bos + tokenizer.encode(recipe.sample_prompt)], device=device)
     cfg = SamplingConfig(max_new_tokens=recipe.sample_tokens, temperature=0.8, top_k=40, seed=recipe.seed)
     was_training = model.training
     model.eval()
-    new = generate(model, ids, cfg, eos_id=tokenizer.eos_id)[0].tolist()
+    new = generate(model, ids, cfg, eos_ids=tokenizer.eos_ids)[0].tolist()
     model.train(was_training)
-    return recipe.sample_prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    return recipe.sample_prompt + tokenizer.decode([t for t in new if t not in tokenizer.eos_ids])
 
 
 def _read_samples(path: Path, prompt: str) -> dict:
@@ -362,7 +363,8 @@ def _save_result(model: nn.Module, recipe: Recipe, out: Path, model_dir: Path) -
     if recipe.finetune == "lora":
         save_adapter(model, out / "adapter", recipe.lora, base_model=recipe.model)
     else:
-        save_hf_model(model, out / "model", tokenizer_dir=model_dir, base_config=read_config(model_dir))
+        save_hf_model(model, out / "model", tokenizer_dir=model_dir, base_config=read_config(model_dir),
+                      base_dir=model_dir)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -103,7 +103,7 @@ def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten(),
-                                    softcap=model.logit_softcap)
+                                    softcap=getattr(model, "logit_softcap", None))
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -22,9 +22,8 @@ MAX_NEW = 16
 def _expected_text(model, tokenizer) -> str:
     """What `generate --temperature 0` must print: the greedy continuation only, cut at eos."""
     ids = torch.tensor([tokenizer.encode(PROMPT)])
-    new = generate(model, ids, SamplingConfig(max_new_tokens=MAX_NEW), eos_id=tokenizer.eos_id)[0].tolist()
-    if tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
+    new = generate(model, ids, SamplingConfig(max_new_tokens=MAX_NEW), eos_ids=tokenizer.eos_ids)[0].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in tokenizer.eos_ids), len(new))]
     assert new, "the continuation should not be empty"
     return tokenizer.decode(new) + "\n"
 

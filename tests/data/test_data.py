@@ -16,10 +16,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loratune.data import (IGNORE_INDEX, Batches, DataConfig, Example, build_examples, load_records,
-                           prepare_data, split_train_val)
-from loratune.errors import ConfigError, DataError
+from loratune.data import (
+    IGNORE_INDEX,
+    Batches,
+    DataConfig,
+    Example,
+    build_examples,
+    load_records,
+    prepare_data,
+    split_train_val,
+)
 from loratune.data.tokenizer import load_tokenizer
+from loratune.errors import ConfigError, DataError
 
 REDDIT = Path(__file__).resolve().parents[3] / "shared/data/reddit_tifu_long/train.jsonl"
 
@@ -195,6 +203,57 @@ def test_packing_makes_full_blocks_of_the_token_stream(tok):
     assert [t for e in ex for t in e.labels] == stream[1:n * seq_len + 1]
     with pytest.raises(DataError, match="packing needs at least"):
         build_examples([{"documents": "hi"}], cfg(packing=True), tok, seq_len=seq_len)
+
+
+# --- documents start with BOS where the tokenizer has one -------------------------------------
+
+@pytest.fixture(scope="module")
+def bos_tok():
+    """A tokenizer that puts a BOS first: the real Llama 2 / Mistral one from ../shared (skipped where absent)."""
+    path = REDDIT.parents[2] / "tokenizers" / "llama2"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"{path} is not present (../shared holds the real tokenizers)")
+    return load_tokenizer(path)
+
+
+def test_gpt2_documents_have_no_bos(tok):
+    """GPT-2 has no BOS (transformers' tokenizer(text) adds nothing): documents stay encode(text) + [eos]."""
+    assert tok.bos_id is None
+    ex = build_examples(RECORDS, cfg(), tok, seq_len=64)
+    assert [e.input_ids + e.labels[-1:] for e in ex] == [tok.encode(r["documents"]) + [tok.eos_id] for r in RECORDS]
+
+
+def test_causal_lm_documents_start_with_bos(bos_tok):
+    texts = [r["documents"] for r in RECORDS]
+    bos, eos = bos_tok.bos_id, bos_tok.eos_id
+    docs = [[bos] + ids + [eos] for ids in bos_tok.encode_batch(texts)]
+    assert docs == [ids + [eos] for ids in bos_tok.encode_batch(texts, add_special=True)]  # as tokenizer(text)
+    ex = build_examples(RECORDS, cfg(), bos_tok, seq_len=64)
+    assert [e.input_ids + e.labels[-1:] for e in ex] == docs
+    assert all(e.input_ids[0] == bos and e.labels[0] != IGNORE_INDEX for e in ex)
+    packed = build_examples(RECORDS, cfg(packing=True), bos_tok, seq_len=8)
+    stream = [t for d in docs for t in d]
+    n = len(packed)
+    assert n == (len(stream) - 1) // 8
+    assert [t for e in packed for t in e.input_ids] == stream[:n * 8]
+    assert [t for e in packed for t in e.labels] == stream[1:n * 8 + 1]
+
+
+@pytest.mark.parametrize("seq_len", [64, 12], ids=["fits", "prompt-cut"])
+def test_completion_keeps_bos_first_and_masked(bos_tok, seq_len):
+    """The BOS stays first when the prompt loses its start; it is a prompt token (no loss on what follows it)."""
+    config, cut = cfg(task="completion"), []
+    for r, e in zip(RECORDS, build_examples(RECORDS, config, bos_tok, seq_len)):
+        p = bos_tok.encode(config.prompt_template.format(**r))
+        c = bos_tok.encode(config.completion_template.format(**r)) + [bos_tok.eos_id]
+        ids = e.input_ids + e.labels[-1:]
+        n_prompt = e.labels.count(IGNORE_INDEX) + 1  # bos + the prompt tokens kept
+        assert ids[0] == bos_tok.bos_id and len(ids) <= seq_len + 1
+        assert ids[1:n_prompt] == p[len(p) - (n_prompt - 1):]  # the prompt's end survives
+        assert e.labels[n_prompt - 1:] == ids[n_prompt:] == c[:len(ids) - n_prompt]
+        cut.append(n_prompt - 1 < len(p))
+        assert seq_len != 64 or ids == [bos_tok.bos_id] + p + c
+    assert any(cut) == (seq_len == 12)
 
 
 # --- completion ------------------------------------------------------------------------------

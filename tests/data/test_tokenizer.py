@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from conftest import DATA_FILE, EOS_ID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DATA_FILE, EOS_ID
-from loratune.errors import CheckpointError
 from loratune.data.tokenizer import load_tokenizer
+from loratune.errors import CheckpointError
 
 FIXED = [
     "Hello, world!",
@@ -111,30 +111,15 @@ def test_missing_or_broken_tokenizer_files(tmp_path, tiny_ckpt):
         load_tokenizer(tmp_path)
 
 
-# --- special tokens of other families: found as transformers finds them ---------------------------
+# --- special tokens: found as transformers finds them (the real families: test_tokenizer_families.py) ----
 
-SHARED_TOKENIZERS = DATA_FILE.parents[2] / "tokenizers"
-
-
-@pytest.mark.parametrize("name", ["llama3_1", "llama2", "qwen3", "gemma3"])
-def test_special_tokens_of_real_tokenizers_match_transformers(name, tmp_path):
-    """End-of-text and padding come from tokenizer_config.json (eos_token, pad_token), as transformers
-    reads them, for four real families' tokenizers; no family-specific code in the tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
-    src = SHARED_TOKENIZERS / name
-    if not (src / "tokenizer.json").is_file():
-        pytest.skip(f"{src} is not present (../shared holds the real tokenizers)")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(src / f, tmp_path / f)
-    ours = load_tokenizer(tmp_path)
-    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
-                                  **{k: v for k, v in json.loads((src / "tokenizer_config.json").read_text()).items()
-                                     if k in ("eos_token", "pad_token", "bos_token")})
-    assert ours.eos_id == ref.eos_token_id
-    assert ours.pad_id == (ref.pad_token_id if ref.pad_token_id is not None else ref.eos_token_id)
-    text = "Hello there, how are you?"
-    assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+def test_gpt2_adds_no_special_tokens(ours, hf_tokenizer):
+    """GPT-2 has no BOS: transformers' tokenizer(text) adds nothing, and neither does encode(add_special=True)."""
+    assert ours.bos_id is None and ours.eos_ids == (EOS_ID,) and ours.pad_id == EOS_ID
+    for text in FIXED:
+        assert ours.encode(text, add_special=True) == ours.encode(text) == hf_tokenizer(text)["input_ids"]
+    assert ours.encode_batch(FIXED, add_special=True) == ours.encode_batch(FIXED)
+    assert ours.decode([EOS_ID, 15496], skip_special=True) == hf_tokenizer.decode([EOS_ID, 15496], skip_special_tokens=True)
 
 
 def test_eos_from_config_json_when_the_tokenizer_names_none(tmp_path, tiny_ckpt):
@@ -145,3 +130,15 @@ def test_eos_from_config_json_when_the_tokenizer_names_none(tmp_path, tiny_ckpt)
     assert load_tokenizer(tmp_path).eos_id == 13
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "unknown-family"}))
     assert load_tokenizer(tmp_path).eos_id == EOS_ID  # a known family's end-of-text token in the vocabulary
+
+
+def test_eos_ids_add_generation_config_and_config_ids(tmp_path, tiny_ckpt):
+    """Generation stops on the tokenizer's eos, then every eos_token_id of generation_config.json and
+    config.json (an int or a list; out-of-vocabulary ids dropped), each once."""
+    shutil.copyfile(tiny_ckpt / "vocab.json", tmp_path / "vocab.json")
+    shutil.copyfile(tiny_ckpt / "merges.txt", tmp_path / "merges.txt")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [13, EOS_ID, 10**9]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 198}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == EOS_ID and tok.eos_ids == (EOS_ID, 13, 198)
