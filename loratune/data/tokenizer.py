@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 
 
 class Tokenizer:
@@ -53,18 +53,42 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys([eos_id, *eos_ids]))
         self.bos_id: int | None = _prepended_id(backend)
         self.clean_up_spaces = clean_up_spaces
+        self.id_limit: int | None = None
+        """Ids from here on have no embedding row (see :meth:`limit_ids`); text producing one is refused."""
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
+    @property
+    def base_vocab_size(self) -> int:
+        """Tokens of the model proper, without the tokens added on top (special and control tokens)."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def limit_ids(self, rows: int) -> list[str]:
+        """Refuse, from now on, text that encodes to an id >= ``rows``; returns those tokens' texts.
+
+        Why: Gemma 3's tokenizer lists ``<image_soft_token>`` at id 262,144, one past the text
+        models' embedding; transformers loads the pair, and only text naming that token breaks.
+        """
+        self.id_limit = rows
+        return [self.backend.id_to_token(i) or str(i) for i in range(rows, self.vocab_size)]
+
+    def _checked(self, ids: list[int]) -> list[int]:
+        if self.id_limit is not None and ids and max(ids) >= self.id_limit:
+            bad = next(i for i in ids if i >= self.id_limit)
+            raise DataError(f"the text contains {self.backend.id_to_token(bad)!r} (id {bad}), a token this model "
+                            f"has no embedding row for (its vocabulary has {self.id_limit} rows): remove it from "
+                            "the text")
+        return ids
+
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special`` adds what transformers' ``tokenizer(text)`` adds (BOS)."""
-        return self.backend.encode(text, add_special_tokens=add_special).ids
+        return self._checked(self.backend.encode(text, add_special_tokens=add_special).ids)
 
     def encode_batch(self, texts: list[str], add_special: bool = False) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the Rust backend."""
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special)]
+        return [self._checked(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=add_special)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of token ids, as transformers' ``decode`` gives it (``skip_special``: without special tokens)."""

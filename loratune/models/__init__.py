@@ -4,6 +4,7 @@ loads any registered family."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from ..hub.resolve import resolve_model_dir
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache
 from .registry import family_for_config
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GPT2", "GPT2Config", "KVCache", "check_tokenizer_fits", "load_model"]
 
@@ -47,13 +50,19 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
 
 
 def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
-    """Refuse a tokenizer that can produce ids the model's embedding has no row for.
+    """Refuse a tokenizer whose vocabulary the model's embedding cannot hold.
 
     Such an id crashes the embedding lookup (or, on a GPU, an assertion in the middle of a run);
-    a tokenizer smaller than the embedding is fine (GPT-2-style padded vocabularies).
+    a tokenizer smaller than the embedding is fine (padded vocabularies). Added tokens past the
+    embedding (Gemma 3's ``<image_soft_token>`` for its text-only models) are allowed, as
+    transformers allows them; text that produces one is refused when encoded.
     """
     rows = model.config.vocab_size
-    if tokenizer.vocab_size > rows:
+    if tokenizer.base_vocab_size > rows:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens, but the model's embedding has "
                               f"{rows} rows (its vocab_size): ids >= {rows} would crash the embedding; use the tokenizer "
                               "files that belong to this model")
+    if tokenizer.vocab_size > rows:
+        extra = tokenizer.limit_ids(rows)
+        log.info(f"the tokenizer's added tokens {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} have no "
+                 "embedding row in this model; text containing them will be refused")
