@@ -91,7 +91,34 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     w["number_field"].write_text(f"model: {w['model']}\ndata:\n  source: {w['data']}\n  text_field: 5\n")
     w["file"] = root / "a-file.txt"
     w["file"].write_text("a file, not a directory")
+    _family_world(w, root)
     return w
+
+
+def _family_world(w: dict[str, Path], root: Path) -> None:
+    """A tiny Qwen3 (sharded, with a real byte-level BPE of 320 tokens) and its broken variants."""
+    from family_models import save_family, write_small_tokenizer
+
+    def variant(name: str, edit) -> Path:
+        d = root / name
+        shutil.copytree(w["qwen3"], d)
+        edit(d)
+        return d
+
+    def edit_config(d: Path, **fields) -> None:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **fields}))
+
+    w["qwen3"] = root / "qwen3"
+    save_family("qwen3", root / "qwen3-unsharded").save_pretrained(w["qwen3"], max_shard_size="100KB")
+    write_small_tokenizer(w["qwen3"])
+    shards = sorted(w["qwen3"].glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (w["qwen3"] / "model.safetensors").exists()
+    w["missing_shard"] = variant("missing-shard", lambda d: (d / shards[1].name).unlink())
+    w["rope_foo"] = variant("rope-foo", lambda d: edit_config(d, rope_parameters={"rope_type": "foo",
+                                                                                  "rope_theta": 1e4}))
+    w["mamba"] = variant("mamba", lambda d: edit_config(d, model_type="mamba", architectures=["MambaForCausalLM"]))
+    w["big_tokenizer"] = variant("big-tokenizer", lambda d: write_small_tokenizer(d, vocab_size=400))
 
 
 # (id, argv with {placeholders} from the world and {new} for a fresh path, exit code, stderr must contain)
@@ -154,6 +181,14 @@ ROWS = [
     ("compare --steps 0", ["compare", "{recipe}", *WORLD_TRAIN[:-1], "--steps", "0"], 2, "steps"),
     ("info on a missing model", ["info", "--model", "{root}/none"], 2, "does not exist"),
     ("info on a model with .bin and .safetensors", ["info", "--model", "{both_formats}"], 0, "model.safetensors"),
+    ("info on an unsupported architecture", ["info", "--model", "{mamba}"], 2, "'mamba' (MambaForCausalLM)"),
+    ("info on an unsupported rope type", ["info", "--model", "{rope_foo}"], 2, "rope_type 'foo' is not supported"),
+    ("generate from a checkpoint missing a shard", ["generate", "--model", "{missing_shard}", "--prompt", "hi"], 2,
+     "shards that"),
+    ("generate with a tokenizer larger than the embedding", ["generate", "--model", "{big_tokenizer}", "--prompt",
+                                                             "the cat"], 2, "embedding has 320 rows"),
+    ("generate with an adapter of another family", ["generate", "--model", "{qwen3}", "--adapter", "{adapter}",
+                                                    "--prompt", "the cat"], 2, "is an adapter for a GPT-2"),
 ]
 
 
