@@ -95,3 +95,17 @@ def write_small_tokenizer(dest: Path, vocab_size: int = 320) -> None:
     tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, trainer)
     tok.save(str(Path(dest) / "tokenizer.json"))
     (Path(dest) / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "</s>"}))
+
+
+def token_ids(seed: int = 0) -> torch.Tensor:
+    """(2, 24) seeded token ids: longer than every sliding window of the cases."""
+    return torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def write_decoder(name: str, path: Path, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Case ``name``, saved by transformers, with its matrices N(0, 0.08): for adapter and merge
+    comparisons at 1e-5 (at the cases' 0.25 three random layers amplify float32 rounding towards
+    1e-5 on their own)."""
+    model = reinit_decoder_(hf_family_model(name, **overrides), seed=0, std=0.08)
+    model.to(dtype).save_pretrained(path)
+    return path

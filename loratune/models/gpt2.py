@@ -23,6 +23,7 @@ from ..errors import CheckpointError
 from .attention import attend
 from .kv_cache import KVCache, cache_dtype
 from .spec import Alias, FamilySpec, MemoryProfile
+from .weight_map import map_weights
 
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -270,31 +271,16 @@ class GPT2(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        mapped: dict[str, torch.Tensor] = {}
-        unexpected = []
-        for key, tensor in state.items():
+
+        def rename(key: str) -> str | None:
             if key.endswith(_BUFFERS) or key == "lm_head.weight":
-                continue
-            name = key if key.startswith("transformer.") else "transformer." + key
-            if name not in expected:
-                unexpected.append(key)
-                continue
-            if name.endswith(_CONV1D) and tensor.dim() == 2:
-                tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
-            if tuple(tensor.shape) != tuple(expected[name]):
-                raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
-                                      f"but config.json implies {tuple(expected[name])}")
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"checkpoint tensor {key} has dtype {tensor.dtype}, expected floating point")
-            mapped[name] = tensor.to(dtype or tensor.dtype).contiguous()
-        missing = sorted(set(expected) - set(mapped))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-            raise CheckpointError("checkpoint does not match a GPT-2 of this config: " + "; ".join(parts))
+                return None  # causal-mask buffers; the tied head
+            return key if key.startswith("transformer.") else "transformer." + key
+
+        def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.t() if name.endswith(_CONV1D) and tensor.dim() == 2 else tensor  # Conv1D (in, out)
+
+        mapped = map_weights(state, expected, rename, dtype, "a GPT-2 of this config", transform)
         mapped["lm_head.weight"] = mapped["transformer.wte.weight"]
         model.load_state_dict(mapped, assign=True)
         model.lm_head.weight = model.transformer.wte.weight

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_lora_, rel_err
-from family_models import BASE, CASES, hf_family_model, reinit_decoder_
+from family_models import CASES, token_ids, write_decoder
 from safetensors.torch import load_file
 
 from loratune.adapters.lora import LoRAConfig, adapters_disabled, lora_layers
@@ -30,18 +30,6 @@ RTOL = 1e-5
 MIN_EFFECT = 1e-2  # the adapter must move the logits at least this much for a comparison to mean something
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
-
-def token_ids(seed: int = 0) -> torch.Tensor:
-    """(2, 24) seeded token ids: longer than every sliding window of the cases."""
-    return torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(seed))
-
-
-def write_decoder(name: str, path: Path, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Case ``name`` of tests/family_models.py, saved by transformers, with its matrices N(0, 0.08): at the
-    cases' 0.25 three random layers amplify float32 rounding towards 1e-5 on their own."""
-    model = reinit_decoder_(hf_family_model(name, **overrides), seed=0, std=0.08)
-    model.to(dtype).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
