@@ -48,8 +48,8 @@ def load(path: str | Path) -> dict:
 
 
 def count_jobs(result: dict) -> int:
-    """Measured jobs in a results file: training rows plus generation rows."""
-    return len(result.get("train") or []) + len(result.get("generate") or [])
+    """Measured jobs in a results file: training rows plus generation rows (or a loading benchmark's rows)."""
+    return len(result.get("train") or []) + len(result.get("generate") or []) + len(result.get("rows") or [])
 
 
 # --------------------------------------------------------------------------- which command made a row
@@ -278,8 +278,26 @@ def clock_line(result: dict) -> str | None:
             "`--threads 1 --clock cpu`: other processes shared the cores, so wall-clock time measured them too).")
 
 
+def load_table(result: dict) -> str:
+    """benchmarks/load_rss.py's results: peak RSS of loading a sharded checkpoint, per reader."""
+    m, c = result["machine"], result["checkpoint"]
+    out = [f"Machine (from the JSON): {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; torch {m['torch']}, "
+           f"safetensors {m['safetensors']}. Checkpoint: {c['layers']} Llama-shaped layers, hidden {c['hidden']}, "
+           f"{c['shards']} shards, {c['files_gib']} GiB of {c['dtype']}; page cache {result['page_cache']}; "
+           f"`{result['command']}`.", "",
+           "| reader, result dtype | weights in memory (GiB) | peak RSS (GiB) | peak RSS / weights | process baseline "
+           "(GiB) | seconds until every page is resident | runs |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        runs = "1 (single run)" if r.get("single_run") else str(r.get("runs", "?"))
+        out.append(f"| {r['case']} | {r['weights_gib']:.3f} | {r['peak_rss_gib']:.3f} | {r['ratio']:.2f} | "
+                   f"{r['baseline_rss_gib']:.3f} | {r['ready_seconds']:.2f} | {runs} |")
+    return "\n".join(out)
+
+
 def render(result: dict) -> str:
     """The machine line, the tables and the slower-rows line of one results file."""
+    if "checkpoint" in result and "rows" in result:
+        return load_table(result)
     out = [machine_line(result), ""]
     if clock_line(result):
         out += [clock_line(result), ""]

@@ -77,7 +77,7 @@ def test_block_equals_the_generated_tables(path):
 @pytest.mark.parametrize("path", sorted(BLOCKS))
 def test_one_row_per_measured_job(path):
     result = json.loads((ROOT / path).read_text())
-    jobs = len(result.get("train") or []) + len(result.get("generate") or [])
+    jobs = len(result.get("train") or []) + len(result.get("generate") or []) + len(result.get("rows") or [])
     assert jobs > 0
     assert len(data_rows(BLOCKS[path])) == jobs == report_tables.count_jobs(result)
     assert len(data_rows(report_tables.render(result))) == jobs
