@@ -20,6 +20,38 @@ from .kv_cache import KVCache, cache_dtype
 from .rope import apply_rope, rope_cos_sin
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm whose backward keeps only x and one float32 rstd per row.
+
+    Autograd through the plain formula would keep a float32 copy of x, its square, the
+    normalised x and its cast (several times x's size in bf16); the forward here computes exactly
+    the same values as transformers' LlamaRMSNorm / Gemma3RMSNorm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.unit_offset = unit_offset
+        if unit_offset:  # Gemma: the product in float32, then cast
+            return (h * rstd * (1.0 + weight.float())).type_as(x)
+        return weight * (h * rstd).to(x.dtype)  # Llama: cast, then scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd  # the normalised x, recomputed
+        scale = (1.0 + weight.float()) if ctx.unit_offset else weight.float()
+        g = grad.float() * scale
+        grad_x = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            n_out = n if ctx.unit_offset else n.to(x.dtype).float()
+            grad_w = (grad.float() * n_out).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_w, None, None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w in float32, cast back; Gemma's variant scales by (1 + w)."""
 
@@ -29,11 +61,7 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:  # Gemma: the product in float32, then cast (transformers' Gemma3RMSNorm)
-            return (h * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * h.to(x.dtype)  # Llama: cast, then scale (transformers' LlamaRMSNorm)
+        return _RMSNormFn.apply(x, self.weight, self.eps, self.unit_offset)
 
 
 class Attention(nn.Module):
@@ -84,6 +112,29 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+class _GatedActFn(torch.autograd.Function):
+    """act(gate) * up whose backward keeps only gate and up (act(gate) is recomputed): one MLP-wide
+    tensor less per layer and token than autograd through the two ops; the same values forward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.gelu = gelu
+        return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        act = F.gelu(gate, approximate="tanh") if ctx.gelu else F.silu(gate)
+        grad_up = grad * act if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_act = grad * up
+            grad_gate = (torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh") if ctx.gelu
+                         else torch.ops.aten.silu_backward(grad_act, gate))
+        return grad_gate, grad_up, None
+
+
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -102,8 +153,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, 2F) -> 2 x (B, T, F)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(act * up)
+        return self.down_proj(_GatedActFn.apply(gate, up, self.gelu))  # SwiGLU, or GeGLU (Gemma)
 
 
 class DecoderLayer(nn.Module):

@@ -16,6 +16,9 @@ CPU_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk on CPU: allocations pas
 # (32 MiB at most) come back as fresh pages every time, and the page faults cost more than the softmax
 CPU_HEAD_GRAD_CHUNK = 1024  # when the head trains: its gradient (V x chunk) @ (chunk x C) needs a long inner
 # dimension to run at matmul speed (at 160 positions it ran 3x slower than at 1024), which beats the page faults
+CPU_MIN_CHUNK = 128  # ... but never fewer positions than this: at Qwen3's 151,936-token vocabulary the byte
+# limit gives 48, and every chunk re-reads the whole head weight (311 MB in bf16): the loss of 512 positions took
+# 2.29 s at 48 and 1.48 s at 160 (CPU seconds, one thread, benchmarks on a shared machine)
 GPU_CHUNK = 2048  # positions per chunk on accelerators, whose caching allocator reuses the memory
 
 
@@ -26,7 +29,7 @@ def default_chunk(device: torch.device, vocab: int, head_trains: bool = False) -
         return GPU_CHUNK
     if head_trains:
         return CPU_HEAD_GRAD_CHUNK
-    return max(16, CPU_CHUNK_BYTES // (4 * vocab) // 16 * 16)
+    return max(CPU_MIN_CHUNK, CPU_CHUNK_BYTES // (4 * vocab) // 16 * 16)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
