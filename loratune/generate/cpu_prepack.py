@@ -9,6 +9,10 @@ weights are untouched, so merging, saving and training see nothing). Measured he
 GB/s at eight; for the float32 50,257 x 768 head at eight rows, 5 -> 17 GB/s. Results are
 bit-identical in bf16 and agree to float rounding in fp32 (tests/generate/test_cpu_prepack.py).
 
+float32 weights are packed only for batches of several rows: at one row, oneDNN's packed float32
+product decoded slower than the plain one here (SmolLM2-135M shape, one thread: 14.6 against 16.2
+tokens per CPU-second; bf16 packed 18.1 against 14.4).
+
 Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, or
 where this PyTorch build lacks the oneDNN ops, the context changes nothing. The packed copies
 are extra memory (one more copy of the weights) for as long as the context lasts.
@@ -59,13 +63,17 @@ def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
     apply). Weights must not change inside the block.
     """
     patched: list[tuple[nn.Module, str]] = []
+
+    def worth_it(weight: torch.Tensor) -> bool:
+        return packing_available(weight) and (weight.dtype == torch.bfloat16 or rows > 1)
+
     try:
         for module in model.modules():
             if isinstance(module, LoRALinear) and not module.fan_in_fan_out:
-                if packing_available(module.weight):
+                if worth_it(module.weight):
                     module._base = _packed_fn(module.weight, module.bias, rows)  # instance attribute shadows the method
                     patched.append((module, "_base"))
-            elif type(module) is nn.Linear and packing_available(module.weight):
+            elif type(module) is nn.Linear and worth_it(module.weight):
                 module.forward = _packed_fn(module.weight, module.bias, rows)
                 patched.append((module, "forward"))
     except RuntimeError as exc:  # an op this oneDNN build refuses: fall back to the ordinary path
