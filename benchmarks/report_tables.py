@@ -294,10 +294,27 @@ def load_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def guard_table(result: dict) -> str:
+    """benchmarks/guard_accuracy.py's results: the memory guard's estimate against measured peaks."""
+    m = result["machine"]
+    out = [f"Machine (from the JSON): {m['cpu']}, {m['cores']} cores; torch {m['torch']}. Estimate: what the "
+           "training loop logs as \"memory estimate\"; measured: peak RSS during two real training steps minus the "
+           f"RSS before the model was built (see the script's docstring); tolerance {result['tolerance']:.0%}.", "",
+           "| model | case | precision | batch x seq | estimate (GiB) | measured (GiB) | estimate / measured | runs |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        runs = "1 (single run)" if r.get("single_run") else str(r.get("runs", "?"))
+        out.append(f"| {r['model']} | {r['case']} | {r['precision']} | {r['batch']} x {r['seq']} | "
+                   f"{r['estimate'] / 2**30:.2f} | {r['measured'] / 2**30:.2f} | {r['ratio']:.2f} | {runs} |")
+    return "\n".join(out)
+
+
 def render(result: dict) -> str:
     """The machine line, the tables and the slower-rows line of one results file."""
     if "checkpoint" in result and "rows" in result:
         return load_table(result)
+    if "tolerance" in result and "rows" in result:
+        return guard_table(result)
     out = [machine_line(result), ""]
     if clock_line(result):
         out += [clock_line(result), ""]

@@ -7,24 +7,38 @@ changes that would fit. :func:`disk_error` turns an ``OSError`` raised while sav
 error that names what was kept and what to do.
 
 Activations: for ``N = B * T`` tokens and ``a`` bytes per activation element (4 in fp32, 2 in
-bf16), each block keeps ``N * s * a`` bytes for the backward pass, where ``s`` is the family's
-``MemoryProfile.saved_per_token_per_block`` (the tensors autograd saves, counted as Korthikanti
+bf16), each block holds ``N * s * a`` bytes for the backward pass, where ``s`` is the family's
+``MemoryProfile.saved_per_token_per_block``: what a block adds to the peak resident memory per
+token with LoRA on the default targets (q, v), the tensors autograd saves (counted as Korthikanti
 et al., 2022, "Reducing activation recomputation", do, without the attention scores: SDPA's
-fused kernels keep only the output and a log-sum-exp per row; for GPT-2, 9C + 2F = 17C, see
-``models/gpt2.py``). Where CPU training takes the batched-matmul attention (T <= 128) its
-softmax probabilities add N heads T (4 + a). Each LoRA layer adds its rank-r projection
-``N r a`` and, with LoRA dropout, the dropped copy of its input and the mask, ``N in (a + 1)``.
-Outside the blocks, ``saved_per_token_outside`` per token (last block output, final norm, the
-loss's saved gradient for the hidden states). The fused loss (loratune/train/loss.py) never holds
-the (N, V) logits: its workspace is one chunk of ``R = min(N, chunk)`` rows of fp32
-log-probabilities (``loss.default_chunk``: ~32 MiB of them on CPU, 1,024 rows when the head
-trains), held about twice at its peak (the low-precision logits and their float32 log-softmax),
-and three times when there are several chunks: (2 or 3) R V 4 bytes. The backward pass adds
-the gradients in flight (``backward_per_token``); AdamW keeps two float32 moments per trainable
-element (plus a Kahan compensation in the weight's dtype for weights stored in bf16) and adds,
-during its step, one temporary per trainable element. The estimate is for one micro-batch
-(``batch_size / grad_accum`` sequences) at the full ``seq_len``; tests/train/test_guards.py
-measures it against the peak resident memory of real fp32 steps.
+fused kernels keep only the output and a log-sum-exp per row) and what the allocator keeps of
+the freed temporaries between them (for GPT-2, 9C + 2F = 17C, see ``models/gpt2.py``; the
+Llama-style families calibrate theirs, see ``models/decoder_family.py``). Where CPU training
+takes the batched-matmul attention (T <= 128) its softmax probabilities add N heads T (4 + a).
+Each LoRA layer adds its rank-r projection ``N r a`` and, with LoRA dropout, the dropped copy of
+its input and the mask, ``N in (a + 1)``; each one the default targets do not name (k, o, the
+MLP's...) also an output-wide ``N out a`` (its kept input and the allocator's share of its
+update, as measured). Outside the blocks, ``saved_per_token_outside`` per token (last block
+output, final norm, the loss's saved gradient for the hidden states).
+
+Workspace, the larger of two moments. While the loss runs: the fused loss (loratune/train/loss.py)
+never holds the (N, V) logits, only one chunk of ``R = min(N, chunk)`` rows
+(``loss.default_chunk``: ~32 MiB of float32 logits on CPU, 1,024 rows when the head trains),
+twice at its peak (the float32 logits and their log-softmax; low-precision logits are upcast
+first, so they add ``a`` bytes more), and the previous chunk too where there are several and
+the allocator keeps their blocks (not on CPU for chunks of 32 MiB and more, which glibc maps
+and unmaps each time): (8 or 12, + a) R V bytes; plus the gradients in flight
+(``backward_per_token``) and, when the head trains, the loss's float32 accumulator of its
+gradient. After the activations are freed: AdamW's update temporaries (on CPU, torch's AdamW
+and KahanAdamW update one tensor at a time: the largest one's float32 temporaries; with CUDA's
+foreach kernels one per trainable element) and, for a trained head tied to the embedding, its
+gradient arriving a second time and the sum (two more head-sized float32 tensors: bf16 ones pass
+through float32 on the way); that moment's excess over the activations. AdamW keeps two float32 moments per trainable element (plus a
+Kahan compensation in the weight's dtype for weights stored in bf16). The estimate is for one
+micro-batch (``batch_size / grad_accum`` sequences) at the full ``seq_len``, and for the steady
+state (from the second step on, when the moments exist during the backward pass);
+tests/train/test_guards.py and test_guards_families.py measure it against the peak resident
+memory of real steps, benchmarks/guard_accuracy.py for published shapes of every family.
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.lora import lora_layers
+from ..adapters.lora import LoRAConfig, lora_layers
+from ..adapters.targets import model_aliases, suffix_match
 from ..errors import CheckpointError, LoratuneError, ResourceError
 from ..models.attention import MATMUL_MAX_T
 from ..models.registry import family_of
@@ -48,6 +63,8 @@ from .metrics import human_bytes
 log = logging.getLogger("loratune")
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MMAP_MAX = 32 * 2**20
+"""glibc's largest mmap threshold on 64-bit: allocations at least this large are always mapped, and freed to the OS."""
 WARN_FRACTION = 0.8
 """Warn (but run) when the estimate uses more than this fraction of what is available."""
 
@@ -65,7 +82,8 @@ class MemoryEstimate:
     activations: int
     """Tensors saved for the backward pass, for one micro-batch at full seq_len (see module docstring)."""
     workspace: int
-    """Transient peak: the loss's logits chunk and the backward's gradients in flight, or AdamW's temporaries."""
+    """Transient peak: the loss's logits chunk and the gradients in flight, or what AdamW's step (and a tied
+    head's second gradient) needs beyond the freed activations."""
 
     @property
     def total(self) -> int:
@@ -106,17 +124,33 @@ def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, p
     gradients = sum(p.numel() * stored(p) for p in trainable)
     # AdamW's two float32 moments; weights kept in bf16 add Kahan compensation in their own dtype
     optimizer = sum(p.numel() * (8 + (stored(p) if stored(p) < 4 else 0)) for p in trainable)
-    n_trainable = sum(p.numel() for p in trainable)
     activations = _activations(model, prof, micro_batch * seq_len, seq_len, a, low)
     head = model.lm_head.weight
     N, V, C = micro_batch * seq_len, prof.vocab, prof.hidden
     chunk = default_chunk(head.device, V, head.requires_grad)
     rows = min(N, chunk)
-    loss_chunk = (2 + (N > chunk)) * rows * V * 4  # logits + their fp32 log-softmax (+ the previous chunk)
+    # fp32 logits + their log-softmax, low-precision logits (upcast first) too, and the previous chunk where
+    # its blocks stay with the allocator (on CPU glibc maps and unmaps those of 32 MiB and more each time)
+    previous = N > chunk and (head.device.type != "cpu" or rows * V * 4 < MMAP_MAX)
+    loss_chunk = ((2 + previous) * 4 + (a if low else 0)) * rows * V
     head_grad = V * C * 4 if head.requires_grad else 0  # the fused loss's fp32 accumulator
     backward = N * prof.backward_per_token * a
-    workspace = max(loss_chunk + backward + head_grad, n_trainable * 4)
+    # the activations are gone when AdamW's step (or a tied head's second gradient) needs its room
+    later = _optimizer_peak(model, trainable, stored)
+    workspace = max(loss_chunk + backward + head_grad, later - activations)
     return MemoryEstimate(weights, gradients, optimizer, activations, workspace)
+
+
+def _optimizer_peak(model: nn.Module, trainable: list[nn.Parameter], stored) -> int:
+    """Transient bytes after the activations are freed: AdamW's update temporaries, and a tied head's
+    gradient arriving twice (from the loss and from the embedding) and summed (module docstring)."""
+    head = model.lm_head.weight
+    if head.device.type == "cpu":  # torch's AdamW and KahanAdamW update one tensor at a time: the largest's
+        temps = max((p.numel() * (4 if stored(p) == 4 else 8) for p in trainable), default=0)  # fp32 temporaries
+    else:  # foreach kernels: one temporary per trainable element at once
+        temps = sum(p.numel() for p in trainable) * 4
+    tied = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is head) > 1
+    return temps + (2 * head.numel() * 4 if tied and head.requires_grad else 0)  # float32 on their way, bf16 too
 
 
 def _activations(model: nn.Module, prof, N: int, seq_len: int, a: int, low: bool) -> int:
@@ -125,11 +159,21 @@ def _activations(model: nn.Module, prof, N: int, seq_len: int, a: int, low: bool
     if model.lm_head.weight.device.type == "cpu" and seq_len <= MATMUL_MAX_T:  # matmul attention keeps its
         per_block += N * prof.n_head * seq_len * (4 + (a if low else 0))  # fp32 softmax (+ low-precision copy)
     lora = 0
-    for _, layer in lora_layers(model):
+    baseline = _default_lora_modules(model)
+    for name, layer in lora_layers(model):
         lora += N * layer.r * len(layer.slices) * a
         if isinstance(layer.dropout, nn.Dropout):
             lora += N * layer.in_features * (a + 1)
+        if name not in baseline:  # its input, kept for A's gradient, and its output-wide update
+            lora += N * layer.out_features * a
     return prof.n_layer * per_block + lora + N * prof.saved_per_token_outside * a
+
+
+def _default_lora_modules(model: nn.Module) -> set[str]:
+    """The projections LoRA's default targets (q, v) adapt: the memory profile is measured with those."""
+    aliases = model_aliases(model)
+    suffixes = [aliases[t].module for t in LoRAConfig().targets if t in aliases]
+    return {name for name, _ in lora_layers(model) if any(suffix_match(name, s) for s in suffixes)}
 
 
 # --- what is available -------------------------------------------------------------------------
