@@ -70,10 +70,10 @@ def _memory_profile(config: DecoderConfig) -> MemoryProfile:
     v_kept = Q + 2 * KV if config.fused_qkv else KV
     saved = norm_in + C + qk_in + 2 * Q + KV + v_kept + 3 * F
     # The peak resident memory is higher: the allocator keeps the freed temporaries between them
-    # (measured 1.5-1.7x on CPU), and in bf16 the float32 copies count twice. 1.6 x (saved + half the
+    # (measured 1.5-1.7x on CPU), and in bf16 the float32 copies count twice. 1.5 x (saved + half the
     # float32 copies), checked against the measured peaks of benchmarks/guard_accuracy.py
     # (results/guard_accuracy.json) within 15%.
-    per_block = (8 * saved + 4 * (norm_in + qk_in)) // 5
+    per_block = (6 * saved + 3 * (norm_in + qk_in)) // 4
     return MemoryProfile(n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, hidden=C,
                          vocab=config.vocab_size, saved_per_token_per_block=per_block,
                          saved_per_token_outside=4 * C, backward_per_token=3 * F)
