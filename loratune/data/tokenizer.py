@@ -9,9 +9,8 @@ transformers' ``AutoTokenizer`` reads them.
   "prepend ▁, spaces -> ▁" normalizer becomes a Metaspace pre-tokenizer that prepends ▁ only where
   the text does not already start with a space (``legacy: true``: to every piece between special
   tokens, else to the first only). A byte-level tokenizer.json that names LlamaTokenizer is read
-  as it is (Llama 3 variants), as transformers does. (transformers also reads it as it is when
-  config.json's model_type is mistral or mixtral without mistral_common installed; that rule is
-  not modelled here);
+  as it is (Llama 3 variants), as transformers does; so is any tokenizer.json of a family whose
+  spec says ``tokenizer_as_saved`` (Mistral: transformers ignores the tokenizer_class there);
 - the post-processor (what ``encode(text, add_special=True)`` adds, e.g. BOS) is the file's:
   transformers ignores ``add_bos_token`` / ``add_eos_token`` when a tokenizer.json is present;
 - the named special tokens (bos, eos, unk, sep, pad, cls, mask, additional and extra special
@@ -275,15 +274,17 @@ def _special_id(backend, text: str | None, config_id: Any) -> int | None:
     return next(iter(_ids(backend, config_id)), None)
 
 
-def _read_backend(model_dir: Path, tok_config: dict[str, Any]):
-    """The ``tokenizers`` backend as transformers loads it, and its transformers class (None: as read)."""
+def _read_backend(model_dir: Path, tok_config: dict[str, Any], as_saved: bool = False):
+    """The ``tokenizers`` backend as transformers loads it, and its transformers class (None: as read;
+    ``as_saved``: the model's family reads tokenizer.json as saved, whatever tokenizer_class says)."""
     from tokenizers import Tokenizer as Backend
 
     tok_json = model_dir / "tokenizer.json"
     vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
     try:
         if tok_json.is_file():
-            backend, cls = Backend.from_file(str(tok_json)), _transformers_class(tok_config, tok_json)
+            backend = Backend.from_file(str(tok_json))
+            cls = None if as_saved else _transformers_class(tok_config, tok_json)
             if cls is not None and type(backend.model).__name__ == "BPE":
                 cls.rebuild(backend, tok_config)
             _mark_special(backend, tok_config, cls)
@@ -302,7 +303,10 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     model_dir = Path(model_dir)
     tok_config = _json_or_empty(model_dir / "tokenizer_config.json")
     config = _json_or_empty(model_dir / "config.json")
-    backend, cls = _read_backend(model_dir, tok_config)
+    from ..models.registry import find_family
+
+    family = find_family(config.get("model_type"))
+    backend, cls = _read_backend(model_dir, tok_config, as_saved=bool(family and family.tokenizer_as_saved))
     candidates = _eos_candidates(tok_config, config, cls)
     eos_text = next((t for t in candidates if backend.token_to_id(t) is not None), None)
     if eos_text is not None and not (model_dir / "tokenizer.json").is_file():

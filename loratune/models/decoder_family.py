@@ -129,7 +129,7 @@ def load_decoder(config: DecoderConfig, state: dict[str, torch.Tensor], dtype: t
 
 def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, Any]], DecoderConfig],
                  write: Callable[[DecoderConfig], dict[str, Any]], presets: dict[str, dict[str, Any]],
-                 fused: bool = False) -> FamilySpec:
+                 fused: bool = False, tokenizer_as_saved: bool = False) -> FamilySpec:
     """A Llama-style family's spec from its config reader/writer, name and presets."""
     HF_WRITERS[model_type] = write
     spec: FamilySpec
@@ -141,5 +141,6 @@ def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, A
         model_type=model_type, display_name=display_name, config_from_hf=read,
         from_hf_state_dict=lambda config, state, dtype: load_decoder(config, state, dtype, spec),
         build=build, aliases=_aliases(fused, fused), fused_slices=_fused_slices, memory_profile=_memory_profile,
-        eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None)
+        eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None,
+        tokenizer_as_saved=tokenizer_as_saved)
     return spec

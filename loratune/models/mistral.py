@@ -30,7 +30,7 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-MISTRAL_SPEC = decoder_spec("mistral", "Mistral", read_config, write_config, presets={
+MISTRAL_SPEC = decoder_spec("mistral", "Mistral", read_config, write_config, tokenizer_as_saved=True, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=32000, sliding_window=32,
                  bos_token_id=1, eos_token_id=2),

@@ -77,6 +77,9 @@ class FamilySpec:
     """Named sizes for `loratune init-model` (config keyword arguments)."""
     offline_tokenizer: Callable[[Path], None] | None = None
     """Writes the family's real tokenizer files into a directory without the hub, where a package ships them."""
+    tokenizer_as_saved: bool = False
+    """transformers reads this family's tokenizer.json as saved, ignoring tokenizer_config.json's
+    tokenizer_class (Mistral: a 'LlamaTokenizer' file is not rebuilt, so ' x' keeps its '▁' token)."""
 
     def slice_spans(self, config: Any, module_name: str) -> dict[str, Span]:
         """The fused slices of module ``module_name`` (a full name ending in a fused suffix), or {}."""

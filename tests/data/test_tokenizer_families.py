@@ -143,6 +143,20 @@ def test_llama2_leading_space_as_transformers_5_reads_it():
     assert ours.encode(text) != raw.encode(text, add_special_tokens=False).ids
 
 
+def test_a_mistral_checkpoint_reads_the_same_file_as_saved(tmp_path, posts):
+    """With config.json's model_type mistral, transformers ignores tokenizer_class and reads the
+    Llama 2-style tokenizer.json as saved: a leading space keeps its own '▁' token there."""
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(_tokenizer_dir("llama2") / name, tmp_path / name)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": 32000}))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    texts = [" " + p[:300] for p in posts[:200]] + [p[:300] for p in posts[:200]]
+    assert [ours.encode(t, add_special=True) for t in texts] == auto(texts)["input_ids"]
+    assert ours.encode(" x") == [28705, 1318]  # '▁' then 'x'; the llama model_type gives [1318]
+
+
 def test_eos_ids_from_generation_config_and_config(tmp_path):
     """Llama 3.1 instruct stops on <|eot_id|> and <|end_of_text|>; config.json's list adds <|eom_id|>."""
     from transformers import GenerationConfig
