@@ -1,0 +1,138 @@
+"""Chat templates: a model's ``chat_template`` rendered as transformers' ``apply_chat_template`` renders it.
+
+A template ships with a downloaded model, so it is untrusted code: it runs in jinja2's
+``ImmutableSandboxedEnvironment`` with the globals and filters transformers gives it
+(``raise_exception``, ``strftime_now``, a JSON ``tojson`` that does not escape HTML, ``dict``,
+a ``namespace`` that refuses underscore attributes, loop controls, trim/lstrip blocks) and the
+``{% generation %}`` tag, whose spans (the assistant's text, where a template marks it) are
+recorded for loss masking. A template that reaches for Python internals raises jinja2's
+SecurityError, reported as a DataError.
+"""
+
+from __future__ import annotations
+
+import json
+from contextvars import ContextVar
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, DataError
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SPANS: ContextVar[list | None] = ContextVar("generation_spans", default=None)
+
+
+def read_chat_template(model_dir: str | Path) -> str | None:
+    """The model's template: ``chat_template.jinja``, else tokenizer_config.json's ``chat_template``
+    (a string, or the one named 'default' in a list of named templates); None if it has none."""
+    model_dir = Path(model_dir)
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    path = model_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def special_tokens(model_dir: str | Path) -> dict[str, str]:
+    """bos_token, eos_token ... as text, from tokenizer_config.json (what templates read)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        return {}
+    out = {}
+    for key in _SPECIAL:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _environment():
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """``{% generation %}...{% endgeneration %}``: record where the assistant's text lands."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller):
+            text = caller()
+            spans = _SPANS.get()
+            if spans is not None:
+                spans.append(text)
+            return text
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # the same signature trick as jinja2's Namespace
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=dict, namespace=Namespace)
+    return env
+
+
+def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                special: dict[str, str] | None = None, **kwargs: Any) -> tuple[str, list[str]]:
+    """(text, generation spans) of ``messages`` through ``template``, as transformers renders it.
+
+    ``special`` are the tokenizer's special tokens as text (``bos_token`` ...); ``kwargs`` reach the
+    template as variables (e.g. Qwen3's ``enable_thinking``). A template error or a sandbox
+    refusal is a DataError saying so.
+    """
+    import jinja2
+
+    try:
+        compiled = _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise DataError(f"the chat template does not parse (line {exc.lineno}): {exc.message}") from None
+    spans: list[str] = []
+    token = _SPANS.set(spans)
+    try:
+        text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **(special or {}), **kwargs)
+    except jinja2.exceptions.SecurityError as exc:
+        raise DataError(f"the chat template tried something the sandbox refuses ({exc}): it is not a template "
+                        "loratune will run") from None
+    except jinja2.TemplateError as exc:
+        raise DataError(f"the chat template raised an error for this conversation: {exc}") from None
+    finally:
+        _SPANS.reset(token)
+    return text, spans
