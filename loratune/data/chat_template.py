@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, DataError
+from .tokenizer import _json_or_empty, _token_text
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SPANS: ContextVar[list | None] = ContextVar("generation_spans", default=None)
@@ -43,18 +44,9 @@ def read_chat_template(model_dir: str | Path) -> str | None:
 
 def special_tokens(model_dir: str | Path) -> dict[str, str]:
     """bos_token, eos_token ... as text, from tokenizer_config.json (what templates read)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except ValueError:
-        return {}
-    out = {}
-    for key in _SPECIAL:
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            out[key] = value
-    return out
+    config = _json_or_empty(Path(model_dir) / "tokenizer_config.json")
+    texts = {key: _token_text(config.get(key)) for key in _SPECIAL}
+    return {key: text for key, text in texts.items() if text is not None}
 
 
 def _environment():

@@ -8,12 +8,11 @@ honour (an unknown activation, rope type or attention layer type) fails by name 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from .rope import Rope, rope_from_hf
+from .rope import Rope, positive, rope_from_hf
 
 _MAX_SIZE = 2**24  # per config dimension; products of two stay far from int64 overflow
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -97,10 +96,10 @@ class DecoderConfig:
                                   f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise CheckpointError(f"config.json: head_dim={self.head_dim} must be even for rotary embeddings")
-        _check_positive(self.rms_norm_eps, "rms_norm_eps")
+        positive(self.rms_norm_eps, "rms_norm_eps")
         for name in ("query_pre_attn_scalar", "final_logit_softcapping"):
             if getattr(self, name) is not None:
-                _check_positive(getattr(self, name), name)
+                positive(getattr(self, name), name)
         if self.hidden_act not in ACTIVATIONS:
             raise CheckpointError(f"config.json: hidden_act {self.hidden_act!r} is not supported (supported: "
                                   f"{', '.join(ACTIVATIONS)})")
@@ -159,18 +158,21 @@ class DecoderConfig:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
 
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise CheckpointError(f"config.json: {name} must be a positive number, got {value!r}")
-
-
-def _flag(hf: dict[str, Any], name: str, default: bool = False) -> bool:
+def flag(hf: dict[str, Any], name: str, default: bool = False) -> bool:
+    """A boolean config.json field (null = default); anything but true/false is a CheckpointError."""
     value = hf.get(name, default)
     if value is None:
         return default
     if not isinstance(value, bool):
         raise CheckpointError(f"config.json: {name} must be true or false, got {value!r}")
     return value
+
+
+def layer_count(hf: dict[str, Any], default: int) -> int | None:
+    """num_hidden_layers when it is usable to derive per-layer lists from, else None (DecoderConfig
+    then names the bad field)."""
+    layers = hf.get("num_hidden_layers", default)
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) and 0 < layers <= 2**16 else None
 
 
 def read_rope(hf: dict[str, Any], default_theta: float = 10000.0) -> Rope:
@@ -212,7 +214,7 @@ def read_common(hf: dict[str, Any], model_type: str, defaults: dict[str, Any] | 
         num_key_value_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=_flag(hf, "tie_word_embeddings", fields.pop("tie_default", False)),
+        tie_word_embeddings=flag(hf, "tie_word_embeddings", fields.pop("tie_default", False)),
         hidden_act=act, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
     )
@@ -220,11 +222,6 @@ def read_common(hf: dict[str, Any], model_type: str, defaults: dict[str, Any] | 
         kwargs["rope"] = {"full_attention": read_rope(hf), "sliding_attention": read_rope(hf)}
     kwargs.update(fields)
     return DecoderConfig(**kwargs)
-
-
-def flag(hf: dict[str, Any], name: str, default: bool = False) -> bool:
-    """A boolean config.json field (null = default); anything but true/false is a CheckpointError."""
-    return _flag(hf, name, default)
 
 
 def rope_to_hf(rope: Rope) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
-from .decoder_config import DecoderConfig, flag, read_common, read_rope, rope_to_hf, to_hf_common
+from .decoder_config import DecoderConfig, flag, layer_count, read_common, read_rope, rope_to_hf, to_hf_common
 from .decoder_family import decoder_spec
 from .rope import rope_from_hf
 
@@ -39,8 +39,8 @@ def read_config(hf: dict[str, Any]) -> DecoderConfig:
         raise CheckpointError("config.json: use_bidirectional_attention (Gemma 3 embedding models) is not "
                               "supported: loratune fine-tunes causal language models")
     kinds = hf.get("layer_types")
-    layers = hf.get("num_hidden_layers", 26)
-    if kinds is None and isinstance(layers, int) and 0 < layers <= 2**16:
+    layers = layer_count(hf, 26)
+    if kinds is None and layers is not None:
         pattern = hf.get("sliding_window_pattern", 6)
         kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     bias = flag(hf, "attention_bias")

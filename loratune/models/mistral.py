@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decoder_config import DecoderConfig, read_common, to_hf_common
+from .decoder_config import DecoderConfig, layer_count, read_common, to_hf_common
 from .decoder_family import decoder_spec
 
 
 def read_config(hf: dict[str, Any]) -> DecoderConfig:
     """A Mistral config.json -> DecoderConfig."""
     window = hf.get("sliding_window", 4096)
-    layers = hf.get("num_hidden_layers", 32)
-    kinds = ["sliding_attention" if window is not None else "full_attention"] * (layers if isinstance(layers, int)
-                                                                                 and 0 < layers <= 2**16 else 0)
+    kinds = ["sliding_attention" if window is not None else "full_attention"] * (layer_count(hf, 32) or 0)
     return read_common(hf, "mistral", defaults={"rms_norm_eps": 1e-6, "num_key_value_heads": 8,
                                                 "max_position_embeddings": 4096 * 32},
                        sliding_window=window, layer_types=kinds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decoder_config import DecoderConfig, read_common, read_rope, to_hf_common
+from .decoder_config import DecoderConfig, layer_count, read_common, read_rope, to_hf_common
 from .decoder_family import decoder_spec
 
 
@@ -27,9 +27,7 @@ def read_config(hf: dict[str, Any]) -> DecoderConfig:
     hf["rope_parameters"] = scaling or None
     rope = read_rope(hf)
     window = hf.get("sliding_window")
-    layers = hf.get("num_hidden_layers", 32)
-    kinds = ["sliding_attention" if window is not None else "full_attention"] * (
-        layers if isinstance(layers, int) and 0 < layers <= 2**16 else 0)
+    kinds = ["sliding_attention" if window is not None else "full_attention"] * (layer_count(hf, 32) or 0)
     return read_common(hf, "phi3", defaults={"rms_norm_eps": 1e-5, "vocab_size": 32064,
                                              "max_position_embeddings": 4096},
                        rope={"full_attention": rope, "sliding_attention": rope}, sliding_window=window,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
-from .decoder_config import DecoderConfig, flag, read_common, to_hf_common
+from .decoder_config import DecoderConfig, flag, layer_count, read_common, to_hf_common
 from .decoder_family import decoder_spec
 
 
@@ -21,8 +21,8 @@ def qwen_layer_types(hf: dict[str, Any]) -> tuple[int | None, list[str]]:
         if not isinstance(kinds, list):
             raise CheckpointError(f"config.json: layer_types must be a list, got {kinds!r}")
         return window, kinds
-    layers, first = hf.get("num_hidden_layers", 32), hf.get("max_window_layers", 28)
-    if not isinstance(layers, int) or not 0 < layers <= 2**16 or not isinstance(first, int):
+    layers, first = layer_count(hf, 32), hf.get("max_window_layers", 28)
+    if layers is None or not isinstance(first, int):
         return window, []  # DecoderConfig names the bad field
     return window, ["sliding_attention" if window is not None and i >= first else "full_attention"
                     for i in range(layers)]

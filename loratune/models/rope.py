@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -62,7 +63,8 @@ _REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor",
              "yarn": ("factor",), "longrope": ("short_factor", "long_factor")}
 
 
-def _positive(value: Any, name: str, where: str) -> float:
+def positive(value: Any, name: str, where: str = "") -> float:
+    """A positive finite number from config.json (``where``: the dict it sits in), else a CheckpointError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise CheckpointError(f"config.json: {where}{name} must be a positive number, got {value!r}")
     return float(value)
@@ -80,23 +82,23 @@ def rope_from_hf(params: dict[str, Any] | None, theta: Any, max_positions: int, 
         raise CheckpointError(f"config.json: {where}rope_type {rope_type!r} is not supported (loratune implements "
                               f"{', '.join(ROPE_TYPES)}); loading it would give a different model")
     kwargs: dict[str, Any] = {"rope_type": rope_type,
-                              "rope_theta": _positive(params.pop("rope_theta", theta), "rope_theta", where)}
+                              "rope_theta": positive(params.pop("rope_theta", theta), "rope_theta", where)}
     for name in _REQUIRED.get(rope_type, ()):
         if params.get(name) is None:
             raise CheckpointError(f"config.json: {where}{name} is required for rope_type {rope_type!r}")
     for name in _NUMBER_FIELDS:
         if params.get(name) is not None:
-            kwargs[name] = _positive(params.pop(name), name, where)
+            kwargs[name] = positive(params.pop(name), name, where)
     prf = params.pop("partial_rotary_factor", None)
     if prf is not None:
-        kwargs["partial_rotary_factor"] = _positive(prf, "partial_rotary_factor", where)
+        kwargs["partial_rotary_factor"] = positive(prf, "partial_rotary_factor", where)
         if kwargs["partial_rotary_factor"] > 1:
             raise CheckpointError(f"config.json: {where}partial_rotary_factor must be at most 1, got {prf!r}")
     original = params.pop("original_max_position_embeddings", None)
     if rope_type in ("llama3", "yarn", "longrope"):
         original = max_positions if original is None else original
     if original is not None:
-        kwargs["original_max_position_embeddings"] = int(_positive(original, "original_max_position_embeddings", where))
+        kwargs["original_max_position_embeddings"] = int(positive(original, "original_max_position_embeddings", where))
     if "truncate" in params:
         kwargs["truncate"] = bool(params.pop("truncate"))
     for name in ("short_factor", "long_factor"):
@@ -104,7 +106,7 @@ def rope_from_hf(params: dict[str, Any] | None, theta: Any, max_positions: int, 
         if value is not None:
             if not isinstance(value, list) or not value:
                 raise CheckpointError(f"config.json: {where}{name} must be a list of numbers")
-            kwargs[name] = tuple(_positive(v, name, where) for v in value)
+            kwargs[name] = tuple(positive(v, name, where) for v in value)
     return Rope(**kwargs)
 
 
@@ -198,10 +200,22 @@ def _longrope(rope: Rope, dim: int, max_positions: int, seq_len: int) -> tuple[t
     return 1.0 / (ext_factors * rope.rope_theta ** exponents), attention
 
 
+@lru_cache(maxsize=64)
+def _cached_inv_freq(rope: Rope, head_dim: int, max_positions: int, seq_len: int) -> tuple[torch.Tensor, float]:
+    return inv_freq(rope, head_dim, max_positions, seq_len)
+
+
 def rope_cos_sin(rope: Rope, head_dim: int, max_positions: int, positions: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, T, rotary dim) for integer ``positions`` (B, T), computed in float32."""
-    inv, scale = inv_freq(rope, head_dim, max_positions, int(positions.max()) + 1 if positions.numel() else 0)
+    """cos and sin (B, T, rotary dim) for integer ``positions`` (B, T), computed in float32.
+
+    The frequencies are computed once per rope (and, for dynamic and longrope, per sequence
+    length), not at every decoding step.
+    """
+    seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    if rope.rope_type not in ("dynamic", "longrope"):
+        seq_len = 0  # the others do not depend on it
+    inv, scale = _cached_inv_freq(rope, head_dim, max_positions, seq_len)
     freqs = positions.float()[..., None] * inv.to(positions.device)[None, None, :]  # (B, T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)

@@ -7,15 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
-from .decoder_config import DecoderConfig, flag, read_common, to_hf_common
+from .decoder_config import DecoderConfig, flag, layer_count, read_common, to_hf_common
 from .decoder_family import decoder_spec
 
 
 def _rope_layers(hf: dict[str, Any]) -> list[bool]:
-    layers, interval = hf.get("num_hidden_layers", 36), hf.get("no_rope_layer_interval", 4)
+    layers, interval = layer_count(hf, 36), hf.get("no_rope_layer_interval", 4)
     listed = hf.get("no_rope_layers")
     if listed is None:
-        if not isinstance(layers, int) or not 0 < layers <= 2**16 or not isinstance(interval, int) or interval <= 0:
+        if layers is None or not isinstance(interval, int) or interval <= 0:
             return []  # DecoderConfig names the bad field
         return [(i + 1) % interval != 0 for i in range(layers)]
     if not isinstance(listed, list) or any(v not in (0, 1) for v in listed):
