@@ -25,9 +25,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     kv head h // (nh / nkv), as transformers' repeat_kv; the keys and values are not copied.
     """
     T = q.shape[2]
-    if (is_causal and q.device.type == "cpu" and dropout_p == 0.0 and T <= MATMUL_MAX_T
+    if ((is_causal or (mask is not None and mask.dim() >= 2 and (mask.dim() < 4 or mask.shape[1] == 1)))
+            and q.device.type == "cpu" and dropout_p == 0.0 and T <= MATMUL_MAX_T
             and torch.is_grad_enabled() and k.shape[2] == T):
-        return causal_matmul_attention(q, k, v, scale)
+        return causal_matmul_attention(q, k, v, scale, None if is_causal else mask)
     if k.shape[1] != q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                               dropout_p=dropout_p, enable_gqa=True)
@@ -35,19 +36,42 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           dropout_p=dropout_p)
 
 
-def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention as two batched matmuls; the softmax runs in float32 whatever q's dtype.
 
     Grouped-query attention stacks the query heads that share a kv head along the rows,
-    (B * nkv, rep * T, hs), so each group is one matmul against its keys, uncopied.
+    (B * nkv, rep * T, hs), so each group is one matmul against its keys, uncopied. ``mask``
+    (B, 1, T, T), True where a query sees a key, replaces plain causality (packed sequences).
     """
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
-    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
-    if rep > 1:
-        bias = bias.repeat(rep, 1)  # (rep * T, T): the same causal rows for every query head of a group
+    if mask is None:
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
+        if rep > 1:
+            bias = bias.repeat(rep, 1)  # (rep * T, T): the same causal rows for every query head of a group
+    else:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B or 1, 1, T, T)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = bias[:, :, None].expand(B, nkv, rep, T, T).reshape(B * nkv, rep * T, T)
     scores = torch.baddbmm(bias, q.reshape(B * nkv, rep * T, hs), k.reshape(B * nkv, T, hs).transpose(1, 2),
                            alpha=scale)  # (B * nkv, rep * T, T)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.bmm(probs, v.reshape(B * nkv, T, hs)).view(B, nh, T, hs)
+
+
+def segment_mask(position_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T) of packed rows: True where a query sees a key.
+
+    Each example of a packed row starts where its position id is 0, and sees only its own
+    earlier tokens (within ``window`` for sliding-window layers), so examples never attend to
+    each other (as transformers' packing with position_ids, flash-attention's varlen).
+    """
+    T = position_ids.shape[1]
+    segment = (position_ids == 0).cumsum(-1)  # (B, T): which example each token belongs to
+    idx = torch.arange(T, device=position_ids.device)
+    keep = (segment[:, :, None] == segment[:, None, :]) & (idx[:, None] >= idx[None, :])  # (B, T, T)
+    if window is not None:
+        keep = keep & (idx[:, None] - idx[None, :] < window)
+    return keep[:, None]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
+from .attention import attend, segment_mask
 from .decoder_config import DecoderConfig
 from .kv_cache import KVCache, cache_dtype
 from .rope import apply_rope, rope_cos_sin
@@ -225,12 +225,19 @@ class DecoderLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # real tokens only
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids (B, T).
 
         ``attention_mask`` (B, L) marks real tokens (1) and left padding (0) over all positions so
         far, cached ones included; rotary positions then count real tokens only, as in transformers.
+        ``position_ids`` (B, T) (training, no cache) marks packed rows: each example starts at
+        position 0 and attends only to itself (:func:`~loratune.models.attention.segment_mask`).
         """
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids mark packed training rows; they take no cache")
+            return self._packed(idx, position_ids)
         B, T = idx.shape
         c = self.config
         start = cache.length if cache is not None else 0
@@ -251,6 +258,24 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.tokens[:, start:start + T] = idx
             cache.advance(T)
+        return self.model.norm(x)
+
+    def _packed(self, idx: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states of packed rows: rotary positions restart per example, attention is block-diagonal."""
+        c = self.config
+        if int(position_ids.max()) >= c.context_length:
+            raise ValueError(f"a packed example of {int(position_ids.max()) + 1} tokens exceeds the context "
+                             f"of {c.context_length}")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        if c.embed_scale:
+            x = x * torch.tensor(c.hidden_size ** 0.5, dtype=x.dtype)
+        kinds = set(c.layer_types)
+        rope = {kind: rope_cos_sin(c.rope[kind], c.head_dim, c.max_position_embeddings, position_ids, x.dtype)
+                for kind in kinds}
+        masks = {kind: segment_mask(position_ids, c.sliding_window if kind == "sliding_attention" else None)
+                 for kind in kinds}
+        for layer in self.model.layers:
+            x = layer(x, rope, None, masks)
         return self.model.norm(x)
 
     def _rope_switches(self, start: int, T: int) -> bool:
@@ -275,9 +300,9 @@ class DecoderLM(nn.Module):
         return z if cap is None else torch.tanh(z / cap) * cap
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T)."""
-        return self.logits(self.hidden_states(idx, cache, attention_mask))
+        return self.logits(self.hidden_states(idx, cache, attention_mask, position_ids))
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' keys, without LoRA tensors (a tied head saved once, as transformers does)."""

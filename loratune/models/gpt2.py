@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .attention import attend
+from .attention import attend, segment_mask
 from .kv_cache import KVCache, cache_dtype
 from .spec import Alias, FamilySpec, MemoryProfile
 from .weight_map import map_weights
@@ -207,18 +207,25 @@ class GPT2(nn.Module):
         return self
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) of token ids (B, T).
 
         ``attention_mask`` (B, L) marks real tokens (1) and left padding (0) over all positions
         so far, cached ones included; positions then count real tokens only, as in transformers.
+        ``position_ids`` (B, T) (training, no cache) marks packed rows: each example starts at
+        position 0 and attends only to itself (:func:`~loratune.models.attention.segment_mask`).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
         mask = None
-        if attention_mask is not None:
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids mark packed training rows; they take no cache")
+            pos, mask = position_ids, segment_mask(position_ids)
+        elif attention_mask is not None:
             keep = attention_mask.bool()  # (B, L)
             pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
             q_pos = torch.arange(start, start + T, device=idx.device)
@@ -247,9 +254,9 @@ class GPT2(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T)."""
-        return self.logits(self.hidden_states(idx, cache, attention_mask))
+        return self.logits(self.hidden_states(idx, cache, attention_mask, position_ids))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (see :func:`cache_dtype`)."""

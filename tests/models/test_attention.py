@@ -77,7 +77,8 @@ def test_attend_uses_matmul_path_only_where_it_applies(monkeypatch):
     assert _path_taken(monkeypatch, q, k, v, None, True, 0.25, 0.0, grad=False) == "sdpa"  # inference: SDPA
     assert _path_taken(monkeypatch, q, k, v, None, True, 0.25, 0.1) == "sdpa"  # attention dropout
     mask = torch.ones(32, 32, dtype=torch.bool).tril()
-    assert _path_taken(monkeypatch, q, k, v, mask, False, 0.25, 0.0) == "sdpa"  # explicit (padding) mask
+    assert _path_taken(monkeypatch, q, k, v, mask, False, 0.25, 0.0) == "matmul"  # explicit mask (packed rows)
+    assert _path_taken(monkeypatch, q, k, v, mask, False, 0.25, 0.0, grad=False) == "sdpa"
     long = _qkv(torch.float32, T=MATMUL_MAX_T + 1)
     assert _path_taken(monkeypatch, *long, None, True, 0.25, 0.0) == "sdpa"
 
@@ -98,3 +99,18 @@ def test_model_in_training_mode_matches_transformers(tiny_ckpt):
     ga = ours.transformer.h[0].attn.c_attn.weight.grad
     gb = ref.transformer.h[0].attn.c_attn.weight.grad.t()  # Conv1D stores (in, out)
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_matmul_path_with_a_block_diagonal_mask_equals_sdpa(kv_heads):
+    """Packed rows: the matmul path with an explicit (B, 1, T, T) mask equals SDPA with that mask."""
+    from loratune.models.attention import causal_matmul_attention, segment_mask
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 20, 16, generator=gen)
+    k, v = (torch.randn(2, kv_heads, 20, 16, generator=gen) for _ in range(2))
+    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(20))])
+    mask = segment_mask(positions, window=5)
+    ours = causal_matmul_attention(q, k, v, 0.25, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
