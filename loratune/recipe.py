@@ -201,6 +201,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if not isinstance(value, str):
                 raise ConfigError(f"{key}: expected text, got {_kind(value)} (quote it in YAML)")
             return value
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {_kind(value)}")
+            return dict(value)
         if origin is list:
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             return [_coerce(v, typing.get_args(hint)[0], key) for v in items]
@@ -262,15 +266,20 @@ def _is_text(hint: Any) -> bool:
     return hint is str
 
 
+def yaml_value(text: str) -> Any:
+    """``text`` as YAML reads a value (``false`` -> False, ``8`` -> 8), or the text itself where it is no YAML."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError):  # YAML's constructors raise ValueError (2001-13-45)
+        return text
+
+
 def apply_override(values: dict[str, Any], assignment: str) -> None:
     """Apply one ``key.sub=value`` to a nested dict (value parsed as YAML)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except (yaml.YAMLError, ValueError, RecursionError):  # YAML's constructors raise ValueError (2001-13-45)
-        value = text
+    value = yaml_value(text)
     parts = key.strip().split(".")
     node = values
     for part in parts[:-1]:

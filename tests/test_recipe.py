@@ -101,7 +101,7 @@ def test_unknown_key_in_the_yaml_file(tmp_path):
     ("lora.r=0", "lora.r must be a positive integer"),
     ("schedule=exp", "schedule must be one of constant, linear, cosine"),
     ("adam_betas=0.9,1.5", "adam_betas must be two numbers in"),
-    ("data.task=chat", "unknown data task 'chat'"),
+    ("data.task=chitchat", "unknown data task 'chitchat'"),
     ("lora=8", "lora must be a mapping"),
     ("batch_size", "--set expects key=value"),
 ])

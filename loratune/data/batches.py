@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import ConfigError, DataError
-from .tasks import IGNORE_INDEX, Example
+from .examples import IGNORE_INDEX, Example
 
 
 def permutation(n: int, seed: int) -> list[int]:
@@ -48,18 +48,31 @@ class Batches:
         return self._cached[1]
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """Batch ``index`` of epoch ``epoch``: input_ids and labels (B, T), right-padded to the longest."""
+        """Batch ``index`` of epoch ``epoch``: input_ids and labels (B, T), shifted and right-padded.
+
+        Each example's ``input_ids[:-1]`` is read and ``labels[1:]`` predicted. Packed examples
+        add ``position_ids`` (B, T), restarting at 0 where each packed example starts (padding: 0).
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches per epoch")
         start = index * self.batch_size
         picked = [self.examples[i] for i in self.order(epoch)[start:start + self.batch_size]]
-        T = max(len(e.input_ids) for e in picked)
+        T = max(len(e.input_ids) for e in picked) - 1
         input_ids = torch.full((len(picked), T), self.pad_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(picked), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        packed = any(e.segments is not None for e in picked)
+        positions = torch.zeros((len(picked), T), dtype=torch.long) if packed else None  # (B, T)
         for row, e in enumerate(picked):
-            input_ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-            labels[row, :len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
-        return {"input_ids": input_ids, "labels": labels}
+            n = len(e.input_ids) - 1
+            input_ids[row, :n] = torch.tensor(e.input_ids[:-1], dtype=torch.long)
+            labels[row, :n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            if positions is not None:
+                segments = e.segments or [n + 1]
+                positions[row, :n] = torch.cat([torch.arange(k) for k in segments])[:n]
+        batch = {"input_ids": input_ids, "labels": labels}
+        if positions is not None:
+            batch["position_ids"] = positions
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of epoch 0, in order (convenient for evaluation)."""

@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, DataError
-from .tokenizer import _json_or_empty, _token_text
+from .jsonfiles import json_or_empty, token_text
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SPANS: ContextVar[list | None] = ContextVar("generation_spans", default=None)
+_OUTPUT: ContextVar[list | None] = ContextVar("rendered_so_far", default=None)
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+NAMED_TEMPLATES = {"chatml": CHATML}
+"""Templates a recipe can name in ``data.chat_template`` (ChatML needs <|im_start|> and <|im_end|> tokens)."""
 
 
 def read_chat_template(model_dir: str | Path) -> str | None:
@@ -44,8 +51,8 @@ def read_chat_template(model_dir: str | Path) -> str | None:
 
 def special_tokens(model_dir: str | Path) -> dict[str, str]:
     """bos_token, eos_token ... as text, from tokenizer_config.json (what templates read)."""
-    config = _json_or_empty(Path(model_dir) / "tokenizer_config.json")
-    texts = {key: _token_text(config.get(key)) for key in _SPECIAL}
+    config = json_or_empty(Path(model_dir) / "tokenizer_config.json")
+    texts = {key: token_text(config.get(key)) for key in _SPECIAL}
     return {key: text for key, text in texts.items() if text is not None}
 
 
@@ -66,9 +73,10 @@ def _environment():
 
         def _mark(self, caller):
             text = caller()
-            spans = _SPANS.get()
-            if spans is not None:
-                spans.append(text)
+            spans, output = _SPANS.get(), _OUTPUT.get()
+            if spans is not None:  # everything before this block has been yielded already
+                start = sum(map(len, output))
+                spans.append((start, start + len(text)))
             return text
 
     class Namespace(jinja2.utils.Namespace):
@@ -101,30 +109,69 @@ def _environment():
     return env
 
 
+def resolve_chat_template(choice: str | None, own: str | None, model: str) -> str:
+    """The template text: ``choice`` (a .jinja file or a name in NAMED_TEMPLATES), else the model's ``own``."""
+    if choice is None:
+        if own is None:
+            raise DataError(f"{model} has no chat template (a base model?): set data.chat_template to a .jinja "
+                            f"file or to one of {', '.join(NAMED_TEMPLATES)}, or use an instruct model")
+        return own
+    if choice in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[choice]
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.chat_template {choice!r} is neither a file nor a named template "
+                        f"({', '.join(NAMED_TEMPLATES)})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the chat template {path}: {exc}") from None
+
+
+class ChatTemplate:
+    """A chat template compiled once in the sandbox, with the tokenizer's special tokens as variables."""
+
+    def __init__(self, template: str, special: dict[str, str] | None = None, **kwargs: Any) -> None:
+        import jinja2
+
+        try:
+            self.compiled = _environment().from_string(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise DataError(f"the chat template does not parse (line {exc.lineno}): {exc.message}") from None
+        self.variables = {**(special or {}), **kwargs}
+        self.has_generation_tag = "generation" in template and "endgeneration" in template
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
+        """(text, generation spans as (start, end) characters) of ``messages``, as transformers renders it.
+
+        A template error or a sandbox refusal is a DataError saying so.
+        """
+        import jinja2
+
+        spans: list[tuple[int, int]] = []
+        output: list[str] = []
+        tokens = _SPANS.set(spans), _OUTPUT.set(output)
+        try:
+            for block in self.compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **{**self.variables, **kwargs}):
+                output.append(block)
+        except jinja2.exceptions.SecurityError as exc:
+            raise DataError(f"the chat template tried something the sandbox refuses ({exc}): it is not a "
+                            "template loratune will run") from None
+        except jinja2.TemplateError as exc:
+            raise DataError(f"the chat template raised an error for this conversation: {exc}") from None
+        finally:
+            _SPANS.reset(tokens[0])
+            _OUTPUT.reset(tokens[1])
+        return "".join(output), spans
+
+
 def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                special: dict[str, str] | None = None, **kwargs: Any) -> tuple[str, list[str]]:
+                special: dict[str, str] | None = None, **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
     """(text, generation spans) of ``messages`` through ``template``, as transformers renders it.
 
     ``special`` are the tokenizer's special tokens as text (``bos_token`` ...); ``kwargs`` reach the
-    template as variables (e.g. Qwen3's ``enable_thinking``). A template error or a sandbox
-    refusal is a DataError saying so.
+    template as variables (e.g. Qwen3's ``enable_thinking``). See :class:`ChatTemplate`.
     """
-    import jinja2
-
-    try:
-        compiled = _environment().from_string(template)
-    except jinja2.TemplateSyntaxError as exc:
-        raise DataError(f"the chat template does not parse (line {exc.lineno}): {exc.message}") from None
-    spans: list[str] = []
-    token = _SPANS.set(spans)
-    try:
-        text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **(special or {}), **kwargs)
-    except jinja2.exceptions.SecurityError as exc:
-        raise DataError(f"the chat template tried something the sandbox refuses ({exc}): it is not a template "
-                        "loratune will run") from None
-    except jinja2.TemplateError as exc:
-        raise DataError(f"the chat template raised an error for this conversation: {exc}") from None
-    finally:
-        _SPANS.reset(token)
-    return text, spans
+    return ChatTemplate(template, special, **kwargs).render(messages, add_generation_prompt)

@@ -17,6 +17,27 @@ log = logging.getLogger(__name__)
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
+class Record(dict):
+    """One record, and where it came from ('line 12', 'row 3'), so an error can name it."""
+
+    where = "a record"
+
+
+def _placed(records: list[dict], where: str, first: int = 1) -> list[dict]:
+    """The records as :class:`Record` s named ``f"{where} {i}"`` from ``first`` on."""
+    placed = []
+    for i, record in enumerate(records, first):
+        record = Record(record)
+        record.where = f"{where} {i}"
+        placed.append(record)
+    return placed
+
+
+def record_place(record: dict, index: int) -> str:
+    """Where ``record`` came from ('line 12'), or its position ('record 4') when it is a plain dict."""
+    return getattr(record, "where", f"record {index + 1}")
+
+
 def _looks_local(source: str) -> bool:
     return (Path(source).expanduser().exists() or Path(source).suffix.lower() in FILE_TYPES
             or source.startswith((".", "/", "~")) or not is_hub_id(source))
@@ -33,7 +54,7 @@ def load_records(source: str, cfg: DataConfig, split: str | None = None) -> list
     one, which ``datasets`` >= 4 refuses, is read from the hub's Parquet export instead.
     """
     if not _looks_local(source):
-        records = _load_hub(source, cfg.hub_config, split or cfg.split)
+        records = _placed(_load_hub(source, cfg.hub_config, split or cfg.split), "row")
         where = f"hub data set {source!r} (split {split or cfg.split!r})"
     else:
         path = Path(source).expanduser()
@@ -70,6 +91,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}, line {lineno}: unreadable JSON ({exc})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            record = Record(record)
+            record.where = f"line {lineno}"
             records.append(record)
     return records
 
@@ -88,7 +111,7 @@ def _read_json(path: Path) -> list[dict]:
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path} must hold a list of JSON objects, or an object {{\"data\": [...]}}")
-    return data
+    return _placed(data, "record")
 
 
 MAX_FIELD_NAME_CHARS = 200
@@ -103,7 +126,7 @@ def _read_csv(path: Path) -> list[dict]:
             if reader.fieldnames is None:  # an empty file
                 return []
             check_csv_header(path, list(reader.fieldnames))
-            return [dict(row) for row in reader]
+            return _placed([dict(row) for row in reader], "row")
     except csv.Error as exc:
         raise DataError(f"{path} is not valid CSV: {exc}") from None
     finally:
@@ -142,14 +165,19 @@ def _read_parquet(path: Path) -> list[dict]:
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow, or convert it to .jsonl") from None
     try:
-        return pq.read_table(path).to_pylist()
+        return _placed(pq.read_table(path).to_pylist(), "row")
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
         raise DataError(f"{path} is not a readable parquet file: {exc}") from None
 
 
 def _read_txt(path: Path) -> list[dict]:
+    records = []
     with path.open(encoding="utf-8-sig") as f:
-        return [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                records.append(Record(text=line.rstrip("\r\n")))
+                records[-1].where = f"line {lineno}"
+    return records
 
 
 PARQUET_REVISION = "refs/convert/parquet"

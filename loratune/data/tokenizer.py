@@ -28,13 +28,14 @@ Generation also stops on every ``eos_token_id`` of ``generation_config.json`` an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, DataError
+from .jsonfiles import json_or_empty as _json_or_empty
+from .jsonfiles import token_text as _token_text
 
 
 class Tokenizer:
@@ -54,6 +55,12 @@ class Tokenizer:
         self.clean_up_spaces = clean_up_spaces
         self.id_limit: int | None = None
         """Ids from here on have no embedding row (see :meth:`limit_ids`); text producing one is refused."""
+        self.chat_template: str | None = None
+        """The checkpoint's chat template (chat_template.jinja or tokenizer_config.json), if it has one."""
+        self.source = "the model"
+        """Where the tokenizer was read from, for messages."""
+        self.special_texts: dict[str, str] = {}
+        """bos_token, eos_token ... as text, the variables a chat template reads."""
 
     @property
     def vocab_size(self) -> int:
@@ -85,6 +92,16 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special`` adds what transformers' ``tokenizer(text)`` adds (BOS)."""
         return self._checked(self.backend.encode(text, add_special_tokens=add_special).ids)
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no special tokens added) and each token's (start, end) characters in it."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return self._checked(enc.ids), [tuple(o) for o in enc.offsets]
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (<|im_end|>, <|eot_id|>, </s> ...)."""
+        return frozenset(i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special)
+
     def encode_batch(self, texts: list[str], add_special: bool = False) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the Rust backend."""
         return [self._checked(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=add_special)]
@@ -107,21 +124,6 @@ def _clean_up_spaces(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config.json writes special tokens as text or as {"content": text, ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
 
 
 # --- what transformers 5's tokenizer classes do to a tokenizer.json --------------------------------
@@ -320,4 +322,9 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     generation = _json_or_empty(model_dir / "generation_config.json")
     stops = _ids(backend, generation.get("eos_token_id")) + _ids(backend, config.get("eos_token_id"))
     clean_up = bool(tok_config.get("clean_up_tokenization_spaces")) and type(backend.model).__name__ != "BPE"
-    return Tokenizer(backend, eos, pad, eos_ids=stops, clean_up_spaces=clean_up)
+    tokenizer = Tokenizer(backend, eos, pad, eos_ids=stops, clean_up_spaces=clean_up)
+    from .chat_template import read_chat_template, special_tokens
+
+    tokenizer.chat_template, tokenizer.special_texts = read_chat_template(model_dir), special_tokens(model_dir)
+    tokenizer.source = str(model_dir)
+    return tokenizer

@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _DTYPES = {name: dtype for name, dtype in (

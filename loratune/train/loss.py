@@ -97,12 +97,15 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, grad and hidden.requires_grad, need_w, softcap)
 
 
-def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of cross-entropy over positions whose label is not -100 (labels are already shifted).
 
-    Logits are computed in the hidden states' dtype and upcast to float32 for the softmax.
+    ``position_ids`` mark packed rows (see the models' ``hidden_states``). Logits are computed in
+    the hidden states' dtype and upcast to float32 for the softmax.
     """
-    hidden = model.hidden_states(input_ids)  # (B, T, C)
+    hidden = model.hidden_states(input_ids) if position_ids is None else \
+        model.hidden_states(input_ids, position_ids=position_ids)  # (B, T, C)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten(),

@@ -56,11 +56,13 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
     (max_norm inf), so an Inf gradient is seen.
     """
     x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
+    p_all = batch.get("position_ids")  # packed rows
+    p_parts = p_all.to(device).split(micro_batch) if p_all is not None else [None] * len(x_all.split(micro_batch))
     n_targets = max(1, count_targets(y_all))
     loss_total = 0.0
-    for x, y in zip(x_all.split(micro_batch), y_all.split(micro_batch)):
+    for x, y, p in zip(x_all.split(micro_batch), y_all.split(micro_batch), p_parts):
         with autocast:
-            loss = lm_loss_sum(model, x, y) / n_targets
+            loss = lm_loss_sum(model, x, y, p) / n_targets
         loss.backward()
         loss_total += float(loss.detach())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf))
@@ -108,8 +110,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batc
             break
         batch = batches.batch(0, i)
         x, y = batch["input_ids"].to(device), batch["labels"].to(device)
+        p = batch.get("position_ids")
         with autocast:
-            total += float(lm_loss_sum(model, x, y))
+            total += float(lm_loss_sum(model, x, y, None if p is None else p.to(device)))
         count += count_targets(y)
     model.train(was_training)
     if count == 0:

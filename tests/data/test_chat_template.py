@@ -63,4 +63,9 @@ def test_generation_spans_are_recorded():
                 "{{ m.content }}</s>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
     text, spans = render_chat(template, CONVERSATIONS[1])
     assert text == "<system>You are terse.<user>Summarise: I burnt the toast.<assistant>Toast burnt.</s>"
-    assert spans == ["Toast burnt.</s>"]
+    assert [text[a:b] for a, b in spans] == ["Toast burnt.</s>"] and spans[0][1] == len(text)
+    two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    text, spans = render_chat(template, two)
+    assert text == "<user>a<assistant>b</s><user>c<assistant>d</s>"
+    assert spans == [(text.index("b</s>"), text.index("b</s>") + 5), (len(text) - 5, len(text))]

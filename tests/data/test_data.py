@@ -155,7 +155,9 @@ def test_hub_id_offline_is_a_data_error(monkeypatch):
     ({"max_examples": 0}, "max_examples"),
     ({"prompt_template": "{documents"}, "does not parse"),
     ({"completion_template": "{}"}, "named fields"),
-    ({"task": "completion", "packing": True}, "packing"),
+    ({"train_on": "user"}, "train_on"),
+    ({"chat_format": "csv"}, "chat_format"),
+    ({"fields": {"speaker": "role"}}, "unknown field 'speaker'"),
 ])
 def test_bad_config_is_a_config_error(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -168,11 +170,13 @@ def test_causal_lm_shift_truncation_and_eos(tok):
     short, long = "hello world", " ".join(["word"] * 100)
     ex = build_examples([{"documents": short}, {"documents": long}], cfg(), tok, seq_len=16)
     ids = tok.encode(short) + [tok.eos_id]
-    assert ex[0].input_ids == ids[:-1] and ex[0].labels == ids[1:]
+    assert ex[0].input_ids == ids and ex[0].labels == [IGNORE_INDEX] + ids[1:]  # aligned; the batch shifts
     assert ex[0].labels[-1] == tok.eos_id
     full = tok.encode(long)
-    assert ex[1].input_ids == full[:16] and ex[1].labels == full[1:17]  # truncated: no eos
-    assert all(len(e.input_ids) == len(e.labels) <= 16 for e in ex)
+    assert ex[1].input_ids == full[:17] and ex[1].labels == [IGNORE_INDEX] + full[1:17]  # truncated: no eos
+    assert all(len(e.input_ids) == len(e.labels) <= 17 for e in ex)
+    batch = Batches(ex, batch_size=2, shuffle=False, pad_id=0).batch(0, 0)
+    assert batch["input_ids"][1].tolist() == full[:16] and batch["labels"][1].tolist() == full[1:17]
 
 
 def test_empty_records_are_skipped_and_logged(tok, caplog):
@@ -180,7 +184,7 @@ def test_empty_records_are_skipped_and_logged(tok, caplog):
     ex = build_examples(records, cfg(), tok, seq_len=8)
     assert len(ex) == 1
     assert "skipped 4 of 5" in caplog.text
-    with pytest.raises(DataError, match="empty.*no usable examples"):
+    with pytest.raises(DataError, match="empty.*no example"):
         build_examples(records[1:], cfg(), tok, seq_len=8)
 
 
@@ -198,9 +202,9 @@ def test_packing_makes_full_blocks_of_the_token_stream(tok):
     stream = [t for ids in tok.encode_batch(texts) for t in ids + [tok.eos_id]]
     n = len(ex)
     assert n == (len(stream) - 1) // seq_len and n > 3
-    assert all(len(e.input_ids) == len(e.labels) == seq_len for e in ex)
-    assert [t for e in ex for t in e.input_ids] == stream[:n * seq_len]
-    assert [t for e in ex for t in e.labels] == stream[1:n * seq_len + 1]
+    assert all(len(e.input_ids) == len(e.labels) == seq_len + 1 for e in ex)
+    assert [t for e in ex for t in e.input_ids[:-1]] == stream[:n * seq_len]
+    assert [t for e in ex for t in e.labels[1:]] == stream[1:n * seq_len + 1]
     with pytest.raises(DataError, match="packing needs at least"):
         build_examples([{"documents": "hi"}], cfg(packing=True), tok, seq_len=seq_len)
 
@@ -220,7 +224,7 @@ def test_gpt2_documents_have_no_bos(tok):
     """GPT-2 has no BOS (transformers' tokenizer(text) adds nothing): documents stay encode(text) + [eos]."""
     assert tok.bos_id is None
     ex = build_examples(RECORDS, cfg(), tok, seq_len=64)
-    assert [e.input_ids + e.labels[-1:] for e in ex] == [tok.encode(r["documents"]) + [tok.eos_id] for r in RECORDS]
+    assert [e.input_ids for e in ex] == [tok.encode(r["documents"]) + [tok.eos_id] for r in RECORDS]
 
 
 def test_causal_lm_documents_start_with_bos(bos_tok):
@@ -229,14 +233,14 @@ def test_causal_lm_documents_start_with_bos(bos_tok):
     docs = [[bos] + ids + [eos] for ids in bos_tok.encode_batch(texts)]
     assert docs == [ids + [eos] for ids in bos_tok.encode_batch(texts, add_special=True)]  # as tokenizer(text)
     ex = build_examples(RECORDS, cfg(), bos_tok, seq_len=64)
-    assert [e.input_ids + e.labels[-1:] for e in ex] == docs
-    assert all(e.input_ids[0] == bos and e.labels[0] != IGNORE_INDEX for e in ex)
+    assert [e.input_ids for e in ex] == docs
+    assert all(e.input_ids[0] == bos and e.labels[0] == IGNORE_INDEX and e.labels[1] != IGNORE_INDEX for e in ex)
     packed = build_examples(RECORDS, cfg(packing=True), bos_tok, seq_len=8)
     stream = [t for d in docs for t in d]
     n = len(packed)
     assert n == (len(stream) - 1) // 8
-    assert [t for e in packed for t in e.input_ids] == stream[:n * 8]
-    assert [t for e in packed for t in e.labels] == stream[1:n * 8 + 1]
+    assert [t for e in packed for t in e.input_ids[:-1]] == stream[:n * 8]
+    assert [t for e in packed for t in e.labels[1:]] == stream[1:n * 8 + 1]
 
 
 @pytest.mark.parametrize("seq_len", [64, 12], ids=["fits", "prompt-cut"])
@@ -246,11 +250,11 @@ def test_completion_keeps_bos_first_and_masked(bos_tok, seq_len):
     for r, e in zip(RECORDS, build_examples(RECORDS, config, bos_tok, seq_len)):
         p = bos_tok.encode(config.prompt_template.format(**r))
         c = bos_tok.encode(config.completion_template.format(**r)) + [bos_tok.eos_id]
-        ids = e.input_ids + e.labels[-1:]
-        n_prompt = e.labels.count(IGNORE_INDEX) + 1  # bos + the prompt tokens kept
+        ids = e.input_ids
+        n_prompt = e.labels.count(IGNORE_INDEX)  # bos + the prompt tokens kept
         assert ids[0] == bos_tok.bos_id and len(ids) <= seq_len + 1
         assert ids[1:n_prompt] == p[len(p) - (n_prompt - 1):]  # the prompt's end survives
-        assert e.labels[n_prompt - 1:] == ids[n_prompt:] == c[:len(ids) - n_prompt]
+        assert e.labels[n_prompt:] == ids[n_prompt:] == c[:len(ids) - n_prompt]
         cut.append(n_prompt - 1 < len(p))
         assert seq_len != 64 or ids == [bos_tok.bos_id] + p + c
     assert any(cut) == (seq_len == 12)
@@ -264,12 +268,12 @@ def _check_completion_masking(tok, records, config, seq_len):
     for r, e in zip(records, ex):
         p = tok.encode(config.prompt_template.format(**r))
         c = tok.encode(config.completion_template.format(**r)) + [tok.eos_id]
-        ids = e.input_ids + e.labels[-1:]  # the whole token window
+        ids = e.input_ids  # the whole token window
         masked = [t for t, lab in enumerate(e.labels) if lab == IGNORE_INDEX]
-        n_prompt = len(masked) + 1
-        assert masked == list(range(n_prompt - 1))  # exactly the positions whose target is a prompt token
+        n_prompt = len(masked)
+        assert masked == list(range(n_prompt))  # exactly the prompt's tokens
         assert ids[:n_prompt] == p[len(p) - n_prompt:]  # the prompt's end survives
-        kept = e.labels[n_prompt - 1:]
+        kept = e.labels[n_prompt:]
         assert kept == ids[n_prompt:] == c[:len(kept)]
         if len(p) + len(c) <= seq_len + 1:
             assert (n_prompt, len(kept)) == (len(p), len(c))
@@ -284,7 +288,7 @@ def test_completion_masks_prompt_targets_synthetic(tok):
     config = cfg(task="completion")
     _check_completion_masking(tok, RECORDS, config, seq_len=64)  # fits: nothing truncated
     ex = _check_completion_masking(tok, RECORDS, config, seq_len=12)  # prompt cut from the left
-    n_prompt = ex[0].labels.count(IGNORE_INDEX) + 1
+    n_prompt = ex[0].labels.count(IGNORE_INDEX)
     assert tok.decode(ex[0].input_ids[:n_prompt]).endswith("fire.\nTL;DR: ")
 
 
@@ -292,18 +296,18 @@ def test_left_truncation_keeps_the_tldr_marker(tok):
     long_doc = "this is a very long story about nothing. " * 200
     record = {"documents": long_doc, "tldr": "i wrote too much"}
     (ex,) = build_examples([record], cfg(task="completion"), tok, seq_len=64)
-    text = tok.decode(ex.input_ids + ex.labels[-1:])
-    assert len(ex.input_ids) == 64
+    text = tok.decode(ex.input_ids)
+    assert len(ex.input_ids) == 65
     assert text.endswith("nothing. \nTL;DR: i wrote too much<|endoftext|>")
     first_target = next(t for t, lab in enumerate(ex.labels) if lab != IGNORE_INDEX)
-    assert tok.decode(ex.input_ids[:first_target + 1]).endswith("\nTL;DR: ")
+    assert tok.decode(ex.input_ids[:first_target]).endswith("\nTL;DR: ")
 
 
 def test_completion_masking_on_real_reddit_data(tok, reddit):
     records = [r for r in reddit[:200] if r["tldr"].strip()]  # a few real posts have an empty TL;DR
     config = DataConfig(source=str(REDDIT), task="completion")
     ex = _check_completion_masking(tok, records, config, seq_len=256)
-    assert any(len(e.input_ids) == 256 for e in ex)  # many posts are longer than the window
+    assert any(len(e.input_ids) == 257 for e in ex)  # many posts are longer than the window
     assert all(e.labels[-1] == tok.eos_id for e in ex)  # every TL;DR fit whole, so each was decoded above
     assert all(tok.decode(e.input_ids).count("TL;DR: ") >= 1 for e in ex)
 
@@ -311,7 +315,7 @@ def test_completion_masking_on_real_reddit_data(tok, reddit):
 # --- splits and batches ----------------------------------------------------------------------
 
 def _examples(n: int) -> list[Example]:
-    return [Example(input_ids=[i] * (1 + i % 5), labels=[i] * (1 + i % 5)) for i in range(n)]
+    return [Example(input_ids=[i] * (2 + i % 5), labels=[IGNORE_INDEX] + [i] * (1 + i % 5)) for i in range(n)]
 
 
 def test_split_sizes_and_disjointness():
@@ -347,12 +351,13 @@ def test_batches_are_deterministic_and_resumable():
 
 
 def test_batches_pad_right_and_handle_the_remainder():
-    ex = [Example([1, 2, 3], [2, 3, 4]), Example([5], [6]), Example([7, 8], [IGNORE_INDEX, 9])]
+    ex = [Example([1, 2, 3, 4], [IGNORE_INDEX, 2, 3, 4]), Example([5, 6], [IGNORE_INDEX, 6]),
+          Example([7, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 9])]
     batches = Batches(ex, batch_size=2, shuffle=False, pad_id=0, drop_last=False)
     assert len(batches) == 2
     first = batches.batch(0, 0)
     assert first["input_ids"].dtype == torch.long and first["input_ids"].shape == (2, 3)
-    assert first["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert first["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0]] and "position_ids" not in first
     assert first["labels"].tolist() == [[2, 3, 4], [6, IGNORE_INDEX, IGNORE_INDEX]]
     assert batches.batch(0, 1)["labels"].tolist() == [[IGNORE_INDEX, 9]]
     assert len(Batches(ex, batch_size=2, pad_id=0)) == 1
@@ -381,7 +386,7 @@ def test_prepare_data_on_real_reddit_data(tok, reddit):
     config = DataConfig(source=str(REDDIT), max_examples=300, packing=True)
     train, val = prepare_data(config, tok, seq_len=128, seed=0)
     assert train and val and len(val) < len(train) / 5  # 15 of 300 documents held out, then packed
-    assert all(len(e.input_ids) == 128 for e in train + val)
+    assert all(len(e.input_ids) == 129 for e in train + val)
     assert len(reddit) == 1000
 
 
@@ -426,7 +431,7 @@ def test_examples_always_fit(tok, texts, seq_len, task):
     ex = build_examples(records, cfg(task=task), tok, seq_len)
     assert len(ex) == len(records)
     for e in ex:
-        assert 1 <= len(e.input_ids) == len(e.labels) <= seq_len
+        assert 2 <= len(e.input_ids) == len(e.labels) <= seq_len + 1 and e.labels[0] == IGNORE_INDEX
         assert all(lab == IGNORE_INDEX or 0 <= lab < tok.vocab_size for lab in e.labels)
         assert all(0 <= t < tok.vocab_size for t in e.input_ids)
         if task == "completion":  # the first completion token always keeps its label

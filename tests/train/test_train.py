@@ -316,10 +316,10 @@ def test_masked_positions_get_no_gradient(ckpt):
         expected = F.cross_entropy(fake(batch["input_ids"])[~masked], labels[~masked], reduction="sum")
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     assert count_targets(labels) == int((~masked).sum())
-    # an example's targets: nothing while the next token is still the prompt, then the completion and eos
+    # an example's labels (aligned with its tokens): nothing on the prompt, then the completion and eos
     first = examples[0]
     n_prompt = len(tok.encode(cfg.prompt_template.format(**QA[0])))
-    assert first.labels == [IGNORE] * (n_prompt - 1) + tok.encode(" in the garden") + [tok.eos_id]
+    assert first.labels == [IGNORE] * n_prompt + tok.encode(" in the garden") + [tok.eos_id]
 
 
 # --- gradient accumulation and precision -------------------------------------------------------
