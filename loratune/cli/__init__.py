@@ -13,14 +13,14 @@ import sys
 import traceback
 
 from ..errors import LoratuneError
-from . import compare, evaluate, generate, info, init_model, merge, train
+from . import compare, data, evaluate, generate, info, init_model, merge, train
 
-COMMANDS = [train, evaluate, compare, generate, merge, info, init_model]
+COMMANDS = [train, data, evaluate, compare, generate, merge, info, init_model]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="loratune", description="LoRA fine-tuning of causal language models (GPT-2).")
+        prog="loratune", description="LoRA fine-tuning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

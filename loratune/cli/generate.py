@@ -1,4 +1,5 @@
-"""``loratune generate``: continue a prompt with a base model, optionally with an adapter."""
+"""``loratune generate``: continue a prompt with a base model, optionally with an adapter; or, with
+``--chat``, answer it as the user's message through the model's chat template."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import torch
 
 from ..adapters.lora import merge_lora
+from ..errors import ConfigError
 from ..generate import SamplingConfig, generate
 from .common import add_model_args, load_for_inference, log
 
@@ -18,7 +20,15 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--adapter", help="LoRA adapter directory to apply")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (faster)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="render the prompt as a user message with the chat template and its generation prompt; "
+                        "stop at the template's end-of-turn token")
+    p.add_argument("--system", help="with --chat: a system message first")
+    p.add_argument("--chat-template", help="with --chat: a .jinja file or a named template (chatml) instead of "
+                                          "the model's")
+    p.add_argument("--template-var", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --chat: a template variable, e.g. enable_thinking=false (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -35,12 +45,30 @@ def run(args: argparse.Namespace) -> int:
         log.info(f"adapter: {args.adapter} (r={lora.r}, alpha={lora.alpha:g}, targets={','.join(lora.targets)})")
         if args.merge:
             merge_lora(model)
-    # the prompt starts with BOS where the tokenizer has one, as in training and transformers' tokenizer(text)
-    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(args.prompt)
-    if not ids:
-        ids = [tokenizer.eos_id]
+    if not args.chat and (args.system is not None or args.chat_template or args.template_var):
+        raise ConfigError("--system, --chat-template and --template-var apply to --chat")
+    if args.chat:
+        ids, stops = chat_prompt_of(tokenizer, args)
+    else:
+        # the prompt starts with BOS where the tokenizer has one, as in training and transformers' tokenizer(text)
+        ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(args.prompt)
+        ids, stops = ids or [tokenizer.eos_id], list(tokenizer.eos_ids)
     prompt = torch.tensor([ids], device=device)
-    new = generate(model, prompt, sampling, eos_ids=tokenizer.eos_ids)[0].tolist()
-    new = new[:next((i for i, t in enumerate(new) if t in tokenizer.eos_ids), len(new))]  # cut at the first eos
+    new = generate(model, prompt, sampling, eos_ids=stops)[0].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]  # cut at the first stop
     sys.stdout.write(tokenizer.decode(new) + "\n")
     return 0
+
+
+def chat_prompt_of(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The ids of ``--system`` + ``--prompt`` rendered with the generation prompt, and the ids to stop at."""
+    from ..generate.chat import chat_prompt
+    from ..recipe import yaml_value
+
+    variables = {}
+    for item in args.template_var:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--template-var takes KEY=VALUE, got {item!r}")
+        variables[key.strip()] = yaml_value(value)
+    return chat_prompt(tokenizer, args.prompt, args.system, args.chat_template, **variables)

@@ -113,8 +113,9 @@ def resolve_chat_template(choice: str | None, own: str | None, model: str) -> st
     """The template text: ``choice`` (a .jinja file or a name in NAMED_TEMPLATES), else the model's ``own``."""
     if choice is None:
         if own is None:
-            raise DataError(f"{model} has no chat template (a base model?): set data.chat_template to a .jinja "
-                            f"file or to one of {', '.join(NAMED_TEMPLATES)}, or use an instruct model")
+            raise DataError(f"{model} has no chat template (a base model?): name one with data.chat_template in the "
+                            f"recipe (--chat-template for generate): a .jinja file or a named template "
+                            f"({', '.join(NAMED_TEMPLATES)}); or use an instruct model")
         return own
     if choice in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[choice]

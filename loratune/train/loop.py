@@ -25,6 +25,7 @@ from ..adapters.trainable import parameter_report, set_trainable
 from ..data import Batches, load_tokenizer, prepare_data
 from ..errors import ConfigError
 from ..generate import SamplingConfig, generate
+from ..generate.chat import chat_prompt
 from ..hub.export import save_hf_model
 from ..hub.files import read_config
 from ..hub.outdir import prepare_output_dir, run_lock
@@ -338,17 +339,26 @@ def _write_val(metrics: MetricsLog, step: int, loss: float) -> None:
 
 
 def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.device) -> str:
-    """A short continuation of the recipe's sample prompt (seeded top-k sampling)."""
+    """A short continuation of the recipe's sample prompt (seeded top-k sampling); for the chat task,
+    the answer to it as a user message (the recipe's system prompt and template), up to the end of turn."""
     if not recipe.sample_prompt or recipe.sample_tokens == 0:
         return ""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as the training documents start
-    ids = torch.tensor([bos + tokenizer.encode(recipe.sample_prompt)], device=device)
+    data = recipe.data
+    if data.task == "chat":
+        prompt, stops = chat_prompt(tokenizer, recipe.sample_prompt, data.system_prompt, data.chat_template,
+                                    **data.template_kwargs)
+        shown = ""
+    else:
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as the training documents start
+        prompt, stops = bos + tokenizer.encode(recipe.sample_prompt), list(tokenizer.eos_ids)
+        shown = recipe.sample_prompt
     cfg = SamplingConfig(max_new_tokens=recipe.sample_tokens, temperature=0.8, top_k=40, seed=recipe.seed)
     was_training = model.training
     model.eval()
-    new = generate(model, ids, cfg, eos_ids=tokenizer.eos_ids)[0].tolist()
+    new = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=stops)[0].tolist()
     model.train(was_training)
-    return recipe.sample_prompt + tokenizer.decode([t for t in new if t not in tokenizer.eos_ids])
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    return shown + tokenizer.decode(new)
 
 
 def _read_samples(path: Path, prompt: str) -> dict:

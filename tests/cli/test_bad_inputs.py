@@ -92,7 +92,35 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     w["file"] = root / "a-file.txt"
     w["file"].write_text("a file, not a directory")
     _family_world(w, root)
+    _chat_world(w, root)
     return w
+
+
+def _chat_world(w: dict[str, Path], root: Path) -> None:
+    """A chat recipe on the tiny Qwen3 (its BPE has no chat template: the recipe names one ending turns
+    with </s>), its data, and broken conversations on line 2 of their files."""
+    good = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "runs home"}]}
+
+    def chat_file(name: str, second: dict) -> Path:
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in (good, second)), encoding="utf-8")
+        return path
+
+    w["chat_data"] = chat_file("chat.jsonl", good)
+    w["chat_bad_role"] = chat_file("chat-bad-role.jsonl", {"messages": [{"role": "wizard", "content": "hi"}]})
+    w["chat_no_content"] = chat_file("chat-no-content.jsonl", {"messages": [{"role": "user", "content": "a"},
+                                                                            {"role": "assistant"}]})
+    w["chat_not_list"] = chat_file("chat-not-list.jsonl", {"messages": "hello"})
+    w["chat_template"] = root / "turns.jinja"
+    w["chat_template"].write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}\n{% endfor %}"
+                                  "{% if add_generation_prompt %}assistant: {% endif %}")
+    w["raising_template"] = root / "raising.jinja"
+    w["raising_template"].write_text("{{ raise_exception('this template takes no assistant turns') }}")
+    w["plain_template"] = root / "plain.jinja"
+    w["plain_template"].write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    w["chat_recipe"] = root / "chat.yaml"
+    w["chat_recipe"].write_text(f"model: {w['qwen3']}\nout_dir: {root / 'chat-run'}\ndata:\n  source: {w['chat_data']}"
+                                f"\n  task: chat\n  chat_template: {w['chat_template']}\nseq_len: 32\n")
 
 
 def _family_world(w: dict[str, Path], root: Path) -> None:
@@ -187,6 +215,25 @@ ROWS = [
      "shards that"),
     ("generate with a tokenizer larger than the embedding", ["generate", "--model", "{big_tokenizer}", "--prompt",
                                                              "the cat"], 2, "embedding has 320 rows"),
+    ("data: a message with an unknown role", ["data", "{chat_recipe}", "--data", "{chat_bad_role}"], 2,
+     "line 2: message 0 has the unknown role 'wizard'"),
+    ("data: a message without content", ["data", "{chat_recipe}", "--data", "{chat_no_content}"], 2,
+     "line 2: message 1 (assistant) has no content"),
+    ("data: messages that are not a list", ["data", "{chat_recipe}", "--data", "{chat_not_list}"], 2,
+     "line 2: 'messages' must be a non-empty list of messages"),
+    ("data: a model without a chat template", ["data", "{chat_recipe}", "--set", "data.chat_template=null"], 2,
+     "has no chat template"),
+    ("data: a template without an end-of-turn token", ["data", "{chat_recipe}", "--set",
+                                                       "data.chat_template={plain_template}"], 2,
+     "never learn to stop"),
+    ("data --limit -1", ["data", "{chat_recipe}", "--limit", "-1"], 2, "--limit"),
+    ("train chat: a template that raises", ["train", "{chat_recipe}", *WORLD_TRAIN[:8], "--out", "{new}", "--set",
+                                            "data.chat_template={raising_template}"], 2,
+     "line 1: the chat template raised an error for this conversation: this template takes no assistant turns"),
+    ("train chat: every conversation cut to nothing", ["train", "{chat_recipe}", *WORLD_TRAIN[:8], "--out", "{new}",
+                                                       "--set", "seq_len=3"], 2, "no example with a token to train"),
+    ("generate --chat on a model without a template", ["generate", "--chat", "--model", "{qwen3}", "--prompt", "hi"],
+     2, "has no chat template"),
     ("generate with an adapter of another family", ["generate", "--model", "{qwen3}", "--adapter", "{adapter}",
                                                     "--prompt", "the cat"], 2, "is an adapter for a GPT-2"),
 ]
