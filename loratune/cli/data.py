@@ -1,6 +1,7 @@
 """``loratune data RECIPE``: the first examples exactly as the model will see them, trained tokens marked.
 
-Only the tokenizer is read (no weights). Text mode prints each example's rendered text with the
+Only the tokenizer is read (no weights). The records are those training uses (with ``max_examples``,
+the same seeded subset), before the validation split. Text mode prints each example's rendered text with the
 trained tokens highlighted (colour on a terminal, ``[[...]]`` otherwise), its token counts and what
 truncation did; then a summary of the whole data set. ``--json`` prints one object a line,
 ``{"input_ids": [...], "labels": [...]}``, labels aligned with input_ids as in transformers: the
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import encode_records, load_records, load_tokenizer
+    from ..data.prepare import subset
     from ..hub.resolve import resolve_hub_dir
 
     if args.limit < 0:
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = recipe.data
     tokenizer = load_tokenizer(resolve_hub_dir(recipe.model, TOKENIZER_DOWNLOAD, "tokenizer"))
     tokenizer.source = recipe.model
-    records = load_records(cfg.source, cfg)
+    records = subset(load_records(cfg.source, cfg), cfg, recipe.seed)  # what training uses (max_examples)
     encoded = encode_records(records, cfg, tokenizer, recipe.seq_len, cfg.source)
     shown = encoded[:args.limit]
     if args.json:

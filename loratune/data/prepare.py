@@ -28,6 +28,13 @@ def split_train_val(items: list[T], cfg: DataConfig, seed: int) -> tuple[list[T]
     return train, val
 
 
+def subset(records: list[dict], cfg: DataConfig, seed: int) -> list[dict]:
+    """The records a run uses: with max_examples, the first N of a seeded shuffle; else all, in order."""
+    if cfg.max_examples is not None and cfg.max_examples < len(records):
+        return [records[i] for i in permutation(len(records), seed)[:cfg.max_examples]]
+    return records
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
                  seed: int) -> tuple[list[Example], list[Example]]:
     """Load, subset, tokenize and split: the (train, val) examples a training run uses.
@@ -40,9 +47,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
     used whole), otherwise from a held-out val_fraction: of the examples, or, with packing, of
     the documents before they are packed, so that no document spans training and validation.
     """
-    records = load_records(cfg.source, cfg)
-    if cfg.max_examples is not None and cfg.max_examples < len(records):
-        records = [records[i] for i in permutation(len(records), seed)[:cfg.max_examples]]
+    records = subset(load_records(cfg.source, cfg), cfg, seed)
     if cfg.val_source is None and cfg.packing:
         train_records, val_records = split_train_val(records, cfg, seed)
         val = build_examples(val_records, cfg, tokenizer, seq_len, source=f"{cfg.source} (validation documents)"
