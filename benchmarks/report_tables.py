@@ -309,8 +309,49 @@ def guard_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def packing_table(result: dict) -> str:
+    """benchmarks/bench_packing.py's results: packed vs padded rows of the same examples, a row per arm."""
+    d, mdl, cpu = result.get("data") or {}, result.get("model") or {}, result.get("clock") == "cpu"
+    clock = ("CPU-second of one thread (`--threads 1 --clock cpu`; wall-clock rates in the JSON)" if cpu
+             else "wall-clock second")
+    intro = (f"GPT-2 {_size(mdl.get('size'))} shape, random weights, GPT-2's tokenizer; LoRA {mdl.get('targets')} "
+             f"r={mdl.get('r')} alpha={mdl.get('alpha')}. {d.get('source')}: {d.get('records')} posts -> "
+             f"{d.get('examples')} completion examples (`{d.get('prompt_template')!r}` -> "
+             f"`{d.get('completion_template')!r}`, the completion trained); both arms train the same examples "
+             f"(checked). Rates are per {clock}, over each arm's timed steps (a stratified sample of the epoch's "
+             f"batches); one epoch = its real tokens / real tokens per second. `{result.get('command')}`")
+    header = ("| arm | precision, seq, rows per step | rows | steps per epoch | padding (timed steps / epoch) | real "
+              "tokens/s | trained tokens/s | positions/s | one epoch (estimated) | share of the matmul rate (all "
+              "positions / real tokens) | runs |")
+    out = [machine_line(result), "", intro, "", header, "|" + "---|" * 11]
+    for r in result.get("rows") or []:
+        useful = _share({"matmul_share": r.get("useful_matmul_share")})
+        out.append(f"| {r['arm']} | {r['precision']}, {r['seq']}, {r['batch']} | {r['rows']} | {r['steps_per_epoch']} | "
+                   f"{100 * r['pad_share_timed']:.1f}% / {100 * r['pad_share_epoch']:.1f}% | {r['real_tokens_per_s']:,.0f} "
+                   f"| {r['trained_tokens_per_s']:,.1f} | {r['positions_per_s']:,.0f} | {r['epoch_s'] / 60:.1f} min | "
+                   f"{_share(r)} / {useful} | {_runs_one(r.get('runs'))}, {r['warmup']} warm-up + {r['steps']} timed steps |")
+    gains = [_packing_gain(c) for c in result.get("comparisons") or []]
+    title = "Packed against padded (the median over runs of each run's ratio; a run's two arms alternate steps):"
+    return "\n".join(out + ["", title, ""] + gains)
+
+
+def _packing_gain(c: dict) -> str:
+    """packed / padded at one (precision, seq), and what the gain comes from."""
+    runs = c.get("runs_real_tokens_per_s") or []
+    each = f" (each run: {', '.join(f'{x:.2f}x' for x in runs)})" if len(runs) > 1 else ""
+    return (f"- {c['precision']}, seq {c['seq']}: packed / padded real tokens/s **{c['real_tokens_per_s']:.2f}x**{each}, "
+            f"epoch time **{c['epoch_time']:.2f}x**. The gain is less padding computed ({c['epoch_positions']:.2f}x the "
+            f"positions per epoch; padding {100 * c['pad_share_epoch'][0]:.1f}% -> {100 * c['pad_share_epoch'][1]:.1f}%) "
+            f"and {c['real_per_step']:.2f}x the real tokens per step; positions per second {c['positions_per_s']:.2f}x "
+            f"(timed rows of {c['mean_T'][0]:.0f} -> {c['mean_T'][1]:.0f} positions on average, attention growing with "
+            f"the row; the output head runs only on loss chunks holding a trained token: "
+            f"{c['head_per_position']:.2f}x as many per position packed).")
+
+
 def render(result: dict) -> str:
     """The machine line, the tables and the slower-rows line of one results file."""
+    if result.get("format") == "packing":
+        return packing_table(result)
     if "checkpoint" in result and "rows" in result:
         return load_table(result)
     if "tolerance" in result and "rows" in result:
