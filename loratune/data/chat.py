@@ -60,6 +60,8 @@ class ChatEncoder:
                 after = f"; dropped the {len(messages) - first} messages after it" if first < len(messages) else ""
                 (ids, labels), what = self._cut_first_exchange(messages[:first])
                 cut, inside = what + after, True
+        if not ids:
+            return Encoded(None, dropped="the template rendered no text")
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
         if all(lab == IGNORE_INDEX for lab in labels):
             why = "no assistant token left after the cut to seq_len" if cut else "no token to train"

@@ -142,6 +142,8 @@ def test_nothing_left_to_train_is_dropped_and_a_data_set_of_such_is_an_error(cap
 
 def test_a_conversation_without_an_assistant_turn_is_dropped():
     tok = _tok("qwen3")
+    silent = "{% for m in messages %}{% endfor %}"
+    assert _encode(tok, CONVERSATIONS[0], template=silent, train_on="all").dropped == "the template rendered no text"
     assert _encode(tok, [{"role": "user", "content": "hi"}]).dropped == "no assistant message"
     assert _encode(tok, [{"role": "user", "content": "hi"}], train_on="all").example.trained > 0
 
