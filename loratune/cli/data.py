@@ -15,6 +15,7 @@ import json
 import sys
 
 from ..data.examples import IGNORE_INDEX, Encoded
+from ..data.tasks import drop_reasons
 from ..errors import DataError
 from ..hub.files import TOKENIZER_FILES
 from .train import add_recipe_args, recipe_from_args
@@ -82,11 +83,7 @@ def _summary(encoded: list[Encoded], cfg, seq_len: int) -> str:
     kept = [e.example for e in encoded if e.example is not None]
     tokens, trained = sum(len(x.input_ids) for x in kept), sum(x.trained for x in kept)
     cut = sum(e.cut is not None for e in encoded)
-    reasons: dict[str, int] = {}
-    for e in encoded:
-        if e.dropped:
-            reasons[e.dropped] = reasons.get(e.dropped, 0) + 1
-    dropped = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+    dropped = ", ".join(f"{n} {why}" for why, n in drop_reasons(encoded).items()) or "none"
     share = f" ({100 * trained / tokens:.1f}%)" if tokens else ""
     packing = "; packed several to a row" if cfg.packing else ""
     return (f"{len(encoded)} examples from {cfg.source} (task {cfg.task}, seq_len {seq_len}{packing}): "

@@ -52,8 +52,8 @@ def to_messages(record: dict, index: int, kind: str, cfg: DataConfig, source: st
     elif kind == "alpaca":
         messages = _alpaca(record, cfg, where)
     else:
-        messages = [{"role": "user", "content": _filled(cfg.prompt_template, record, where)},
-                    {"role": "assistant", "content": _filled(cfg.completion_template, record, where)}]
+        messages = [{"role": "user", "content": fill_template(cfg.prompt_template, record, where)},
+                    {"role": "assistant", "content": fill_template(cfg.completion_template, record, where)}]
     if cfg.system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return messages
@@ -104,13 +104,15 @@ def _alpaca(record: dict, cfg: DataConfig, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def _filled(template: str, record: dict, where: str) -> str:
+def fill_template(template: str, record: dict, where: str) -> str:
+    """``template.format(**record)``; a missing field or a record that does not fit is a DataError at ``where``."""
     missing = [f for f in _template_fields(template) if record.get(f) is None]
     if missing:
         raise DataError(f"{where}: no {missing[0]!r} for the template {template!r}")
     try:
         return template.format(**record)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError, OverflowError) as exc:
+        # {field.attr}, {field[0]}, {field:d} or a nested {x} in a format spec that the record does not fit
         raise DataError(f"{where} does not fit the template {template!r} ({type(exc).__name__}: {exc})") from None
 
 

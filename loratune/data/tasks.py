@@ -10,10 +10,11 @@ and drops, refuses a data set with nothing to train, and packs whole examples wh
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from ..errors import ConfigError, DataError
 from .chat import ChatEncoder
-from .chat_formats import chat_format, to_messages
+from .chat_formats import chat_format, fill_template, to_messages
 from .chat_template import resolve_chat_template
 from .config import DataConfig, _template_fields
 from .examples import IGNORE_INDEX, Encoded, Example
@@ -61,8 +62,7 @@ def encode_records(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
             return [Encoded(_all_trained(b)) for b in pack_documents(docs, seq_len)]
         return [Encoded(_all_trained(d[:seq_len + 1]), cut=_cut(len(d), seq_len), cut_inside=len(d) > seq_len + 1)
                 for d in docs]
-    fields = list(dict.fromkeys(_template_fields(cfg.prompt_template) + _template_fields(cfg.completion_template)))
-    records = _usable(records, fields, source)
+    records = _usable(records, _record_fields(cfg), source)
     prompts = tokenizer.encode_batch(_fill(cfg.prompt_template, records, source))
     completions = tokenizer.encode_batch(_fill(cfg.completion_template, records, source))
     return [_completion(bos, p, c + [eos], seq_len) for p, c in zip(prompts, completions)]
@@ -90,11 +90,7 @@ def build_examples(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
 
 
 def _report(encoded: list[Encoded], examples: list[Example], cfg: DataConfig, seq_len: int, source: str) -> None:
-    reasons: dict[str, int] = {}
-    for e in encoded:
-        if e.dropped is not None:
-            reasons[e.dropped] = reasons.get(e.dropped, 0) + 1
-    why = ", ".join(f"{n} with {reason}" for reason, n in reasons.items())
+    why = ", ".join(f"{n} with {reason}" for reason, n in drop_reasons(encoded).items())
     cut = sum(e.cut is not None for e in encoded)
     if not examples:
         more = f" (packing needs at least {seq_len + 1} tokens in all)" if cfg.packing and cfg.task == "causal_lm" \
@@ -111,13 +107,22 @@ def _report(encoded: list[Encoded], examples: list[Example], cfg: DataConfig, se
                     len(encoded), 100 * dropped / len(encoded), why)
 
 
+def drop_reasons(encoded: list[Encoded]) -> dict[str, int]:
+    """How many records were dropped, by reason."""
+    return dict(Counter(e.dropped for e in encoded if e.dropped is not None))
+
+
+def _record_fields(cfg: DataConfig) -> list[str]:
+    """The record fields the prompt and completion templates read, each once."""
+    return list(dict.fromkeys(_template_fields(cfg.prompt_template) + _template_fields(cfg.completion_template)))
+
+
 def _chat(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, source: str) -> list[Encoded]:
     template = resolve_chat_template(cfg.chat_template, tokenizer.chat_template, tokenizer.source)
     encoder = ChatEncoder(tokenizer, template, cfg, seq_len)
     kind = chat_format(records, cfg)
     if kind == "template":
-        fields = _template_fields(cfg.prompt_template) + _template_fields(cfg.completion_template)
-        records = _usable(records, list(dict.fromkeys(fields)), source)
+        records = _usable(records, _record_fields(cfg), source)
     encoded = []
     for i, record in enumerate(records):
         messages = to_messages(record, i, kind, cfg, source)
@@ -129,15 +134,7 @@ def _chat(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, seq_len: i
 
 
 def _fill(template: str, records: list[dict], source: str) -> list[str]:
-    texts = []
-    for i, record in enumerate(records):
-        try:
-            texts.append(template.format(**record))
-        except (KeyError, AttributeError, IndexError, TypeError, ValueError, OverflowError) as exc:
-            # {field.attr}, {field[0]}, {field:d} or a nested {x} in a format spec that the record does not fit
-            raise DataError(f"{source}, {record_place(record, i)} does not fit the template {template!r} "
-                            f"({type(exc).__name__}: {exc})") from None
-    return texts
+    return [fill_template(template, r, f"{source}, {record_place(r, i)}") for i, r in enumerate(records)]
 
 
 def _cut(n: int, seq_len: int) -> str | None:
