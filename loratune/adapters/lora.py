@@ -1,13 +1,17 @@
-"""The LoRA layer: a frozen linear weight plus a trainable low-rank update.
+"""The LoRA layer: a frozen linear weight plus trainable low-rank updates, one per named adapter.
 
 ``out = x W^T + b + scale * B(A(dropout(x)))`` with ``A`` (r x in) Kaiming-uniform and ``B``
 (out x r) zero, so a freshly injected adapter leaves the model's output unchanged.
 
 The layer *owns* the frozen ``weight`` and ``bias`` under their original names (the torchtune
-way), so a base checkpoint loads into an adapted model without key surgery. One layer can
-adapt the whole projection or only some output slices of a fused one (GPT-2's ``c_attn``
-holds q, k and v; the tutorial adapts only q and v): each slice gets its own A and B, and
-``x A^T`` is computed once for all slices.
+way), so a base checkpoint loads into an adapted model without key surgery; under QLoRA the
+base lives in ``quant`` (4-bit NF4, dequantized on the fly) instead. One layer can adapt the
+whole projection or only some output slices of a fused one (GPT-2's ``c_attn`` holds q, k and
+v; the tutorial adapts only q and v): each slice gets its own A and B (:mod:`.update`).
+
+Several adapters can sit on one base (``lora[name]``, as PEFT's ``lora_A[adapter_name]``);
+``active`` names the ones forward applies. With a single active adapter the layer's ``r``,
+``scale``, ``lora_A`` ... are that adapter's.
 
 Merging is explicit (:meth:`LoRALinear.merge` / :meth:`LoRALinear.unmerge`), computed in
 float32 and cast back, and refuses non-finite updates.
@@ -15,7 +19,6 @@ float32 and cast back, and refuses non-finite updates.
 
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, MergeError
+from . import dora
+from .init import parse_init
+from .update import WHOLE, LoRAUpdate, lora_scale, rank_limit
 
-WHOLE = "all"  # slice name used when the whole projection is adapted
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,13 @@ class LoRAConfig:
     suffixes, 'all-linear', or 're:<regex>' matched against full module names."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)."""
+    use_dora: bool = False
+    """DoRA: a trainable magnitude per output row times the normalised adapted weight (Liu et al., 2024)."""
+    init: str = "default"
+    """A and B at the start: default (Kaiming A, zero B), gaussian, pissa, pissa_niter_<K> (fast
+    randomized SVD), olora; pissa and olora move the top of the base weight into the adapter."""
+    plus_ratio: float | None = None
+    """LoRA+: B's learning rate = plus_ratio x A's (Hayou et al., 2024 suggest 16); None = same lr."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -59,6 +70,13 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.targets:
             raise ConfigError("lora.targets is empty: name at least one target, e.g. ['q', 'v']")
+        if not isinstance(self.init, str):
+            raise ConfigError(f"lora.init must be a name such as 'pissa', got {self.init!r}")
+        parse_init(self.init)
+        if self.plus_ratio is not None and (isinstance(self.plus_ratio, bool) or not isinstance(
+                self.plus_ratio, (int, float)) or not math.isfinite(self.plus_ratio) or self.plus_ratio <= 0):
+            raise ConfigError(f"lora.plus_ratio must be a positive number (LoRA+ suggests 16) or null, "
+                              f"got {self.plus_ratio!r}")
 
     @property
     def scale(self) -> float:
@@ -66,157 +84,194 @@ class LoRAConfig:
         return lora_scale(self.r, self.alpha, self.rslora)
 
 
-def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
-    """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
 class LoRALinear(nn.Module):
-    """A frozen linear projection with LoRA updates on the whole output or on named slices.
+    """A frozen linear projection with LoRA updates (one per named adapter) on its output or named slices.
 
     Args:
         weight: the frozen base weight, ``(out, in)``; ``(in, out)`` when ``fan_in_fan_out``
-            (GPT-2's Conv1D layout in transformers).
+            (GPT-2's Conv1D layout in transformers). None when ``quant`` holds the base.
         bias: the frozen base bias or None.
-        r, alpha, dropout, rslora: see :class:`LoRAConfig`.
+        r, alpha, dropout, rslora, use_dora: the first adapter's settings, see :class:`LoRAConfig`.
         slices: output slices to adapt, ``{name: (start, stop)}``; None adapts the whole output.
         fan_in_fan_out: whether ``weight`` is stored transposed.
+        adapter: the first adapter's name.
+        quant: a quantized frozen base (:class:`~loratune.quant.linear.NF4Linear`) instead of ``weight``.
     """
 
-    def __init__(
-        self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        slices: dict[str, tuple[int, int]] | None = None,
-        fan_in_fan_out: bool = False,
-    ) -> None:
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, r: int, alpha: float,
+                 dropout: float = 0.0, rslora: bool = False, slices: dict[str, tuple[int, int]] | None = None,
+                 fan_in_fan_out: bool = False, adapter: str = "default", use_dora: bool = False,
+                 quant: nn.Module | None = None) -> None:
         super().__init__()
-        self.weight = weight
-        self.bias = bias
+        self.weight, self.bias, self.quant = weight, bias, quant
         self.fan_in_fan_out = fan_in_fan_out
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        if r <= 0:
-            raise ConfigError(f"LoRA rank must be positive, got {r}")
-        self.r, self.alpha, self.rslora = r, float(alpha), rslora
-        self.scale = lora_scale(r, alpha, rslora)
-        self.slices = dict(slices) if slices else {WHOLE: (0, self.out_features)}
-        for name, (start, stop) in self.slices.items():
-            if not 0 <= start < stop <= self.out_features:
-                raise ConfigError(f"LoRA slice {name!r}=({start}, {stop}) is outside 0..{self.out_features}")
-        limit, narrowest = rank_limit(self.in_features, self.slices)
-        if r > limit:  # PEFT allows it, so loaded adapters may have it; new ones are refused in inject_lora
-            log.warning(f"LoRA rank {r} exceeds min(in, out) = {limit} of this layer{_slice_text(narrowest)}: "
-                        "the update is not low-rank")
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = dict(device=weight.device, dtype=torch.float32)
-        self.lora_A = nn.ParameterDict(
-            {n: nn.Parameter(torch.empty(r, self.in_features, **factory)) for n in self.slices}
-        )
-        self.lora_B = nn.ParameterDict(
-            {n: nn.Parameter(torch.zeros(stop - start, r, **factory)) for n, (start, stop) in self.slices.items()}
-        )
-        self.reset_lora_parameters()
-        self.merged = False
+        if quant is not None:
+            self.in_features, self.out_features = int(quant.in_features), int(quant.out_features)
+        else:
+            out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+            self.in_features, self.out_features = int(in_features), int(out_features)
+        self.lora = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged_names: list[str] = []
+        self._dora_factors: dict[str, torch.Tensor] = {}
         self.enabled = True
+        self.add_adapter(adapter, r, alpha, dropout, rslora, slices, use_dora)
+        self.active = [adapter]
 
     @classmethod
-    def wrap(cls, base: nn.Module, cfg: LoRAConfig, slices=None, fan_in_fan_out: bool = False) -> "LoRALinear":
-        """Build a LoRA layer that takes over ``base``'s weight and bias (no copy)."""
-        return cls(base.weight, base.bias, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, fan_in_fan_out)
+    def wrap(cls, base: nn.Module, cfg: LoRAConfig, slices=None, fan_in_fan_out: bool = False,
+             adapter: str = "default") -> "LoRALinear":
+        """Build a LoRA layer that takes over ``base``'s weight and bias (no copy), or its quantized storage."""
+        if getattr(base, "is_quantized", False):
+            return cls(None, None, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, False, adapter, cfg.use_dora,
+                       quant=base)
+        return cls(base.weight, base.bias, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, fan_in_fan_out,
+                   adapter, cfg.use_dora)
 
-    def reset_lora_parameters(self) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT do; B = 0 so the update starts at zero."""
-        for a in self.lora_A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        for b in self.lora_B.values():
-            nn.init.zeros_(b)
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                    slices: dict[str, tuple[int, int]] | None = None, use_dora: bool = False) -> LoRAUpdate:
+        """Add adapter ``name`` (not active until :meth:`set_active` names it); returns its update."""
+        if name in self.lora:
+            raise ConfigError(f"this layer already has an adapter named {name!r}: pick another name")
+        if r <= 0:
+            raise ConfigError(f"LoRA rank must be positive, got {r}")
+        spans = dict(slices) if slices else {WHOLE: (0, self.out_features)}
+        for part, (start, stop) in spans.items():
+            if not 0 <= start < stop <= self.out_features:
+                raise ConfigError(f"LoRA slice {part!r}=({start}, {stop}) is outside 0..{self.out_features}")
+        device = self.quant.device if self.quant is not None else self.weight.device
+        update = LoRAUpdate(self.in_features, self.out_features, r, alpha, dropout, rslora, slices, use_dora, device)
+        if use_dora:
+            dora.init_magnitude(update, self.base_weight())
+        self.lora[name] = update
+        return update
+
+    def set_active(self, names: list[str]) -> None:
+        """Apply these adapters in forward, in this order; the model-wide list, so names this layer lacks
+        are skipped (as in PEFT, where an adapter may target other layers)."""
+        if self.merged_names:
+            raise MergeError("cannot switch adapters while some are merged: unmerge first")
+        self.active = list(names)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerge it first)."""
+        if name in self.merged_names:
+            raise MergeError(f"adapter {name!r} is merged: unmerge it before deleting it")
+        del self.lora[name]
+        self.active = [n for n in self.active if n != name]
+
+    def update(self, name: str | None = None) -> LoRAUpdate:
+        """Adapter ``name``'s update, or the one active adapter's."""
+        if name is not None:
+            return self.lora[name]
+        present = self.present()
+        if len(present) != 1:
+            raise ConfigError(f"{len(present)} adapters are active on this layer ({', '.join(present) or 'none'}): "
+                              "name the one you mean")
+        return self.lora[present[0]]
+
+    def present(self) -> list[str]:
+        """The active adapters this layer holds, in order."""
+        return [n for n in self.active if n in self.lora]
+
+    # the single active adapter's settings and tensors (what one-adapter code reads)
+    r = property(lambda self: self.update().r)
+    alpha = property(lambda self: self.update().alpha)
+    rslora = property(lambda self: self.update().rslora)
+    scale = property(lambda self: self.update().scale)
+    slices = property(lambda self: self.update().slices)
+    lora_A = property(lambda self: self.update().lora_A)
+    lora_B = property(lambda self: self.update().lora_B)
+
+    def stacked_A(self) -> torch.Tensor:
+        return self.update().stacked_A()
+
+    def stacked_B(self, scaled: bool = True) -> torch.Tensor:
+        return self.update().stacked_B(scaled)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.update().delta_weight()
+
+    @property
+    def merged(self) -> bool:
+        """Whether some adapter is folded into the base weight."""
+        return bool(self.merged_names)
 
     def extra_repr(self) -> str:
-        names = ",".join(self.slices)
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-                f"slices={names}, merged={self.merged}")
+        quant = ", quantized" if self.quant is not None else ""
+        return (f"in={self.in_features}, out={self.out_features}, active={','.join(self.active) or '-'}, "
+                f"merged={','.join(self.merged_names) or '-'}{quant}")
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frozen base weight as an (out, in) tensor in ``dtype`` (dequantized under QLoRA)."""
+        if self.quant is not None:
+            return self.quant.dequantized_weight(dtype)
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        return w.to(dtype)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant(x)
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return F.linear(x, w, self.bias)
 
-    def stacked_A(self) -> torch.Tensor:
-        """Every slice's A stacked, (S*r, in): one matmul computes x A^T for all slices."""
-        names = list(self.slices)
-        return self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
-
-    def stacked_B(self, scaled: bool = True) -> torch.Tensor:
-        """scale * B for the whole output, (out, S*r): slice i's B in its rows and columns, zeros elsewhere
-        (without the scale when ``scaled`` is False: the block B of the equivalent PEFT adapter).
-
-        Tiny (out x S*r), so building it each step costs nothing, and the update then is two
-        plain matmuls with no in-place writes into slices of the output.
-        """
-        blocks = []
-        for name, (start, stop) in self.slices.items():
-            b = self.lora_B[name] * self.scale if scaled else self.lora_B[name]  # (stop - start, r)
-            if stop - start != self.out_features:
-                b = F.pad(b, (0, 0, start, self.out_features - stop))  # zero rows outside the slice
-            blocks.append(b)
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)  # (..., out)
-        if self.merged or not self.enabled:
+        if not self.enabled:
             return out
-        # low-precision activations (bf16 weights or autocast) run the update in their dtype; the
-        # float32 masters get their gradients through the cast
         dtype = out.dtype
-        z = F.linear(self.dropout(x).to(dtype), self.stacked_A().to(dtype))  # (..., in) -> (..., S*r)
-        return out + F.linear(z, self.stacked_B().to(dtype))  # (..., S*r) -> (..., out)
+        for name in self.present():
+            if name in self.merged_names:
+                continue
+            u = self.lora[name]
+            dx = u.dropout(x)
+            if u.use_dora:
+                dropped = self.training and not isinstance(u.dropout, nn.Identity)
+                bias = self.quant.bias if self.quant is not None else self.bias
+                base = None if dropped else (out if bias is None else out - bias.to(dtype))
+                out = out + dora.dora_extra(u, dx, base, self.base_weight(dtype), dtype)
+            else:
+                out = out + u.lora_out(dx, dtype)
+        return out
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The full update scale * B A in float32, shaped like the (out, in) weight."""
-        return self.stacked_B().float() @ self.stacked_A().float()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the active adapters (or ``names``) into the base weight (float32 math, cast back);
+        forward then skips them. Quantized bases are dequantized first (:func:`~loratune.quant.dequantize_model`)."""
+        names = list(self.present() if names is None else names)
+        if not names or all(n in self.merged_names for n in names):
+            raise MergeError("adapter is already merged" if names else "no active adapter to merge")
+        if self.quant is not None:
+            raise MergeError("cannot merge into a quantized base: dequantize the model first "
+                             "(loratune.quant.dequantize_model), then merge in float32")
+        for name in names:
+            if name in self.merged_names:
+                continue
+            u = self.lora[name]
+            delta = u.delta_weight()
+            if not torch.isfinite(delta).all() or (u.use_dora and not torch.isfinite(u.lora_magnitude).all()):
+                raise MergeError("refusing to merge: the LoRA update contains NaN or Inf values")
+            if u.use_dora:
+                merged, self._dora_factors[name] = dora.merged_weight(u, self.base_weight())
+            else:
+                merged = self.base_weight() + delta.to(self.weight.device)
+            self._set_weight(merged)
+            self.merged_names.append(name)
 
     @torch.no_grad()
-    def _apply_delta(self, sign: float) -> None:
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise MergeError("refusing to merge: the LoRA update contains NaN or Inf values")
-        if self.fan_in_fan_out:
-            delta = delta.t()
-        merged = self.weight.float() + sign * delta
-        self.weight.copy_(merged.to(self.weight.dtype))
-
-    def merge(self) -> None:
-        """Fold the update into the base weight (float32 math, cast back); forward then skips A and B."""
-        if self.merged:
-            raise MergeError("adapter is already merged")
-        self._apply_delta(+1.0)
-        self.merged = True
-
     def unmerge(self) -> None:
-        """Subtract a merged update again, restoring the base weight up to rounding."""
-        if not self.merged:
+        """Subtract merged updates again (last merged first), restoring the base weight up to rounding."""
+        if not self.merged_names:
             raise MergeError("adapter is not merged")
-        self._apply_delta(-1.0)
-        self.merged = False
+        for name in reversed(self.merged_names):
+            u, w = self.lora[name], self.base_weight()
+            delta = u.delta_weight().to(w.device)
+            self._set_weight(w / self._dora_factors.pop(name) - delta if u.use_dora else w - delta)
+        self.merged_names = []
 
-
-def rank_limit(in_features: int, slices: dict[str, tuple[int, int]]) -> tuple[int, str]:
-    """The highest rank that is still low-rank for a layer: (min(in, out) of its narrowest slice, its name).
-
-    Why: B A with r >= min(in, out) can already express any update of that slice; a larger r
-    only adds parameters and memory, and hides a mistyped rank.
-    """
-    return min((min(in_features, stop - start), name) for name, (start, stop) in slices.items())
-
-
-def _slice_text(name: str) -> str:
-    return "" if name == WHOLE else f" (slice {name})"
-
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        """Write an (out, in) float32 weight back in the stored layout and dtype."""
+        self.weight.copy_((weight.t() if self.fan_in_fan_out else weight).to(self.weight.dtype))
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """All LoRA layers of a model with their qualified names."""

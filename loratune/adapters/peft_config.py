@@ -31,14 +31,14 @@ _KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha"
           "trainable_token_indices", "target_parameters", "ensure_weight_tying", "alora_invocation_tokens",
           "arrow_config", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config"}
 # features whose adapters would compute something else here: refuse them clearly
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
+_UNSUPPORTED = {"lora_bias": "LoRA bias terms", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
                 "layer_replication": "layer replication", "target_parameters": "targeting raw parameters",
                 "trainable_token_indices": "trainable token embeddings", "alora_invocation_tokens": "aLoRA"}
 
 
 
 def check_adapter_config(config: dict[str, Any], extra: dict[str, Any], path: Path) -> None:
-    """Refuse what loratune cannot apply exactly (DoRA, trained biases, ...) and malformed fields; warn
+    """Refuse what loratune cannot apply exactly (trained biases, QALoRA, ...) and malformed fields; warn
     on keys PEFT knows and we ignore. ``extra`` is our own loratune_adapter.json (or {})."""
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")

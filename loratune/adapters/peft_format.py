@@ -17,6 +17,7 @@ exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -36,7 +37,10 @@ from ..hub.finite import check_finite
 from ..hub.fsutil import atomic_dir
 from ..hub.resolve import resolve_hub_dir
 from ..models.registry import family_of
+from . import dora
+from .init import to_plain_lora
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
+from .update import LoRAUpdate
 from .peft_config import (
     EXTRA_NAME,
     check_adapter_config,
@@ -44,7 +48,7 @@ from .peft_config import (
     is_targeted,
     pattern_value,
 )
-from .targets import linear_kind, replace_module
+from .targets import features, linear_kind, replace_module
 
 log = logging.getLogger("loratune")
 
@@ -52,20 +56,26 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<which>[AB])(?:\.default)?\.weight"
+                  r"|(?P<magnitude>lora_magnitude_vector)(?:\.default)?(?:\.weight)?)$")
+SERVING_NOTE = ("vLLM (and other servers that batch LoRA adapters) cannot serve DoRA adapters; merge it "
+                "(loratune merge) to serve it there")
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Exactly the LoRA tensors of ``model`` under its own state-dict keys (``...c_attn.lora_A.q``)."""
+    """Exactly the LoRA tensors of ``model`` under its own state-dict keys (``...c_attn.lora.default.lora_A.q``)."""
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _peft_tensors(u: LoRAUpdate) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One layer's (A, B, alpha) as PEFT's single whole-projection adapter with the same scale:
     the stacked A (S*r, in), the block B (out, S*r) and alpha scaled so alpha'/r' (or /sqrt(r'))
-    equals ours (unchanged for one whole-projection slice)."""
+    equals ours (unchanged for one whole-projection slice). A PiSSA/OLoRA adapter (trained on the
+    residual base) is converted to the plain adapter of the original base (rank doubled)."""
     with torch.no_grad():
-        a, b = layer.stacked_A().detach(), layer.stacked_B(scaled=False).detach()
-    s = len(layer.slices)
-    return a, b, layer.alpha * (math.sqrt(s) if layer.rslora else s)
+        a, b = u.stacked_A().detach(), u.stacked_B(scaled=False).detach()
+    r, alpha = a.shape[0], u.peft_alpha()
+    if getattr(u, "init_A", None) is not None:
+        a, b, r, alpha = to_plain_lora(a, b, u.init_A, u.init_B, r, alpha, u.rslora)
+    return a, b, alpha
 
 
 def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
@@ -84,18 +94,36 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     return targets
 
 
-def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A pure conversion: (adapter_config.json dict, adapter_model tensors) for the model's LoRA layers."""
+def adapter_updates(model: nn.Module, adapter: str | None = None) -> dict[str, LoRAUpdate]:
+    """{module name: update} of adapter ``adapter`` (the one active adapter when None)."""
     layers = list(lora_layers(model))
     if not layers:
         raise CheckpointError("the model has no LoRA layers to save")
-    if any(m.merged for _, m in layers):
+    if adapter is None:
+        active = list(dict.fromkeys(n for _, m in layers for n in m.present()))
+        if len(active) != 1:
+            raise CheckpointError(f"{len(active)} adapters are active ({', '.join(active) or 'none'}): name the one "
+                                  "to save")
+        adapter = active[0]
+    updates = {name: m.lora[adapter] for name, m in layers if adapter in m.lora}
+    if not updates:
+        raise CheckpointError(f"the model has no adapter named {adapter!r}")
+    if any(adapter in m.merged_names for _, m in layers):
         raise CheckpointError("cannot save a merged adapter: unmerge first")
+    return updates
+
+
+def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str,
+                 adapter: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A pure conversion: (adapter_config.json dict, adapter_model tensors) for one adapter of the model."""
+    updates = adapter_updates(model, adapter)
     tensors, ranks, alphas = {}, {}, {}
-    for name, layer in layers:
-        a, b, alpha = _peft_tensors(layer)
+    for name, u in updates.items():
+        a, b, alpha = _peft_tensors(u)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.float().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float().contiguous().cpu()
+        if u.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = u.lora_magnitude.detach().float().contiguous().cpu()
         ranks[name], alphas[name] = a.shape[0], alpha
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
@@ -103,8 +131,9 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[d
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
         "r": r, "lora_alpha": alpha, "lora_dropout": lora.dropout,
         "target_modules": _target_modules(model, list(ranks)),
-        "fan_in_fan_out": _hf_transposed(model) or any(m.fan_in_fan_out for _, m in layers),
-        "use_rslora": lora.rslora, "bias": "none", "use_dora": False, "inference_mode": True,
+        "fan_in_fan_out": _hf_transposed(model) or any(m.fan_in_fan_out for _, m in lora_layers(model)),
+        "use_rslora": lora.rslora, "bias": "none", "use_dora": any(u.use_dora for u in updates.values()),
+        "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
         "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha or ranks[n] != r},
@@ -112,20 +141,34 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str) -> tuple[d
     return config, tensors
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_model: str) -> Path:
-    """Write a PEFT-format adapter directory (atomically: complete or absent); returns it.
-    An adapter holding NaN/Inf is refused: it would turn every output NaN wherever it is applied."""
-    config, tensors = peft_adapter(model, lora, base_model)
+def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_model: str,
+                 adapter: str | None = None, base_quantization: dict[str, Any] | None = None) -> Path:
+    """Write one adapter (the active one by default) as a PEFT-format directory (atomically:
+    complete or absent); returns it. An adapter holding NaN/Inf is refused: it would turn every
+    output NaN wherever it is applied. ``base_quantization`` records the base it was trained
+    against (QLoRA), so a merge can use that base (see ``loratune merge``)."""
+    config, tensors = peft_adapter(model, lora, base_model, adapter)
     check_finite(tensors, f"refusing to save the adapter to {out_dir}", "its training diverged: lower the lr")
-    extra = {"format_version": 1, "lora": asdict(lora), "base_model": str(base_model),
-             "slices": {n: m.slices for n, m in lora_layers(model) if list(m.slices) != [WHOLE]},
-             "base_config": model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None}
+    updates = adapter_updates(model, adapter)
+    if config["use_dora"]:
+        log.warning(f"saving a DoRA adapter to {out_dir}: {SERVING_NOTE}")
+    converted = any(getattr(u, "init_A", None) is not None for u in updates.values())
+    extra = {"format_version": 1, "lora": None if converted else asdict(lora), "base_model": str(base_model),
+             "slices": {} if converted else {n: u.slices for n, u in updates.items() if list(u.slices) != [WHOLE]},
+             "base_quantization": base_quantization,
+             "dora_base_norms": {n: dora.norm_fingerprint(m.base_weight()) for n, m in lora_layers(model)
+                                 if n in updates and updates[n].use_dora} or None,
+             "base_config": _base_config(model)}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _base_config(model: nn.Module) -> dict[str, Any] | None:
+    return model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None
 
 
 def resolve_adapter_dir(name_or_path: str | Path) -> Path:
@@ -147,8 +190,10 @@ def _read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
 
 
-def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None) -> LoRAConfig:
-    """Attach a PEFT-format LoRA adapter (directory or hub id) to ``model``; returns the settings loaded.
+def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None, name: str = "default",
+                 activate: bool = True) -> LoRAConfig:
+    """Attach a PEFT-format LoRA adapter (directory or hub id) to ``model`` as adapter ``name``;
+    returns the settings loaded. ``activate`` makes it the model's only active adapter.
 
     Checks that every tensor fits a module of this model (another architecture or hidden size is an
     error, not a silent mis-load) and that the config and the weights name the same modules. The
@@ -170,10 +215,19 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     pairs = _tensor_pairs(tensors, adapter_dir)
     modules = dict(model.named_modules())
     _check_modules(config, pairs, {n for n, m in modules.items() if linear_kind(m) is not None})
-    layers = {name: _build_layer(config, extra, name, modules[name], pair) for name, pair in pairs.items()}
-    for name, layer in layers.items():  # built and checked all first, so a bad tensor leaves the model untouched
-        replace_module(model, name, layer)
-    return _loaded_config(config, extra, layers)
+    if any(name in m.lora for _, m in lora_layers(model)):
+        raise CheckpointError(f"the model already has an adapter named {name!r}: load this one under another name")
+    before = next((m.active for _, m in lora_layers(model)), [])
+    built = {n: _build_update(config, extra, n, modules[n], pair) for n, pair in pairs.items()}
+    for module_name, (update, base) in built.items():  # all built and checked first: a bad tensor changes nothing
+        if isinstance(base, LoRALinear):
+            base.lora[name] = update
+        else:
+            replace_module(model, module_name, _wrap(base, update, name))
+    for _, layer in lora_layers(model):
+        layer.set_active([name] if activate else before)
+    _check_magnitudes(model, name, adapter_dir, extra.get("dora_base_norms"))
+    return _loaded_config(config, extra, {n: u for n, (u, _) in built.items()})
 
 
 def _tensor_pairs(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,10 +236,11 @@ def _tensor_pairs(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> dict[s
     for key, tensor in tensors.items():
         match = _KEY.match(key.removeprefix(PREFIX))
         if not match:
-            raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+            raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B weights and DoRA "
+                                  "magnitudes are supported)")
+        pairs.setdefault(match["module"], {})["M" if match["magnitude"] else match["which"]] = tensor
     for name, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise CheckpointError(f"adapter tensors for {name} are incomplete: need lora_A and lora_B")
     return pairs
 
@@ -213,10 +268,10 @@ def _base_named(config: dict[str, Any]) -> str:
     return f" (adapter_config names {base!r})" if isinstance(base, str) and base else ""
 
 
-def _build_layer(config: dict[str, Any], extra: dict[str, Any], name: str, base: nn.Module,
-                 pair: dict[str, torch.Tensor]) -> LoRALinear:
-    transposed = bool(linear_kind(base))
-    out_f, in_f = base.weight.shape[::-1] if transposed else base.weight.shape
+def _build_update(config: dict[str, Any], extra: dict[str, Any], name: str, base: nn.Module,
+                  pair: dict[str, torch.Tensor]) -> tuple[LoRAUpdate, nn.Module]:
+    """The update holding PEFT's tensors for module ``name`` (checked against its shape), and the base."""
+    in_f, out_f = features(base)
     a, b = pair["A"], pair["B"]
     r = pattern_value(config.get("rank_pattern"), name, config["r"])
     alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
@@ -226,26 +281,38 @@ def _build_layer(config: dict[str, Any], extra: dict[str, Any], name: str, base:
                               f"another shape{_base_named(config)}: load it onto that model")
     if a.shape[0] != r:
         raise CheckpointError(f"adapter tensors for {name} have rank {a.shape[0]}, adapter_config says {r}")
-    return _layer_from_peft(base, a, b, r, alpha, bool(config.get("use_rslora", False)),
-                            float(config.get("lora_dropout") or 0.0), extra.get("slices", {}).get(name), transposed)
+    magnitude = pair.get("M")
+    if bool(config.get("use_dora")) != (magnitude is not None):
+        raise CheckpointError(f"adapter_config says use_dora={bool(config.get('use_dora'))} but the weights "
+                              f"{'hold' if magnitude is not None else 'lack'} a DoRA magnitude for {name}")
+    if magnitude is not None and tuple(magnitude.shape) != (out_f,):
+        raise CheckpointError(f"the DoRA magnitude for {name} has shape {tuple(magnitude.shape)}; this model's "
+                              f"layer has {out_f} outputs: load it onto the model it was trained on")
+    update = _update_from_peft(in_f, out_f, a, b, r, alpha, bool(config.get("use_rslora", False)),
+                               float(config.get("lora_dropout") or 0.0), extra.get("slices", {}).get(name))
+    device = next(itertools.chain(base.parameters(), base.buffers())).device
+    update.to(device)
+    if magnitude is not None:
+        update.lora_magnitude = nn.Parameter(magnitude.float().to(device))
+    return update, base
 
 
-def _loaded_config(config: dict[str, Any], extra: dict[str, Any], layers: dict[str, LoRALinear]) -> LoRAConfig:
+def _loaded_config(config: dict[str, Any], extra: dict[str, Any], updates: dict[str, LoRAUpdate]) -> LoRAConfig:
     """The LoRAConfig of the layers built: our recorded settings if every layer kept its sliced layout,
     else PEFT's (the rank and alpha of the whole-module adapter that was loaded)."""
     slices = extra.get("slices", {})
-    restored = all(list(layer.slices) == list(slices.get(n, {WHOLE: None})) for n, layer in layers.items())
+    restored = all(list(u.slices) == list(slices.get(n, {WHOLE: None})) for n, u in updates.items())
     if extra.get("lora") and restored:
         return LoRAConfig(**extra["lora"])
     targets = config["target_modules"]
     targets = targets if isinstance(targets, list) else ["re:" + targets]
     return LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                       dropout=float(config.get("lora_dropout") or 0.0), targets=list(targets),
-                      rslora=bool(config.get("use_rslora", False)))
+                      rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)))
 
 
-def _layer_from_peft(base, a, b, r, alpha, rslora, dropout, slices, transposed) -> LoRALinear:
-    """A LoRALinear holding PEFT's (A, B); our own sliced layout where the metadata names it and B fits it."""
+def _update_from_peft(in_f, out_f, a, b, r, alpha, rslora, dropout, slices) -> LoRAUpdate:
+    """A LoRAUpdate holding PEFT's (A, B); our own sliced layout where the metadata names it and B fits it."""
     if slices:
         spans = {n: tuple(v) for n, v in slices.items()}
         s = len(spans)
@@ -255,14 +322,43 @@ def _layer_from_peft(base, a, b, r, alpha, rslora, dropout, slices, transposed) 
             block[start:stop, i * sub_r:(i + 1) * sub_r] = b[start:stop, i * sub_r:(i + 1) * sub_r]
         if r % s == 0 and torch.equal(block, b):
             sub_alpha = alpha / (math.sqrt(s) if rslora else s)
-            layer = LoRALinear(base.weight, base.bias, sub_r, sub_alpha, dropout, rslora, spans, transposed)
+            update = LoRAUpdate(in_f, out_f, sub_r, sub_alpha, dropout, rslora, spans)
             with torch.no_grad():
                 for i, (n, (start, stop)) in enumerate(spans.items()):
-                    layer.lora_A[n].copy_(a[i * sub_r:(i + 1) * sub_r])
-                    layer.lora_B[n].copy_(b[start:stop, i * sub_r:(i + 1) * sub_r])
-            return layer
-    layer = LoRALinear(base.weight, base.bias, r, alpha, dropout, rslora, None, transposed)
+                    update.lora_A[n].copy_(a[i * sub_r:(i + 1) * sub_r])
+                    update.lora_B[n].copy_(b[start:stop, i * sub_r:(i + 1) * sub_r])
+            return update
+    update = LoRAUpdate(in_f, out_f, r, alpha, dropout, rslora, None)
     with torch.no_grad():
-        layer.lora_A[WHOLE].copy_(a)
-        layer.lora_B[WHOLE].copy_(b)
-    return layer  # LoRALinear makes A and B on the base weight's device
+        update.lora_A[WHOLE].copy_(a)
+        update.lora_B[WHOLE].copy_(b)
+    return update
+
+
+def _wrap(base: nn.Module, update: LoRAUpdate, name: str) -> LoRALinear:
+    """A LoRALinear over ``base`` holding ``update`` as its only adapter ``name``."""
+    transposed = bool(linear_kind(base))
+    if getattr(base, "is_quantized", False):
+        layer = LoRALinear(None, None, 1, 1.0, quant=base, adapter=name)
+    else:
+        layer = LoRALinear(base.weight, base.bias, 1, 1.0, fan_in_fan_out=transposed, adapter=name)
+    layer.lora[name] = update  # replaces the placeholder the constructor made
+    return layer
+
+
+def _check_magnitudes(model: nn.Module, name: str, adapter_dir: Path, saved: dict[str, list[float]] | None) -> None:
+    """Warn when a DoRA adapter does not fit this base: DoRA rescales every row to its trained magnitude,
+    so on other weights it distorts the model. Ours carry a fingerprint of the base's row norms (1%
+    tolerance: a bf16 copy of the same weights passes); for others, the magnitudes must be within
+    25% of the rows' norms (median; training keeps them close, see :func:`.dora.magnitude_fit`)."""
+    layers = [(n, m) for n, m in lora_layers(model) if name in m.lora and m.lora[name].use_dora]
+    if saved:
+        gaps = [(dora.fingerprint_gap(saved[n], m.base_weight()), n) for n, m in layers if n in saved]
+        how, tolerance = "row norms differ from the base it was saved with by", 0.01
+    else:
+        gaps = [(dora.magnitude_fit(m.lora[name], m.base_weight()), n) for n, m in layers]
+        how, tolerance = "magnitudes differ from this base's row norms by", 0.25
+    worst = max(gaps, default=None)
+    if worst and worst[0] > tolerance:
+        log.warning(f"DoRA adapter {adapter_dir} does not fit this base: at {worst[1]} the {how} {worst[0]:.0%}; "
+                    "it was trained on another base model or checkpoint and will distort this one's outputs")

@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import ConfigError, TargetError
 from ..models.registry import family_of
 from ..models.spec import Alias, Span
-from .lora import WHOLE, LoRAConfig, LoRALinear, rank_limit
+from .init_apply import initialise
+from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers, rank_limit
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
@@ -39,14 +40,23 @@ def fused_spans(model: nn.Module, name: str) -> dict[str, Span]:
 
 
 def linear_kind(module: nn.Module) -> bool | None:
-    """None if ``module`` is no linear projection, else whether its weight is stored transposed."""
+    """None if ``module`` is no linear projection, else whether its weight is stored transposed
+    (a LoRA layer counts, so a second adapter can target it; a quantized base is stored (out, in))."""
     if isinstance(module, LoRALinear):
-        return None
-    if isinstance(module, nn.Linear):
+        return module.fan_in_fan_out
+    if getattr(module, "is_quantized", False) or isinstance(module, nn.Linear):
         return False
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         return True  # transformers.pytorch_utils.Conv1D: weight is (in, out)
     return None
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear projection, whatever holds its weight."""
+    if isinstance(module, LoRALinear) or getattr(module, "is_quantized", False):
+        return int(module.in_features), int(module.out_features)
+    out_f, in_f = module.weight.shape[::-1] if linear_kind(module) else module.weight.shape
+    return int(in_f), int(out_f)
 
 
 def suffix_match(name: str, suffix: str) -> bool:
@@ -108,14 +118,19 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Replace every targeted projection with a :class:`LoRALinear` in place; returns their names.
+def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter: str = "default", activate: bool = True) -> list[str]:
+    """Add adapter ``adapter`` to every targeted projection in place; returns their names.
 
-    The base weights are shared, not copied, and keep their state-dict keys. Slices of a fused
-    projection take the spans the family spec gives (their real widths: under grouped-query
-    attention q, k and v differ), in the projection's output order. A rank above a layer's
-    min(in, out) is refused before any module is replaced (see :func:`check_rank`).
+    A plain projection is replaced by a :class:`LoRALinear`; one that already is gets the adapter
+    added beside its others. The base weights are shared, not copied, and keep their state-dict
+    keys. Slices of a fused projection take the spans the family spec gives (their real widths:
+    under grouped-query attention q, k and v differ), in the projection's output order. A rank
+    above a layer's min(in, out) is refused before any module is replaced (see :func:`check_rank`).
+    ``activate`` makes the new adapter the model's only active one; else the active set stays.
     """
+    before = next((m.active for _, m in lora_layers(model)), [])
+    if any(adapter in m.lora for _, m in lora_layers(model)):
+        raise ConfigError(f"the model already has an adapter named {adapter!r}: pick another name")
     plan = resolve_targets(model, cfg.targets)
     layers = {}
     for name, slice_names in plan.items():
@@ -127,7 +142,13 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     check_rank(model, layers, cfg.r)
     for name, slices in layers.items():
         base = model.get_submodule(name)
-        replace_module(model, name, LoRALinear.wrap(base, cfg, slices=slices, fan_in_fan_out=bool(linear_kind(base))))
+        if isinstance(base, LoRALinear):
+            base.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, cfg.use_dora)
+        else:
+            replace_module(model, name, LoRALinear.wrap(base, cfg, slices, bool(linear_kind(base)), adapter))
+    initialise(model, cfg, adapter)
+    for _, m in lora_layers(model):
+        m.set_active([adapter] if activate else before)
     return list(plan)
 
 
@@ -140,8 +161,7 @@ def check_rank(model: nn.Module, layers: dict[str, dict[str, Span] | None], r: i
     """
     widths = []  # (limit, module, narrowest slice, in, its out) for every adapted layer
     for name, slices in layers.items():
-        base = model.get_submodule(name)
-        out_f, in_f = (int(d) for d in (base.weight.shape[::-1] if linear_kind(base) else base.weight.shape))
+        in_f, out_f = features(model.get_submodule(name))
         spans = slices or {WHOLE: (0, out_f)}
         limit, part = rank_limit(in_f, spans)
         widths.append((limit, name, part, in_f, spans[part][1] - spans[part][0]))

@@ -13,7 +13,8 @@ from .lora import lora_layers
 def set_trainable(model: nn.Module, finetune: str = "lora") -> None:
     """Decide which parameters get gradients.
 
-    ``lora``: only LoRA A and B matrices (the base is frozen; error if there is no adapter).
+    ``lora``: only the active adapters' A and B matrices (and DoRA magnitudes); the base and any
+    other loaded adapter are frozen (error if there is no adapter).
     ``full``: every parameter (classic full fine-tuning).
     """
     if finetune == "full":
@@ -27,9 +28,10 @@ def set_trainable(model: nn.Module, finetune: str = "lora") -> None:
     layers = list(lora_layers(model))
     if not layers:
         raise ConfigError("finetune='lora' but the model has no LoRA layers: inject an adapter first")
-    for _, layer in layers:
-        for p in (*layer.lora_A.values(), *layer.lora_B.values()):
-            p.requires_grad_(True)
+    for _, layer in layers:  # the active adapters train; other loaded ones stay frozen
+        for name in layer.present():
+            for p in layer.lora[name].trainable():
+                p.requires_grad_(True)
 
 
 @dataclass(frozen=True)

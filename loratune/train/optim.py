@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class KahanAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with float32 moments and Kahan-compensated low-precision weights."""
@@ -67,16 +69,47 @@ def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
 
     torch's AdamW where every trainable parameter is float32 (LoRA masters, fp32 and bf16-mixed runs);
     :class:`KahanAdamW` where some are stored in low precision (full fine-tuning in bf16-true).
+    With ``recipe.lora.plus_ratio`` set, LoRA+ groups (see :func:`loraplus_groups`).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    ratio = getattr(getattr(recipe, "lora", None), "plus_ratio", None)
+    if ratio is not None:
+        groups = loraplus_groups(named, recipe.lr, ratio, recipe.weight_decay)
+    else:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": recipe.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
     if any(p.dtype != torch.float32 for p in params):
         return KahanAdamW(groups, lr=recipe.lr, betas=recipe.adam_betas, eps=recipe.adam_eps)
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.adam_betas, eps=recipe.adam_eps)
+
+
+def loraplus_groups(named: list[tuple[str, nn.Parameter]], lr: float, ratio: float,
+                    weight_decay: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): B matrices learn ``ratio`` times faster than A.
+
+    The grouping of PEFT's ``create_loraplus_optimizer`` (and the paper's code): A and other
+    matrices at ``lr``; LoRA B matrices (a ``.lora_B.`` in the name) at ``ratio * lr``; every 1-D
+    parameter (biases, DoRA's magnitude) also at ``ratio * lr``, as PEFT does. Weight decay keeps
+    this module's rule, matrices only: PEFT's ``groupB_no_decay`` holds biases and LayerNorm
+    weights, but it does decay other 1-D parameters (RMSNorm weights, DoRA's magnitude), which
+    here are not decayed. PEFT's embedding group does not arise (no LoRA on embeddings here).
+    Each group carries its own ``lr``, which the LambdaLR schedule multiplies, so warm-up and
+    decay keep the ratio. Empty groups are left out.
+    """
+    if not any(".lora_B." in n for n, _ in named):
+        raise ConfigError("lora.plus_ratio is set but no trainable parameter is a LoRA B matrix: LoRA+ applies to "
+                          "finetune: lora; unset lora.plus_ratio for full fine-tuning")
+    a = [p for n, p in named if p.dim() >= 2 and ".lora_B." not in n]
+    b = [p for n, p in named if p.dim() >= 2 and ".lora_B." in n]
+    b_no_decay = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": a, "weight_decay": weight_decay, "lr": lr},
+              {"params": b, "weight_decay": weight_decay, "lr": lr * ratio},
+              {"params": b_no_decay, "weight_decay": 0.0, "lr": lr * ratio}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -116,7 +116,7 @@ def test_set_trainable_rules(small_gpt2):
     inject_lora(small_gpt2, LoRAConfig(r=2, targets=["q", "v"]))
     set_trainable(small_gpt2, "lora")
     trainable = {n for n, p in small_gpt2.named_parameters() if p.requires_grad}
-    assert trainable == {f"transformer.h.{i}.attn.c_attn.lora_{m}.{s}"
+    assert trainable == {f"transformer.h.{i}.attn.c_attn.lora.default.lora_{m}.{s}"
                          for i in range(2) for m in "AB" for s in "qv"}
     set_trainable(small_gpt2, "full")
     assert all(p.requires_grad for p in small_gpt2.parameters())
@@ -309,8 +309,8 @@ def test_state_dict_keeps_base_keys_and_adds_lora_keys(small_gpt2):
     inject_lora(small_gpt2, LoRAConfig(r=4, targets=["q", "v", "mlp.fc"]))
     keys = set(small_gpt2.state_dict())
     assert "transformer.h.0.attn.c_attn.weight" in keys and "transformer.h.0.attn.c_attn.bias" in keys
-    lora_keys = {f"transformer.h.{i}.attn.c_attn.lora_{m}.{s}" for i in range(2) for m in "AB" for s in "qv"}
-    lora_keys |= {f"transformer.h.{i}.mlp.c_fc.lora_{m}.all" for i in range(2) for m in "AB"}
+    lora_keys = {f"transformer.h.{i}.attn.c_attn.lora.default.lora_{m}.{s}" for i in range(2) for m in "AB" for s in "qv"}
+    lora_keys |= {f"transformer.h.{i}.mlp.c_fc.lora.default.lora_{m}.all" for i in range(2) for m in "AB"}
     assert keys == base_keys | lora_keys
     assert set(adapter_state_dict(small_gpt2)) == lora_keys
     # a base checkpoint loads into the adapted model with no key surgery

@@ -480,12 +480,13 @@ def test_unknown_config_keys_are_accepted_with_a_warning(tmp_path, tiny_ckpt, mo
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(use_dora=True), r"DoRA \(use_dora\) is not supported"),
+    (dict(use_dora=True), r"says use_dora=True but the weights lack a DoRA magnitude"),
+    (dict(lora_bias=True), r"LoRA bias terms \(lora_bias\) is not supported"),
     (dict(peft_type="IA3"), r"peft_type is 'IA3'; only LORA adapters are supported"),
     (dict(bias="lora_only"), r"bias='lora_only' adapters \(trained biases\) are not supported"),
     (dict(modules_to_save=["lm_head"]), r"modules_to_save \['lm_head'\].*not supported"),
     (dict(r=0), r"r must be a positive integer, got 0"),
-], ids=["dora", "ia3", "bias", "modules_to_save", "r=0"])
+], ids=["dora without magnitudes", "lora_bias", "ia3", "bias", "modules_to_save", "r=0"])
 def test_unsupported_adapters_are_refused(change, match, tmp_path, tiny_ckpt, model):
     _peft_made_adapter(tiny_ckpt, tmp_path / "adapter")
     _edit_config(tmp_path / "adapter", **change)
@@ -510,7 +511,7 @@ def test_bad_adapter_on_the_command_line_is_exit_2(tmp_path, tiny_ckpt, capsys):
     code = main(["generate", "--model", str(tiny_ckpt), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "loratune generate: error: " in err and "DoRA (use_dora) is not supported" in err
+    assert "loratune generate: error: " in err and "weights lack a DoRA magnitude" in err
 
 
 # --- saving is atomic -------------------------------------------------------------------------
