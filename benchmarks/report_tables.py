@@ -37,6 +37,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_memory import RENDERERS  # noqa: E402
+
 OURS = "loratune"
 PEERS = {"train": "peft", "generate": "transformers"}
 PEER_NAMES = {"train": "transformers+PEFT", "generate": "transformers"}
@@ -350,6 +353,8 @@ def _packing_gain(c: dict) -> str:
 
 def render(result: dict) -> str:
     """The machine line, the tables and the slower-rows line of one results file."""
+    if result.get("format") in RENDERERS:
+        return RENDERERS[result["format"]](result)
     if result.get("format") == "packing":
         return packing_table(result)
     if "checkpoint" in result and "rows" in result:

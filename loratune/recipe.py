@@ -29,6 +29,7 @@ from .models.registry import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
+QUANTIZE = ("none", "nf4", "int8")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
@@ -100,6 +101,14 @@ class Recipe:
     precision: str = "auto"
     """auto (bf16-true where bf16 matmuls are fast: CUDA, CPUs with AMX; else fp32), fp32, bf16-mixed
     (autocast) or bf16-true (weights stored in bf16; LoRA masters fp32, full fine-tuning Kahan-compensated)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward: less activation memory for ~30% more compute."""
+    activation_offload: bool = False
+    """With activation_checkpointing on CUDA: keep each block's saved input in pinned CPU memory (ignored on CPU)."""
+    quantize: str = "none"
+    """Store the frozen base in 4-bit NF4 (QLoRA) or int8: none, nf4 or int8; only with finetune: lora."""
+    double_quant: bool = True
+    """Quantize NF4's block scales again (8-bit, block 256): ~0.37 fewer bits per parameter."""
     seed: int = 42
     """Seeds LoRA init, dropout and data order; in [0, 2**64)."""
     device: str = "auto"
@@ -128,9 +137,23 @@ class Recipe:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.device, str) or not DEVICE.match(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self._check_memory_options()
         self._check_counts()
         self._check_optimizer()
         check_seed(self.seed)
+
+    def _check_memory_options(self) -> None:
+        for name in ("activation_checkpointing", "activation_offload", "double_quant"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ConfigError("activation_offload keeps the checkpointed blocks' inputs in CPU memory: set "
+                              "activation_checkpointing: true too")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.finetune != "lora":
+            raise ConfigError(f"quantize: {self.quantize} stores the frozen base weights quantized, but finetune: "
+                              f"{self.finetune} trains them: use finetune: lora, or quantize: none")
 
     def _check_counts(self) -> None:
         def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -330,8 +353,10 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 RESULT_FIELDS = ("model", "finetune", "lora", "data", "seq_len", "batch_size", "lr", "weight_decay", "adam_eps",
-                 "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision", "seed")
-"""Recipe fields that change what a run computes (grad_accum does not: it splits the same batch)."""
+                 "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision", "seed", "quantize",
+                 "double_quant")
+"""Recipe fields that change what a run computes (grad_accum does not: it splits the same batch, nor does
+activation_checkpointing: it recomputes the same values)."""
 
 
 def result_fields(recipe: Recipe) -> dict[str, Any]:

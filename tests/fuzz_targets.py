@@ -267,8 +267,9 @@ def adapter_configs(valid: dict, extra: dict) -> st.SearchStrategy[tuple[Any, An
 RECIPE_KEYS = ["model", "out_dir", "finetune", "seq_len", "batch_size", "grad_accum", "max_steps", "epochs", "lr",
                "weight_decay", "adam_eps", "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision",
                "seed", "device", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-               "sample_prompt", "sample_tokens", "lora", "data", "unknown_key"]
-LORA_KEYS = ["r", "alpha", "dropout", "targets", "rslora", "x"]
+               "sample_prompt", "sample_tokens", "lora", "data", "activation_checkpointing", "activation_offload",
+               "quantize", "double_quant", "unknown_key"]
+LORA_KEYS = ["r", "alpha", "dropout", "targets", "rslora", "use_dora", "init", "plus_ratio", "x"]
 DATA_KEYS = ["source", "hub_config", "split", "task", "text_field", "prompt_template", "completion_template",
              "packing", "max_examples", "val_source", "val_fraction", "shuffle"]
 _YAML_SNIPPETS = ["!!python/object/apply:os.system ['true']", "2001-13-45", "2001-02-03", "!!timestamp 2001-99-99",

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ConfigError, MergeError
 from . import dora
 from .init import parse_init
-from .update import WHOLE, LoRAUpdate, lora_scale, rank_limit
+from .update import WHOLE, LoRAUpdate, lora_scale
 
 
 

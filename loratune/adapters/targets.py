@@ -21,7 +21,8 @@ from ..errors import ConfigError, TargetError
 from ..models.registry import family_of
 from ..models.spec import Alias, Span
 from .init_apply import initialise
-from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers, rank_limit
+from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
+from .update import rank_limit
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output")

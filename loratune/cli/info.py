@@ -8,6 +8,7 @@ from ..adapters.lora import LoRAConfig
 from ..models import load_model
 from ..adapters.trainable import parameter_report, set_trainable
 from ..adapters.targets import inject_lora
+from ..quant.model import QuantConfig, base_bits, quantize_model, quantized_layers
 from .common import add_model_args, device_and_dtype
 
 
@@ -18,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--rslora", action="store_true")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"], help="store the base as QLoRA "
+                   "does (nf4) or in int8 and report its bits per parameter")
+    p.add_argument("--no-double-quant", action="store_true", help="nf4 without quantizing the block scales again")
     p.set_defaults(run=run)
 
 
@@ -36,4 +40,10 @@ def run(args: argparse.Namespace) -> int:
         set_trainable(model, "full")
         print("lora: none (full fine-tuning would train every parameter)")
     print(parameter_report(model))
+    if args.quantize != "none":
+        quantize_model(model, QuantConfig(args.quantize, double_quant=not args.no_double_quant))
+        layers, whole = base_bits(model)
+        print(f"base: {args.quantize}, {layers:.3f} bits per parameter in the {len(quantized_layers(model))} "
+              f"quantized projections, {whole:.3f} over the whole base (embeddings, norms and the head keep "
+              f"{args.dtype})")
     return 0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend, segment_mask
+from .checkpointing import block_policy, run_layers
 from .decoder_config import DecoderConfig
 from .kv_cache import KVCache, cache_dtype
 from .rope import apply_rope, rope_cos_sin
@@ -183,6 +184,11 @@ class DecoderLayer(nn.Module):
 class DecoderLM(nn.Module):
     """A Llama-style causal language model with transformers-compatible parameter names."""
 
+    activation_checkpointing = False
+    """Recompute each layer in the backward pass while training (models/checkpointing.py)."""
+    activation_offload = False
+    """With checkpointing on CUDA: keep each layer's saved input in pinned host memory."""
+
     def __init__(self, config: DecoderConfig, family=None) -> None:
         super().__init__()
         self.config, self._family = config, family
@@ -253,8 +259,7 @@ class DecoderLM(nn.Module):
                 for kind in set(c.layer_types)}
         masks = {kind: _mask(cache, start, T, attention_mask, c.sliding_window if kind == "sliding_attention"
                              else None, idx.device) for kind in set(c.layer_types)}
-        for layer in self.model.layers:
-            x = layer(x, rope, cache, masks)
+        x = run_layers(self.model.layers, x, rope, cache, masks, **block_policy(self, cache))  # (B, T, C)
         if cache is not None:
             cache.tokens[:, start:start + T] = idx
             cache.advance(T)
@@ -274,8 +279,7 @@ class DecoderLM(nn.Module):
                 for kind in kinds}
         masks = {kind: segment_mask(position_ids, c.sliding_window if kind == "sliding_attention" else None)
                  for kind in kinds}
-        for layer in self.model.layers:
-            x = layer(x, rope, None, masks)
+        x = run_layers(self.model.layers, x, rope, None, masks, **block_policy(self, None))  # (B, T, C)
         return self.model.norm(x)
 
     def _rope_switches(self, start: int, T: int) -> bool:

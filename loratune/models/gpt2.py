@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .attention import attend, segment_mask
+from .checkpointing import block_policy, run_layers
 from .kv_cache import KVCache, cache_dtype
 from .spec import Alias, FamilySpec, MemoryProfile
 from .weight_map import map_weights
@@ -173,6 +174,11 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """GPT-2 language model with transformers-compatible parameter names."""
 
+    activation_checkpointing = False
+    """Recompute each block in the backward pass while training (models/checkpointing.py)."""
+    activation_offload = False
+    """With checkpointing on CUDA: keep each block's saved input in pinned host memory."""
+
     @property
     def family(self) -> FamilySpec:
         """The GPT-2 family's spec (what code outside models/ may know about this model)."""
@@ -240,8 +246,7 @@ class GPT2(nn.Module):
                 q_pos = torch.arange(start, start + T, device=idx.device)
                 mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_pos[:, None])[None, None]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cache, mask)
+        x = run_layers(self.transformer.h, x, cache, mask, **block_policy(self, cache))  # (B, T, C)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)

@@ -21,6 +21,14 @@ MLP's...) also an output-wide ``N out a`` (its kept input and the allocator's sh
 update, as measured). Outside the blocks, ``saved_per_token_outside`` per token (last block
 output, final norm, the loss's saved gradient for the hidden states).
 
+With activation checkpointing (models/checkpointing.py) a block keeps only its input for the
+backward pass, ``N C`` elements in the residual stream's dtype (float32 under bf16-mixed's
+autocast), none on the device with CUDA offload; one block's tensors (its share above, adapters
+included) live again while it is recomputed. On CPU, glibc's heap keeps about a quarter of each
+block's freed temporaries besides (the forward frees them between the kept inputs, and later
+allocations do not fill the holes: measured by benchmarks/bench_checkpointing.py, where the live
+bytes matched the other terms with glibc's mmap threshold pinned at 1 MiB).
+
 Workspace, the larger of two moments. While the loss runs: the fused loss (loratune/train/loss.py)
 never holds the (N, V) logits, only one chunk of ``R = min(N, chunk)`` rows
 (``loss.default_chunk``: ~32 MiB of float32 logits on CPU, 1,024 rows when the head trains),
@@ -52,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.lora import LoRAConfig, lora_layers
+from ..adapters.lora import LoRAConfig, LoRALinear, lora_layers
 from ..adapters.targets import model_aliases, suffix_match
 from ..errors import CheckpointError, LoratuneError, ResourceError
 from ..models.attention import MATMUL_MAX_T
@@ -99,13 +107,14 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, precision: str = "fp32",
-                             finetune: str | None = None) -> MemoryEstimate:
+                             finetune: str | None = None, checkpointing: bool | None = None) -> MemoryEstimate:
     """What a training step of ``model`` (one of ours, LoRA injected and trainability set) needs.
 
     ``precision`` decides the dtypes (bf16-true stores frozen weights, and with ``finetune ==
     'full'`` every weight, in bf16; LoRA masters stay fp32), so the estimate for another
-    precision can be asked of the same model. The shapes come from the family's memory profile;
-    the formula is in the module docstring.
+    precision can be asked of the same model; ``checkpointing`` (None: as the model is set, see
+    models/checkpointing.py) likewise. The shapes come from the family's memory profile; the
+    formula is in the module docstring.
     """
     found = family_of(model)
     if found is None:
@@ -120,11 +129,19 @@ def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, p
         return 2 if precision == "bf16-true" and (full or not p.requires_grad) else p.element_size()
 
     trainable = [p for p in params if p.requires_grad]
-    weights = sum(p.numel() * stored(p) for p in params)
+    stored_q, largest_q = _quantized_storage(model)
+    weights = sum(p.numel() * stored(p) for p in params) + stored_q + largest_q * a  # + one dequantized at a time
     gradients = sum(p.numel() * stored(p) for p in trainable)
     # AdamW's two float32 moments; weights kept in bf16 add Kahan compensation in their own dtype
     optimizer = sum(p.numel() * (8 + (stored(p) if stored(p) < 4 else 0)) for p in trainable)
+    if checkpointing is None:
+        checkpointing = getattr(model, "activation_checkpointing", False)
+    offload = checkpointing and getattr(model, "activation_offload", False)
+    resid = 2 if precision == "bf16-true" else 4  # the residual stream: float32 under autocast
     activations = _activations(model, prof, micro_batch * seq_len, seq_len, a, low)
+    if checkpointing:
+        cpu = model.lm_head.weight.device.type == "cpu"
+        activations = _checkpointed(prof, activations, micro_batch * seq_len, a, resid, offload, cpu)
     head = model.lm_head.weight
     N, V, C = micro_batch * seq_len, prof.vocab, prof.hidden
     chunk = default_chunk(head.device, V, head.requires_grad)
@@ -161,12 +178,24 @@ def _activations(model: nn.Module, prof, N: int, seq_len: int, a: int, low: bool
     lora = 0
     baseline = _default_lora_modules(model)
     for name, layer in lora_layers(model):
-        lora += N * layer.r * len(layer.slices) * a
-        if isinstance(layer.dropout, nn.Dropout):
-            lora += N * layer.in_features * (a + 1)
+        for u in (layer.lora[n] for n in layer.present()):
+            lora += N * u.r * len(u.slices) * a
+            if isinstance(u.dropout, nn.Dropout):
+                lora += N * layer.in_features * (a + 1)
         if name not in baseline:  # its input, kept for A's gradient, and its output-wide update
             lora += N * layer.out_features * a
     return prof.n_layer * per_block + lora + N * prof.saved_per_token_outside * a
+
+
+def _checkpointed(prof, activations: int, N: int, a: int, resid: int, offload: bool, cpu: bool) -> int:
+    """The activations with each block recomputed in backward: every block's input (in host memory
+    with offload), one block's saved tensors at a time, what is kept outside the blocks, and on CPU
+    the heap's share of each block's freed temporaries (module docstring)."""
+    outside = N * prof.saved_per_token_outside * a
+    one_block = -(-(activations - outside) // prof.n_layer)  # the blocks' share, adapters included, per block
+    inputs = 0 if offload else prof.n_layer * N * prof.hidden * resid
+    heap = prof.n_layer * one_block // 4 if cpu else 0
+    return inputs + one_block + outside + heap
 
 
 def _default_lora_modules(model: nn.Module) -> set[str]:
@@ -252,10 +281,11 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     written while the others are kept) and the result must fit in the output directory.
     """
     mb, seq = recipe.micro_batch_size, recipe.seq_len
-    est = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune)
+    est = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune,
+                                   recipe.activation_checkpointing)
     available = available_memory(device)
     if available is not None:
-        resident = sum(p.numel() * p.element_size() for p in model.parameters())
+        resident = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_storage(model)[0]
         budget = available + resident
         log.info(f"memory estimate: {est}; available: {human_bytes(budget)} on {device}")
         if est.total > budget:
@@ -278,10 +308,36 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     return est
 
 
+def fits_with(est: MemoryEstimate, saved: int, budget: int) -> bool:
+    return est.total - saved <= budget
+
+
+def _nf4_saving(model: nn.Module, recipe) -> int:
+    """Bytes ``quantize: nf4`` would save on a LoRA run not yet quantized: every projection but the head
+    from its stored size to ~4.13 bits (4.127 with double quantization)."""
+    if recipe.finetune != "lora" or recipe.quantize != "none":
+        return 0
+    size = 2 if recipe.precision == "bf16-true" else 4
+    head = model.lm_head.weight
+    frozen = [m.weight for m in model.modules()
+              if isinstance(m, (nn.Linear, LoRALinear)) and m.weight is not None and m.weight is not head]
+    return int(sum(w.numel() for w in frozen) * (size - 4.13 / 8))
+
+
+def _quantized_storage(model: nn.Module) -> tuple[int, int]:
+    """(bytes a quantized base holds: codes, scales, biases; elements of its largest weight, which forward and
+    backward dequantize one layer at a time) -- (0, 0) without quantization."""
+    layers = [m for m in model.modules() if getattr(m, "is_quantized", False)]
+    stored = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    return stored, max((m.in_features * m.out_features for m in layers), default=0)
+
+
 def _suggestions(model: nn.Module, recipe, budget: int) -> str:
     """Recipe changes (each alone) that bring the estimate under ``budget``, best first."""
-    def fits(micro_batch: int, seq_len: int, precision: str) -> bool:
-        est = estimate_training_memory(model, micro_batch, seq_len, precision, recipe.finetune)
+    on = recipe.activation_checkpointing
+
+    def fits(micro_batch: int, seq_len: int, precision: str, checkpointing: bool = on) -> bool:
+        est = estimate_training_memory(model, micro_batch, seq_len, precision, recipe.finetune, checkpointing)
         return est.total <= budget
 
     mb, seq, bs = recipe.micro_batch_size, recipe.seq_len, recipe.batch_size
@@ -290,6 +346,9 @@ def _suggestions(model: nn.Module, recipe, budget: int) -> str:
         if bs % accum == 0 and fits(bs // accum, seq, recipe.precision):
             tips.append(f"--set grad_accum={accum} (micro-batches of {bs // accum}; the same result, more time)")
             break
+    if not on and fits(mb, seq, recipe.precision, checkpointing=True):
+        tips.append("--set activation_checkpointing=true (each block recomputed in the backward pass; the same "
+                    "result, ~30% more compute)")
     for precision in ("bf16-true", "bf16-mixed"):
         if precision != recipe.precision and fits(mb, seq, precision):
             tips.append(f"--set precision={precision}")
@@ -299,6 +358,10 @@ def _suggestions(model: nn.Module, recipe, budget: int) -> str:
         shorter //= 2
     if shorter >= 16:
         tips.append(f"--set seq_len={shorter}")
+    saved = _nf4_saving(model, recipe)
+    if saved and fits_with(estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune, on), saved,
+                           budget):
+        tips.append(f"--set quantize=nf4 (QLoRA: the frozen projections in 4 bits, about {human_bytes(saved)} less)")
     if recipe.finetune == "full":
         tips.append("--set finetune=lora (gradients and optimizer state for the adapter only)")
     if not tips:

@@ -30,7 +30,9 @@ from ..hub.export import save_hf_model
 from ..hub.files import read_config
 from ..hub.outdir import prepare_output_dir, run_lock
 from ..models import check_tokenizer_fits, load_model
+from ..models.checkpointing import set_activation_checkpointing
 from ..recipe import Recipe, dump_recipe, result_fields
+from ..quant.model import load_dtype, quantize_model, recipe_quantization
 from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
                          save_checkpoint)
 from .guards import check_resources, disk_error
@@ -78,7 +80,9 @@ def setup_model(recipe: Recipe, device: torch.device):
     bf16-mixed keep float32 masters, whatever the checkpoint's dtype).
     """
     dtype = torch.bfloat16 if recipe.precision == "bf16-true" else torch.float32
-    model, model_dir = load_model(recipe.model, dtype=dtype, device=device)
+    quant = recipe_quantization(recipe)
+    model, model_dir = load_model(recipe.model, dtype=load_dtype(recipe.model, dtype) if quant else dtype,
+                                  device=device)
     context = model.config.context_length
     if recipe.seq_len > context:
         raise ConfigError(f"seq_len={recipe.seq_len} exceeds the model's context of {context} tokens; "
@@ -88,9 +92,13 @@ def setup_model(recipe: Recipe, device: torch.device):
     if recipe.finetune == "lora":
         inject_lora(model, recipe.lora)
         model.to(device)
+        if quant:  # QLoRA: the frozen base in 4 bits, after the adapter (PiSSA's residual is what is quantized)
+            quantize_model(model, quant)
+            model.to(dtype)
     set_trainable(model, recipe.finetune)
     if recipe.precision == "bf16-true":
         store_in_bf16(model, recipe.finetune)
+    set_activation_checkpointing(model, recipe.activation_checkpointing, recipe.activation_offload, device)
     return model, tokenizer, model_dir
 
 
@@ -371,7 +379,9 @@ def _read_samples(path: Path, prompt: str) -> dict:
 
 def _save_result(model: nn.Module, recipe: Recipe, out: Path, model_dir: Path) -> None:
     if recipe.finetune == "lora":
-        save_adapter(model, out / "adapter", recipe.lora, base_model=recipe.model)
+        quant = recipe_quantization(recipe)
+        save_adapter(model, out / "adapter", recipe.lora, base_model=recipe.model,
+                     base_quantization=quant.record() if quant else None)
     else:
         save_hf_model(model, out / "model", tokenizer_dir=model_dir, base_config=read_config(model_dir),
                       base_dir=model_dir)

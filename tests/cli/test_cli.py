@@ -59,6 +59,16 @@ def test_info_without_lora_counts_everything(tiny_ckpt, model, capsys):
     assert f"trainable: {n:,} / {n:,} (100.00%)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, bits", [([], 4.127), (["--no-double-quant"], 4.5)])
+def test_info_reports_the_quantized_base_bits_per_parameter(tiny_ckpt, model, capsys, flags, bits):
+    """GPT-2's projections hold 4 x 64 x 64 + 64 x 192 + 2 x 64 x 256 values per layer: NF4 at block 64 stores
+    4 bits each plus one absmax per 64 (8 bits + a float32 per 256 blocks with double quantization, else 32)."""
+    assert main(["info", "--model", str(tiny_ckpt), "--quantize", "nf4", *flags]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("base: nf4"))
+    assert abs(float(line.split(", ")[1].split()[0]) - bits) < 0.01, line
+    assert "quantized projections" in line
+
+
 def test_generate_greedy_prints_only_the_continuation(tiny_ckpt, model, tokenizer, capsys):
     assert main(_generate_args(tiny_ckpt)) == 0
     captured = capsys.readouterr()

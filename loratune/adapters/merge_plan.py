@@ -1,0 +1,59 @@
+"""What ``loratune merge`` folds into a base: one adapter, or several combined with weights first.
+
+One adapter merges as it is (LoRA, or DoRA with its magnitudes). Several are loaded under their
+own names and combined into one adapter with PEFT's ``add_weighted_adapter`` rules
+(:func:`~.named.combine_adapters`), which then merges; ``cat`` is the exact weighted sum of the
+updates, the other types approximate it at a rank or sparsify it (TIES, DARE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .lora import merge_lora
+from .named import combine_adapters
+from .peft_format import load_adapter
+
+
+@dataclass
+class MergePlan:
+    """The adapters to merge, their weights and how several combine."""
+
+    adapter_dirs: list[Path]
+    """Local adapter directories, in order."""
+    weights: list[float]
+    """One weight per adapter (a single adapter's weight scales its update)."""
+    how: str = "cat"
+    """Combination type for several adapters (see :data:`~.combine.COMBINATIONS`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """density, svd_rank, majority_sign_method (None values are dropped)."""
+    seed: int = 0
+    """Seed of DARE's random drops."""
+    base_model: str | None = None
+    """The base's name as given, for the adapters' base-model check."""
+
+    def load(self, model: nn.Module) -> None:
+        """Attach the adapters (combined into one active adapter when there are several)."""
+        if len(self.adapter_dirs) == 1 and self.weights == [1.0]:
+            load_adapter(model, self.adapter_dirs[0], base_model=self.base_model)
+            return
+        names = [f"adapter{i}" for i in range(len(self.adapter_dirs))]
+        for name, path in zip(names, self.adapter_dirs):
+            load_adapter(model, path, base_model=self.base_model, name=name)
+        options = {k: v for k, v in self.options.items() if v is not None}
+        how = self.how if len(names) > 1 else "linear"
+        combine_adapters(model, names, self.weights, "merged", how=how, seed=self.seed, **options)
+
+    def apply(self, model: nn.Module) -> int:
+        """Load and merge; returns how many layers were merged."""
+        self.load(model)
+        return self.apply_loaded(model)
+
+    @staticmethod
+    def apply_loaded(model: nn.Module) -> int:
+        """Merge the adapters :meth:`load` attached; returns how many layers were merged."""
+        return merge_lora(model)

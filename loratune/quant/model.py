@@ -1,0 +1,171 @@
+"""Quantize a model's frozen base (QLoRA), and undo it for merging and export.
+
+Every linear projection except the output head is stored in 4-bit NF4 (``nf4``, block 64,
+optionally with double-quantized block scales) or per-row int8 (``int8``); embeddings, norms and
+the head keep their dtype, as in QLoRA and bitsandbytes. LoRA layers keep their adapters and
+hold the quantized base in place of their weight. The model is quantized *after* the adapter is
+injected, so PiSSA/OLoRA starts quantize the residual, as PEFT does.
+
+``dequantize_model`` turns every quantized layer back into float weights: what a QLoRA adapter
+was trained against, which is where it should be merged (``loratune merge``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.lora import LoRALinear
+from ..adapters.targets import linear_kind, replace_module
+from ..errors import ConfigError
+from .linear import NF4Linear
+
+KINDS = ("nf4", "int8")
+_HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base is stored."""
+
+    kind: str = "nf4"
+    """nf4 (QLoRA's 4-bit NormalFloat) or int8 (per-row absmax)."""
+    block_size: int = 64
+    """NF4 values sharing one absmax scale (QLoRA: 64)."""
+    double_quant: bool = True
+    """Quantize NF4's block scales again (8-bit, block 256): ~0.37 fewer bits per parameter."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"quantize must be one of none, {', '.join(KINDS)}; got {self.kind!r}")
+
+    def record(self) -> dict[str, Any]:
+        """What an adapter's metadata records about the base it was trained against."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "QuantConfig":
+        try:
+            return cls(**record)
+        except TypeError:
+            raise ConfigError(f"unreadable base_quantization record {record!r} in the adapter's metadata") from None
+
+
+def recipe_quantization(recipe) -> QuantConfig | None:
+    """The recipe's ``quantize`` / ``double_quant`` as a QuantConfig (None for ``quantize: none``)."""
+    if recipe.quantize == "none":
+        return None
+    return QuantConfig(recipe.quantize, double_quant=recipe.double_quant)
+
+
+def load_dtype(model: str, train_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load a checkpoint in before quantizing it: its own 16-bit dtype when it has one
+    (lossless, and half the float32 peak while loading), else the training dtype. What stays
+    unquantized is cast to the training dtype afterwards."""
+    from ..hub.export import checkpoint_dtype
+    from ..hub.files import read_config
+    from ..hub.resolve import resolve_model_dir
+
+    stored = checkpoint_dtype(read_config(resolve_model_dir(model)))
+    return stored if stored in (torch.bfloat16, torch.float16) else train_dtype
+
+
+def _int8():
+    return importlib.import_module(".int8", __package__)
+
+
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, transposed: bool) -> nn.Module:
+    weight = weight.float()  # the same codes whatever dtype the checkpoint was loaded in (merge re-quantizes)
+    if cfg.kind == "int8":
+        return _int8().Int8Linear.from_weight(weight, bias, transposed=transposed)
+    return NF4Linear.from_weight(weight, bias, cfg.block_size, cfg.double_quant, transposed=transposed)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> int:
+    """Store every linear projection but the head quantized, in place; returns how many were.
+
+    The float weights are released layer by layer (nothing else holds them), so the peak stays
+    at the float model's size plus one layer.
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        if name.split(".")[-1] in _HEAD_NAMES:
+            continue
+        if isinstance(module, LoRALinear):
+            if module.quant is None:
+                if module.merged:
+                    raise ConfigError(f"{name} has a merged adapter: unmerge it before quantizing the base")
+                module.quant = _quantized(module.weight, module.bias, cfg, module.fan_in_fan_out)
+                module.weight, module.bias = None, None
+                count += 1
+        elif linear_kind(module) is not None and not getattr(module, "is_quantized", False):
+            replace_module(model, name, _quantized(module.weight, module.bias, cfg, bool(linear_kind(module))))
+            count += 1
+    if not count:
+        raise ConfigError("the model has no linear projections to quantize")
+    return count
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every quantized base by its dequantized float weights in ``dtype``; returns how many.
+
+    Layers come back as ``nn.Linear`` (LoRA layers keep their adapters, with a plain weight again),
+    stored (out, in) whatever the original layout: what merging and export expect.
+    """
+    count = 0
+    modules = list(model.named_modules())
+    inside = {f"{n}.quant" for n, m in modules if isinstance(m, LoRALinear)}  # handled with their LoRA layer
+    for name, module in modules:
+        if name in inside:
+            continue
+        if isinstance(module, LoRALinear) and module.quant is not None:
+            q = module.quant
+            module.weight = nn.Parameter(q.dequantized_weight(dtype), requires_grad=False)
+            module.bias = None if q.bias is None else nn.Parameter(q.bias.to(dtype), requires_grad=False)
+            module.quant, module.fan_in_fan_out = None, False
+            count += 1
+        elif getattr(module, "is_quantized", False):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.device, dtype=dtype)
+            linear.weight.copy_(module.dequantized_weight(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+            linear.requires_grad_(False)
+            replace_module(model, name, linear)
+            count += 1
+    return count
+
+
+def quantized_layers(model: nn.Module) -> list[nn.Module]:
+    """The quantized base layers of a model (standalone, or inside LoRA layers)."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.quant is not None:
+            found.append(module.quant)
+        elif getattr(module, "is_quantized", False) and module not in found:
+            found.append(module)
+    return found
+
+
+def base_bits(model: nn.Module) -> tuple[float, float]:
+    """(bits per parameter of the quantized layers, bits per parameter of the whole base model):
+    stored bytes x 8 over parameter counts; adapters and bias terms are not counted, tied weights once."""
+    layers = quantized_layers(model)
+    q_params = sum(m.in_features * m.out_features for m in layers)
+    q_bits = sum(m.bits_per_param * m.in_features * m.out_features for m in layers)
+    seen, other_params, other_bits = set(), 0, 0.0
+    for name, p in model.named_parameters():
+        if ".lora." in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not name.endswith("bias"):
+            other_params += p.numel()
+            other_bits += p.numel() * p.element_size() * 8
+    total = q_params + other_params
+    return (q_bits / q_params if q_params else 0.0), ((q_bits + other_bits) / total if total else 0.0)

@@ -1,0 +1,49 @@
+"""QLoRA through the one training loop: ``quantize: nf4`` stores the frozen base in 4 bits after the
+adapter is injected, training lowers the validation loss, the saved adapter records the base it was
+trained against, and DoRA, PiSSA, LoRA+ and activation checkpointing run with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loratune.adapters.lora import lora_layers
+from loratune.quant.model import base_bits, quantized_layers
+from loratune.train import setup_model, train
+from loratune.train.metrics import read_metrics
+from test_train_families import _checkpoint, _recipe, data_file  # noqa: F401  (the fixture)
+
+
+def _val_losses(run) -> list[float]:
+    return [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("val_loss") is not None]
+
+
+def test_qlora_trains_and_records_its_base(tmp_path, data_file):  # noqa: F811
+    d = _checkpoint(tmp_path, "llama")
+    recipe = _recipe(d, data_file, tmp_path / "run", quantize="nf4", max_steps=12, eval_every=6)
+    model, _, _ = setup_model(recipe, torch.device("cpu"))
+    layers = quantized_layers(model)
+    assert layers and all(m.quant is not None for _, m in lora_layers(model))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora." not in n)
+    q_bits, _ = base_bits(model)
+    assert 4.1 <= q_bits <= 4.5
+    train(recipe)
+    losses = _val_losses(tmp_path / "run")
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    extra = json.loads((tmp_path / "run" / "adapter" / "loratune_adapter.json").read_text())
+    assert extra["base_quantization"] == {"kind": "nf4", "block_size": 64, "double_quant": True}
+
+
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(init="pissa_niter_2"), dict(plus_ratio=16.0)],
+                         ids=["dora", "pissa", "lora+"])
+def test_qlora_variants_train(tmp_path, data_file, lora):  # noqa: F811
+    d = _checkpoint(tmp_path, "llama")
+    recipe = _recipe(d, data_file, tmp_path / "run", quantize="nf4", activation_checkpointing=True,
+                     max_steps=8, eval_every=4)
+    for k, v in lora.items():
+        setattr(recipe.lora, k, v)
+    train(recipe)
+    losses = _val_losses(tmp_path / "run")
+    assert losses[-1] < losses[0]
