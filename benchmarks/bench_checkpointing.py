@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_families as families  # noqa: E402
 import report_memory  # noqa: E402  (the results table)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,12 +156,9 @@ def matmul_job(threads: int) -> dict:
     """The machine's matmul rate (bench_families.matmul_rate), in a subprocess like the jobs."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_families
-
     torch.set_num_threads(threads)
-    return {"matmul": bench_families.matmul_rate(clock="cpu"), "torch": torch.__version__,
-            "cpu_flags": bench_families.cpu_flags()}
+    return {"matmul": families.matmul_rate(clock="cpu"), "torch": torch.__version__,
+            "cpu_flags": families.cpu_flags()}
 
 
 def in_subprocess(mode: str, payload: dict) -> dict:
@@ -174,16 +172,6 @@ def in_subprocess(mode: str, payload: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the grid, the summary, the table
-def _cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per (model, precision, checkpointing): medians over repeats, and on / off ratios."""
     rows = []
@@ -227,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     info = in_subprocess("--matmul", {"threads": 1})
     result = {"format": "checkpointing", "command": "python benchmarks/bench_checkpointing.py " + shlex.join(
         sys.argv[1:] if argv is None else argv), "args": vars(args),
-        "machine": {"cpu": _cpu_name() or platform.machine(), "cores": os.cpu_count(), **info},
+        "machine": {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(), **info},
         "loadavg_start": list(os.getloadavg()), "runs": [], "rows": []}
     start = time.perf_counter()
     for model in args.models.split(","):

@@ -158,6 +158,17 @@ def roofline(row_side: dict, flops_per_token: float, rates: dict, precision: str
     return tps * flops_per_token / (rate * 1e9) if tps and rate else None
 
 
+def cpu_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_flags() -> list[str]:
     """The CPU's matrix-unit flags (amx_bf16, avx512_bf16 ...) from /proc/cpuinfo."""
     try:

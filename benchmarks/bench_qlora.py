@@ -9,7 +9,7 @@ tokenizer where ../shared is present, else random ids), and reports:
 
 * the step's peak memory: the process's peak RSS over the timed steps, after the peak counter is
   reset once the model and optimizer are built (``/proc/self/clear_refs``); loading transients are
-  excluded on both sides alike, and the whole process's peak (``ru_maxrss``) is recorded too;
+  excluded on both sides alike (the setup's own peak is recorded as ``setup_peak``);
 * tokens/s (median over the timed steps, after a warm-up step) and the share of this machine's
   matmul rate that the model FLOPs per token amount to.
 
@@ -18,7 +18,9 @@ double quantization), ``qlora-ckpt`` (plus activation checkpointing; loratune's 
 chunked fused head + cross-entropy). The peer's QLoRA is transformers' ``BitsAndBytesConfig``
 (nf4, double quant, compute dtype = the run's) with PEFT on top, checkpointed with
 ``gradient_checkpointing_enable(use_reentrant=False)``; its non-quantized weights keep the run's
-dtype (``prepare_model_for_kbit_training`` would widen them to fp32).
+dtype (``prepare_model_for_kbit_training`` would widen them to fp32). loratune pins glibc's mmap
+threshold for runs that save memory (loratune/train/allocator.py); the peer gets the same through
+``MALLOC_MMAP_THRESHOLD_`` in one more qlora-ckpt row, so the table separates that gain from the rest.
 
     python benchmarks/bench_qlora.py                      # fp32 and bf16, every case (~30 min on 2 cores)
     python benchmarks/bench_qlora.py --precisions bf16 --cases lora,qlora-ckpt --steps 2
@@ -30,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama3_1"
 CASES = ("lora", "qlora", "qlora-ckpt")
-SIDES = ("loratune", "transformers+peft")
+SIDES = ("loratune", "transformers+peft", "transformers+peft, mmap 1 MiB")
+"""The last is the peer with glibc's mmap threshold pinned at 1 MiB through the environment, as loratune
+pins it for runs that save memory (loratune/train/allocator.py): run for the qlora-ckpt case only."""
+PINNED = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 R, ALPHA = 16, 32.0
 
 
@@ -116,6 +120,7 @@ def build_ours(spec: dict):
                  f"activation_checkpointing={str(spec['case'] == 'qlora-ckpt').lower()}"]
     recipe = load_recipe(None, overrides)
     model, _, _ = setup_model(recipe, torch.device("cpu"))
+    model.train()  # as the training loop does (checkpointing and dropout apply in training mode only)
     optimizer = make_optimizer(model, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     from loratune.train.precision import autocast_for
@@ -167,22 +172,23 @@ def worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     step, vocab = (build_ours if spec["side"] == "loratune" else build_peer)(spec)
     ids = token_batch(spec["seq"], vocab)
-    resident = rss("VmRSS")
-    reset_ok = reset_peak()
+    resident, setup_peak = rss("VmRSS"), rss("VmHWM")
+    reset_ok = reset_peak()  # (ru_maxrss is reset with it: the loading peak is setup_peak)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
         step(ids)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    return {"resident_before_steps": resident, "step_peak": rss("VmHWM") if reset_ok else None,
-            "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"resident_before_steps": resident, "loadavg": os.getloadavg()[0], "step_peak": rss("VmHWM") if reset_ok else None,
+            "setup_peak": setup_peak,
             "step_s": times, "tokens_per_s": spec["seq"] / statistics.median(times)}
 
 
 def run_job(spec: dict, timeout: int) -> dict:
+    env = {**os.environ, **(PINNED if "mmap" in spec["side"] else {})}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--sides", default=";".join(SIDES), help="';'-separated")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per job (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -209,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = make_checkpoint(Path(args.cache))
     cfg = families.hf_config(ckpt)
     result = {"format": "qlora", "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "machine": {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(),
                           "amx_bf16": "amx_bf16" in families.cpu_flags(), "matmul": families.matmul_rate()},
               "model": {"shape": "llama3.2-1b", "matmul_params": families.matmul_params(cfg), "seq": args.seq, "batch": 1,
                         "r": R, "alpha": ALPHA, "targets": "q,v"},
               "flops_per_token": families.train_flops_per_token(cfg, "lora-qv", args.seq, R), "rows": []}
     for precision in args.precisions.split(","):
         for case in args.cases.split(","):
-            for side in args.sides.split(","):
+            for side in args.sides.split(";"):
+                if "mmap" in side and case != "qlora-ckpt":
+                    continue
                 spec = {"side": side, "case": case, "precision": precision, "ckpt": str(ckpt), "seq": args.seq,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                         "precision_name": "bf16-true" if precision == "bf16" else "fp32"}
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["runs"], row["job_s"] = 1, round(time.time() - t0, 1)
                 result["rows"].append(row)
                 peak = row.get("step_peak")
-                print(f"{precision} {case:10s} {side:18s} "
+                print(f"{precision} {case:10s} {side:32s} "
                       + (f"step peak {peak / 2**30:.2f} GiB, {row['tokens_per_s']:.1f} tok/s" if peak else
                          str(row.get("error"))), flush=True)
                 Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

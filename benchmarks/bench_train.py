@@ -558,21 +558,11 @@ def _machine(device: str = "cpu") -> dict:
 
     import torch
 
-    info = {"cpu": _cpu_name() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
-
-
-def _cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def format_tables(result: dict) -> str:

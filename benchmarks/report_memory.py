@@ -67,7 +67,7 @@ def qlora_table(result: dict) -> str:
            f"{mm.get('fp32_gflops', 0):.0f} GFLOP/s fp32, {mm.get('bf16_gflops', 0):.0f} bf16. Llama-3.2-1B shape "
            f"(random weights, bf16 checkpoint), LoRA {model['targets']} r={model['r']}, batch {model['batch']} x seq "
            f"{model['seq']}; each row one job in a fresh process (single run). `{result['command']}`", "",
-           "| precision | case | side | step peak (GiB) | / peer's plain LoRA | process peak incl. loading (GiB) | "
+           "| precision | case | side | step peak (GiB) | / peer's plain LoRA | setup peak: loading, quantizing (GiB) | "
            "tokens/s | share of the matmul rate | runs |", "|---|---|---|---|---|---|---|---|---|"]
     peer = {r["precision"]: r.get("step_peak") for r in result["rows"]
             if r["case"] == "lora" and r["side"] != "loratune" and r.get("step_peak")}
@@ -80,8 +80,9 @@ def qlora_table(result: dict) -> str:
         ratio = f"{r['step_peak'] / peer[r['precision']]:.2f}x" if peer.get(r["precision"]) else "—"
         rate = mm.get("fp32_gflops" if r["precision"] == "fp32" else "bf16_gflops")
         share = f"{100 * r['tokens_per_s'] * flops / (rate * 1e9):.0f}%" if rate and flops else "—"
+        setup = f"{r['setup_peak'] / GIB:.2f}" if r.get("setup_peak") else "not recorded"
         out.append(f"| {r['precision']} | {r['case']} | {r['side']} | {r['step_peak'] / GIB:.2f} | {ratio} | "
-                   f"{r['process_peak'] / GIB:.2f} | {r['tokens_per_s']:.1f} | {share} | "
+                   f"{setup} | {r['tokens_per_s']:.1f} | {share} | "
                    f"{'1 (single run)' if r.get('runs', 1) == 1 else r['runs']} |")
     return "\n".join(out)
 

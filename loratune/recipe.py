@@ -378,6 +378,11 @@ def result_fields(recipe: Recipe) -> dict[str, Any]:
     return flat
 
 
+def default_result_fields() -> dict[str, Any]:
+    """result_fields() of the default recipe: what a field absent from an older checkpoint's record meant."""
+    return result_fields(Recipe())
+
+
 def fingerprint(fields: dict[str, Any]) -> str:
     """A short hash of result_fields()."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -91,14 +91,15 @@ class LoRALinear(nn.Module):
         weight: the frozen base weight, ``(out, in)``; ``(in, out)`` when ``fan_in_fan_out``
             (GPT-2's Conv1D layout in transformers). None when ``quant`` holds the base.
         bias: the frozen base bias or None.
-        r, alpha, dropout, rslora, use_dora: the first adapter's settings, see :class:`LoRAConfig`.
+        r, alpha, dropout, rslora, use_dora: the first adapter's settings, see :class:`LoRAConfig`
+            (``r`` None: start without an adapter).
         slices: output slices to adapt, ``{name: (start, stop)}``; None adapts the whole output.
         fan_in_fan_out: whether ``weight`` is stored transposed.
         adapter: the first adapter's name.
         quant: a quantized frozen base (:class:`~loratune.quant.linear.NF4Linear`) instead of ``weight``.
     """
 
-    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, r: int, alpha: float,
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, r: int | None, alpha: float = 1.0,
                  dropout: float = 0.0, rslora: bool = False, slices: dict[str, tuple[int, int]] | None = None,
                  fan_in_fan_out: bool = False, adapter: str = "default", use_dora: bool = False,
                  quant: nn.Module | None = None) -> None:
@@ -115,8 +116,9 @@ class LoRALinear(nn.Module):
         self.merged_names: list[str] = []
         self._dora_factors: dict[str, torch.Tensor] = {}
         self.enabled = True
-        self.add_adapter(adapter, r, alpha, dropout, rslora, slices, use_dora)
-        self.active = [adapter]
+        if r is not None:  # None: no adapter yet (a loaded one is put in ``lora`` by the caller)
+            self.add_adapter(adapter, r, alpha, dropout, rslora, slices, use_dora)
+            self.active = [adapter]
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoRAConfig, slices=None, fan_in_fan_out: bool = False,

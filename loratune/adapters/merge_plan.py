@@ -8,6 +8,7 @@ updates, the other types approximate it at a rank or sparsify it (TIES, DARE).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,19 @@ from torch import nn
 from .lora import merge_lora
 from .named import combine_adapters
 from .peft_format import load_adapter
+
+
+def adapter_names_for(dirs: list[Path]) -> list[str]:
+    """Names to load adapters under, from their directories (so errors name them): 'tldr', 'titles',
+    'adapter' then 'adapter_2' for two directories of the same name; dots would nest modules."""
+    names: list[str] = []
+    for d in dirs:
+        base = re.sub(r"[^\w-]", "_", Path(d).name) or "adapter"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
 
 
 @dataclass
@@ -41,7 +55,7 @@ class MergePlan:
         if len(self.adapter_dirs) == 1 and self.weights == [1.0]:
             load_adapter(model, self.adapter_dirs[0], base_model=self.base_model)
             return
-        names = [f"adapter{i}" for i in range(len(self.adapter_dirs))]
+        names = adapter_names_for(self.adapter_dirs)
         for name, path in zip(names, self.adapter_dirs):
             load_adapter(model, path, base_model=self.base_model, name=name)
         options = {k: v for k, v in self.options.items() if v is not None}

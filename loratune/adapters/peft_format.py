@@ -339,10 +339,10 @@ def _wrap(base: nn.Module, update: LoRAUpdate, name: str) -> LoRALinear:
     """A LoRALinear over ``base`` holding ``update`` as its only adapter ``name``."""
     transposed = bool(linear_kind(base))
     if getattr(base, "is_quantized", False):
-        layer = LoRALinear(None, None, 1, 1.0, quant=base, adapter=name)
+        layer = LoRALinear(None, None, None, quant=base)
     else:
-        layer = LoRALinear(base.weight, base.bias, 1, 1.0, fan_in_fan_out=transposed, adapter=name)
-    layer.lora[name] = update  # replaces the placeholder the constructor made
+        layer = LoRALinear(base.weight, base.bias, None, fan_in_fan_out=transposed)
+    layer.lora[name] = update
     return layer
 
 

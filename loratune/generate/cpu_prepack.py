@@ -56,7 +56,8 @@ def _packed_fn(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
 
 @contextlib.contextmanager
 def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
-    """Within the block, ``model``'s ``nn.Linear`` and LoRA base products use packed weights.
+    """Within the block, ``model``'s ``nn.Linear`` and LoRA base products use packed weights (a quantized
+    base is not packed: it is dequantized per product).
 
     ``rows`` is the expected number of rows per product (the decoding batch size); any size
     works, that one is fastest. Yields the number of layers packed (0 where packing does not
@@ -69,7 +70,7 @@ def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
 
     try:
         for module in model.modules():
-            if isinstance(module, LoRALinear) and not module.fan_in_fan_out:
+            if isinstance(module, LoRALinear) and not module.fan_in_fan_out and module.quant is None:
                 if worth_it(module.weight):
                     module._base = _packed_fn(module.weight, module.bias, rows)  # instance attribute shadows the method
                     patched.append((module, "_base"))

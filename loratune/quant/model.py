@@ -12,6 +12,7 @@ was trained against, which is where it should be merged (``loratune merge``).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -108,7 +109,17 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> int:
             count += 1
     if not count:
         raise ConfigError("the model has no linear projections to quantize")
+    release_freed_memory()
     return count
+
+
+def release_freed_memory() -> None:
+    """Hand the float weights just freed back to the OS (glibc keeps freed heap memory otherwise: on a
+    1B model ~0.6 GB of resident memory after quantizing). A no-op where glibc's malloc_trim is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()

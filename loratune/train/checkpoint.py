@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
 from ..hub.finite import check_finite
 from ..hub.fsutil import atomic_dir, fsync_dir
-from ..recipe import fingerprint
+from ..recipe import default_result_fields, fingerprint
 from .guards import disk_error
 
 log = logging.getLogger("loratune")
@@ -187,6 +187,9 @@ def check_recipe(info: dict[str, Any], fields: dict[str, Any], path: Path) -> No
     if not isinstance(saved, dict) or info.get("recipe_hash") == fingerprint(fields):
         return
     now = json.loads(json.dumps(fields, default=str))
+    defaults = json.loads(json.dumps(default_result_fields(), default=str))  # fields added since a checkpoint was
+    # made (quantize, lora.use_dora ...) match it while they keep their default: such a run computed the same thing
+    saved = {**{k: v for k, v in defaults.items() if k in now}, **saved}
     changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:

@@ -33,6 +33,7 @@ from ..models import check_tokenizer_fits, load_model
 from ..models.checkpointing import set_activation_checkpointing
 from ..recipe import Recipe, dump_recipe, result_fields
 from ..quant.model import load_dtype, quantize_model, recipe_quantization
+from .allocator import prefer_memory
 from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
                          save_checkpoint)
 from .guards import check_resources, disk_error
@@ -81,6 +82,8 @@ def setup_model(recipe: Recipe, device: torch.device):
     """
     dtype = torch.bfloat16 if recipe.precision == "bf16-true" else torch.float32
     quant = recipe_quantization(recipe)
+    if quant or recipe.activation_checkpointing:
+        prefer_memory(device)
     model, model_dir = load_model(recipe.model, dtype=load_dtype(recipe.model, dtype) if quant else dtype,
                                   device=device)
     context = model.config.context_length

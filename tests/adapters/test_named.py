@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import rel_err
 from family_models import token_ids, write_decoder
+from test_combine import SEED, _peft_combine
 
 from loratune.adapters.lora import adapters_disabled, lora_layers
 from loratune.adapters.named import (active_adapters, adapter_names, combine_adapters, delete_adapter,
@@ -21,7 +22,6 @@ from loratune.errors import ConfigError, MergeError
 from loratune.models import load_model
 
 RTOL = 1e-5
-SEED = 99
 ADAPTERS = {"a": (4, 8.0, ["q_proj", "v_proj", "down_proj"]), "b": (4, 16.0, ["q_proj", "v_proj", "down_proj"]),
             "qonly": (6, 6.0, ["q_proj"])}
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
@@ -110,19 +110,6 @@ def test_only_the_active_adapter_trains_and_saves(saved, tmp_path):
         set_active_adapters(ours, "a")
 
 
-def _reseeding(peft):
-    """PEFT's add_weighted_adapter first injects the new adapter (whose init draws from the global RNG),
-    then combines: reseed between the two so DARE's drops start from SEED, as ours do."""
-    model = peft.base_model
-    inject = model.inject_adapter
-
-    def inject_then_seed(*args, **kwargs):
-        out = inject(*args, **kwargs)
-        torch.manual_seed(SEED)
-        return out
-    model.inject_adapter = inject_then_seed
-
-
 @pytest.mark.parametrize("how, names, weights, options", [
     ("linear", ["a", "b"], [0.7, 0.3], {}),
     ("cat", ["a", "b", "qonly"], [1.0, -0.5, 0.8], {}),
@@ -133,8 +120,7 @@ def _reseeding(peft):
 def test_combined_adapters_give_peft_logits(how, names, weights, options, saved):
     base, dirs = saved
     ours, peft = _ours(base, dirs), _peft(base, dirs)
-    _reseeding(peft)
-    peft.add_weighted_adapter(names, weights, "mix", combination_type=how, **options)
+    _peft_combine(peft, names, weights, "mix", combination_type=how, **options)  # DARE's drops from SEED
     peft.set_adapter("mix")
     torch.manual_seed(SEED)
     combine_adapters(ours, names, weights, "mix", how=how, **options)

@@ -73,6 +73,7 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     w["corrupt_extra"] = root / "corrupt-extra"
     shutil.copytree(w["adapter"], w["corrupt_extra"])
     (w["corrupt_extra"] / "loratune_adapter.json").write_text("{not json")
+    w["half_adapter"] = _half_adapter(w["adapter"], root / "half-adapter")
     w["merged"] = root / "merged"
     assert main(["merge", "--model", str(w["model"]), "--adapter", str(w["adapter"]), "--out", str(w["merged"])]) == 0
     w["both_formats"] = root / "both-formats"
@@ -94,6 +95,19 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     _family_world(w, root)
     _chat_world(w, root)
     return w
+
+
+def _half_adapter(src: Path, dst: Path) -> Path:
+    """A copy of the world's adapter on layer 0 only: an adapter of other targets than the original."""
+    shutil.copytree(src, dst)
+    tensors = {k: v for k, v in load_file(dst / "adapter_model.safetensors").items() if ".h.0." in k}
+    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["transformer.h.0.attn.c_attn"]}))
+    extra = json.loads((dst / "loratune_adapter.json").read_text())
+    extra["slices"] = {k: v for k, v in extra["slices"].items() if ".h.0." in k}
+    (dst / "loratune_adapter.json").write_text(json.dumps(extra))
+    return dst
 
 
 def _chat_world(w: dict[str, Path], root: Path) -> None:
@@ -203,6 +217,29 @@ ROWS = [
      "not empty"),
     ("merge into a file", ["merge", "--model", "{model}", "--adapter", "{adapter}", "--out", "{file}"], 2,
      "a-file.txt"),
+    ("merge TIES over adapters of different targets", ["merge", "--model", "{model}", "--adapter", "{adapter}",
+                                                       "--adapter", "{half_adapter}", "--combine", "ties", "--density",
+                                                       "0.5", "--out", "{new}"], 2, "adapt the same modules"),
+    ("merge DARE without a density", ["merge", "--model", "{model}", "--adapter", "{adapter}", "--adapter",
+                                      "{half_adapter}", "--combine", "dare_linear", "--out", "{new}"], 2,
+     "needs density"),
+    ("merge with weights that do not fit", ["merge", "--model", "{model}", "--adapter", "{adapter}", "--adapter",
+                                            "{half_adapter}", "--weights", "1", "--out", "{new}"], 2,
+     "one per --adapter"),
+    ("merge adapters of different targets with cat", ["merge", "--model", "{model}", "--adapter", "{adapter}",
+                                                      "--adapter", "{half_adapter}", "--weights", "0.5,0.5", "--out",
+                                                      "{new}"], 0, "merged 2 adapter(s)"),
+    ("train quantize with full fine-tuning", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set",
+                                              "finetune=full", "--set", "quantize=nf4"], 2, "use finetune: lora"),
+    ("train an unknown quantize", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "quantize=nf3"], 2,
+     "quantize must be one of"),
+    ("train an unknown lora.init", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "lora.init=svd"], 2,
+     "unknown LoRA init 'svd'"),
+    ("train a negative lora.plus_ratio", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set",
+                                          "lora.plus_ratio=-4"], 2, "plus_ratio must be a positive number"),
+    ("train activation_offload without checkpointing", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set",
+                                                         "activation_offload=true"], 2,
+     "activation_checkpointing: true"),
     ("init-model under a file", ["init-model", "--out", "{file}/m"], 2, "a-file.txt"),
     ("init-model with a missing tokenizer", ["init-model", "--out", "{new}", "--tokenizer", "{root}/none"], 2,
      "--tokenizer"),

@@ -388,3 +388,33 @@ def test_same_recipe_and_seed_give_the_same_run(ckpt, data_file, tmp_path):
     assert a == b and len([r for r in a if "loss" in r]) == 8
     first, second = adapter(runs[0]), adapter(runs[1])
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_qlora_dora_pissa_run_resumes_to_the_same_result(ckpt, data_file, tmp_path):
+    """The 4-bit base is quantized again on resume (deterministically), PiSSA's randomized SVD start is
+    drawn again from the seed (the saved adapter's conversion needs it), DoRA's magnitudes resume."""
+    extra = ("quantize=nf4", "lora.use_dora=true", "lora.init=pissa_niter_2", "activation_checkpointing=true")
+    recipe = make_recipe(ckpt, data_file, tmp_path, "max_steps=6", "save_every=3", "eval_every=3", *extra)
+    assert train(recipe, progress=False).steps == 6
+    ref = losses(tmp_path), val_losses(tmp_path), adapter(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000006")
+    shutil.rmtree(tmp_path / "adapter")
+    assert train(recipe, resume=True, progress=False).steps == 6
+    assert_same_run(tmp_path, *ref)
+
+
+def test_a_checkpoint_from_before_the_new_fields_resumes(ckpt, data_file, tmp_path):
+    """Fields added to the recipe later (quantize, lora.use_dora ...) are absent from an older checkpoint's
+    record: while they keep their defaults the run computes the same thing and resumes; changed, they are named."""
+    recipe = make_recipe(ckpt, data_file, tmp_path, "max_steps=4", "schedule=constant")
+    stop_after(recipe, 2)
+    state = tmp_path / "checkpoints" / "step-000002" / "state.json"
+    info = json.loads(state.read_text())
+    for key in ("quantize", "double_quant", "lora.use_dora", "lora.init", "lora.plus_ratio"):
+        del info["recipe_fields"][key]
+    info["recipe_hash"] = "from-an-older-version"
+    state.write_text(json.dumps(info))
+    quantized = make_recipe(ckpt, data_file, tmp_path, "max_steps=4", "schedule=constant", "quantize=nf4")
+    with pytest.raises(ConfigError, match=r"quantize: 'none' -> 'nf4'"):
+        train(quantized, resume=True, progress=False)
+    assert train(recipe, resume=True, progress=False).steps == 4
