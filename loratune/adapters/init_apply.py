@@ -4,7 +4,7 @@ PiSSA and OLoRA move the top of each base weight into A and B and leave the resi
 frozen base, so the model's output is unchanged at step 0 but training starts from the
 weight's principal directions. Each slice of a fused projection (GPT-2's q and v of
 ``c_attn``) is decomposed on its own rows. The starting A and B are kept as buffers
-(``init_A``, ``init_B``): saving converts the adapter back to a plain one on the original
+(``lora_init_A``, ``lora_init_B``): saving converts the adapter back to a plain one on the original
 base (:func:`~.init.to_plain_lora`), as PEFT's ``path_initial_model_for_weight_conversion`` does.
 Under QLoRA the residual is what gets quantized (the model is quantized after injection).
 """
@@ -53,7 +53,7 @@ def _initialise_layer(layer: LoRALinear, init: str, adapter: str) -> None:
         u.lora_B[name].copy_(b)
         residual[start:stop] = res.float()
     layer._set_weight(residual)
-    u.register_buffer("init_A", u.stacked_A().detach().clone())
-    u.register_buffer("init_B", u.stacked_B(scaled=False).detach().clone())
+    u.register_buffer("lora_init_A", u.stacked_A().detach().clone())
+    u.register_buffer("lora_init_B", u.stacked_B(scaled=False).detach().clone())
     if u.use_dora:  # the magnitude of the adapted weight, which still equals the original
         dora.init_magnitude(u, layer.base_weight())

@@ -268,7 +268,8 @@ class LoRALinear(nn.Module):
         for name in reversed(self.merged_names):
             u, w = self.lora[name], self.base_weight()
             delta = u.delta_weight().to(w.device)
-            self._set_weight(w / self._dora_factors.pop(name) - delta if u.use_dora else w - delta)
+            factor = self._dora_factors.pop(name).to(w.device) if u.use_dora else None
+            self._set_weight(w / factor - delta if u.use_dora else w - delta)
         self.merged_names = []
 
     def _set_weight(self, weight: torch.Tensor) -> None:
@@ -284,7 +285,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def merge_lora(model: nn.Module) -> int:
     """Merge every LoRA layer into its base weight; returns how many were merged."""
-    layers = [m for _, m in lora_layers(model) if not m.merged]
+    layers = [m for _, m in lora_layers(model) if not m.merged and m.present()]  # an adapter may target other layers
     for m in layers:
         m.merge()
     return len(layers)

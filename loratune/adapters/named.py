@@ -71,9 +71,10 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     layers = list(lora_layers(model))
     _refuse_dora(layers, names)
     check_same_targets({n: {m for m, layer in layers if n in layer.lora} for n in names}, cfg.how)
-    ranks = [next(layer.lora[n].stacked_A().shape[0] for _, layer in layers if n in layer.lora) for n in names]
+    ranks = [max(layer.lora[n].stacked_A().shape[0] for _, layer in layers if n in layer.lora) for n in names]
     r, alpha = combined_rank_alpha(cfg.how, ranks, cfg.svd_rank)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = next(p.device for _, layer in layers for n in names if n in layer.lora for p in layer.lora[n].parameters())
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     built = {}
     for module, layer in layers:  # module order, one generator: PEFT's order of random draws
         updates = [_layer_update(layer, n) for n in names]

@@ -48,7 +48,7 @@ from .peft_config import (
     is_targeted,
     pattern_value,
 )
-from .targets import features, linear_kind, replace_module
+from .targets import features, linear_kind, replace_module, targetable
 
 log = logging.getLogger("loratune")
 
@@ -73,8 +73,8 @@ def _peft_tensors(u: LoRAUpdate) -> tuple[torch.Tensor, torch.Tensor, float]:
     with torch.no_grad():
         a, b = u.stacked_A().detach(), u.stacked_B(scaled=False).detach()
     r, alpha = a.shape[0], u.peft_alpha()
-    if getattr(u, "init_A", None) is not None:
-        a, b, r, alpha = to_plain_lora(a, b, u.init_A, u.init_B, r, alpha, u.rslora)
+    if getattr(u, "lora_init_A", None) is not None:
+        a, b, r, alpha = to_plain_lora(a, b, u.lora_init_A, u.lora_init_B, r, alpha, u.rslora)
     return a, b, alpha
 
 
@@ -129,16 +129,28 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str,
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
-        "r": r, "lora_alpha": alpha, "lora_dropout": lora.dropout,
+        "r": r, "lora_alpha": alpha, "lora_dropout": _dropout(updates),
         "target_modules": _target_modules(model, list(ranks)),
         "fan_in_fan_out": _hf_transposed(model) or any(m.fan_in_fan_out for _, m in lora_layers(model)),
-        "use_rslora": lora.rslora, "bias": "none", "use_dora": any(u.use_dora for u in updates.values()),
+        "use_rslora": _rslora(updates), "bias": "none", "use_dora": any(u.use_dora for u in updates.values()),
         "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
         "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha or ranks[n] != r},
     }
     return config, tensors
+
+
+def _rslora(updates: dict[str, LoRAUpdate]) -> bool:
+    """use_rslora of the adapter being saved (its own layers', not the recipe's: a combined adapter has none)."""
+    kinds = {u.rslora for u in updates.values()}
+    if len(kinds) > 1:
+        raise CheckpointError("this adapter mixes rsLoRA and plain layers, which PEFT's format cannot express")
+    return kinds.pop()
+
+
+def _dropout(updates: dict[str, LoRAUpdate]) -> float:
+    return max((float(u.dropout.p) if isinstance(u.dropout, nn.Dropout) else 0.0) for u in updates.values())
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_model: str,
@@ -152,12 +164,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
     updates = adapter_updates(model, adapter)
     if config["use_dora"]:
         log.warning(f"saving a DoRA adapter to {out_dir}: {SERVING_NOTE}")
-    converted = any(getattr(u, "init_A", None) is not None for u in updates.values())
+    converted = any(getattr(u, "lora_init_A", None) is not None for u in updates.values())
     extra = {"format_version": 1, "lora": None if converted else asdict(lora), "base_model": str(base_model),
              "slices": {} if converted else {n: u.slices for n, u in updates.items() if list(u.slices) != [WHOLE]},
              "base_quantization": base_quantization,
-             "dora_base_norms": {n: dora.norm_fingerprint(m.base_weight()) for n, m in lora_layers(model)
-                                 if n in updates and updates[n].use_dora} or None,
+             "residual_start": lora.init if converted else None,  # trained on W - s B0 A0: see quant/merge.py
+             "dora_base_norms": {n: dora.norm_fingerprint(_original_weight(m, updates[n]))
+                                 for n, m in lora_layers(model) if n in updates and updates[n].use_dora} or None,
              "base_config": _base_config(model)}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -165,6 +178,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _original_weight(layer: LoRALinear, u: LoRAUpdate) -> torch.Tensor:
+    """The base weight the saved adapter applies to: the layer's, plus what a PiSSA/OLoRA start took out of it."""
+    w = layer.base_weight()
+    if getattr(u, "lora_init_A", None) is not None:
+        w = w + u.scale * (u.lora_init_B.float() @ u.lora_init_A.float())
+    return w
 
 
 def _base_config(model: nn.Module) -> dict[str, Any] | None:
@@ -214,7 +235,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
                  "the file is corrupt, or the run that wrote it diverged: train it again")
     pairs = _tensor_pairs(tensors, adapter_dir)
     modules = dict(model.named_modules())
-    _check_modules(config, pairs, {n for n, m in modules.items() if linear_kind(m) is not None})
+    _check_modules(config, pairs, set(targetable(model)))
     if any(name in m.lora for _, m in lora_layers(model)):
         raise CheckpointError(f"the model already has an adapter named {name!r}: load this one under another name")
     before = next((m.active for _, m in lora_layers(model)), [])

@@ -60,6 +60,14 @@ def features(module: nn.Module) -> tuple[int, int]:
     return int(in_f), int(out_f)
 
 
+def targetable(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear projections a target may name: plain, quantized or LoRA layers, but not the quantized
+    base a LoRA layer holds (its ``.quant``: adapting it would nest one LoRA layer in another)."""
+    modules = dict(model.named_modules())
+    inside = {f"{n}.quant" for n, m in modules.items() if isinstance(m, LoRALinear)}
+    return {n: m for n, m in modules.items() if linear_kind(m) is not None and n not in inside}
+
+
 def suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
@@ -70,7 +78,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, list[str]
     Returns ``{module_name: None | [slice names]}``. Raises :class:`TargetError` for a target
     that matches nothing, or for a module targeted both whole and by slices.
     """
-    linears = {n: m for n, m in model.named_modules() if linear_kind(m) is not None}
+    linears = targetable(model)
     aliases = model_aliases(model)
     plan: dict[str, list[str] | None] = {}
     for target in targets:

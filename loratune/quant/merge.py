@@ -13,13 +13,16 @@ explicit choice, with a warning that carries that number.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..adapters.lora import lora_layers
 from ..adapters.merge_plan import MergePlan
 from ..adapters.peft_config import EXTRA_NAME
+from ..adapters.update import WHOLE, LoRAUpdate
 from ..errors import ConfigError
 from ..hub.files import read_json
 from ..models import load_model
@@ -35,13 +38,43 @@ def trained_quantization(adapter_dirs: list[Path]) -> QuantConfig | None:
     Adapters trained against different bases cannot be merged together into one of them."""
     found = set()
     for d in adapter_dirs:
-        extra = read_json(d / EXTRA_NAME, "loratune metadata") if (d / EXTRA_NAME).is_file() else {}
-        record = extra.get("base_quantization") if isinstance(extra, dict) else None
+        record = _extra(d).get("base_quantization")
         found.add(None if not record else QuantConfig.from_record(record))
     if len(found) > 1:
         raise ConfigError("these adapters were trained against different bases (quantized and not, or with other "
                           "quantization settings): merge them one at a time")
     return found.pop() if found else None
+
+
+def residual_start(adapter_dirs: list[Path]) -> bool:
+    """Whether an adapter was trained from a PiSSA/OLoRA start (its base was the residual W - s B0 A0)."""
+    found = [bool(_extra(d).get("residual_start")) for d in adapter_dirs]
+    if any(found) and len(found) > 1:
+        raise ConfigError("a PiSSA/OLoRA QLoRA adapter was trained on its own residual base: merge it alone")
+    return any(found)
+
+
+def _extra(adapter_dir: Path) -> dict:
+    extra = read_json(adapter_dir / EXTRA_NAME, "loratune metadata") if (adapter_dir / EXTRA_NAME).is_file() else {}
+    return extra if isinstance(extra, dict) else {}
+
+
+@torch.no_grad()
+def to_residual(model: nn.Module) -> None:
+    """Undo the save-time conversion of a PiSSA/OLoRA adapter: it was saved as [A; A0], [B, -B0] (rank 2r)
+    for the original base, but trained on the residual W - s B0 A0, which is what QLoRA quantized. Put the
+    residual back as the base and keep the trained half, so the base is quantized as training saw it."""
+    for _, layer in lora_layers(model):
+        for name in layer.present():
+            u = layer.lora[name]
+            a, b = u.stacked_A().float(), u.stacked_B(scaled=False).float()
+            h = a.shape[0] // 2
+            layer._set_weight(layer.base_weight() + u.scale * (b[:, h:] @ a[h:]))  # W - s B0 A0
+            alpha = u.scale * (math.sqrt(h) if u.rslora else h)  # the same scale at rank h
+            trained = LoRAUpdate(u.in_features, u.out_features, h, alpha, rslora=u.rslora, device=a.device)
+            trained.lora_A[WHOLE].copy_(a[:h])
+            trained.lora_B[WHOLE].copy_(b[:, :h])
+            layer.lora[name] = trained
 
 
 def probe_ids(vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -67,8 +100,10 @@ def merge_qlora(plan: MergePlan, model_dir: Path, quant: QuantConfig, into: str,
     checkpoint's own weights) in float32; returns (merged model, layers merged) and logs the logit
     difference between the adapted 4-bit model and the export (its weights rounded to ``out_dtype``)."""
     model, _ = load_model(model_dir, dtype=torch.float32, device=device)
-    quantize_model(model, quant)
     plan.load(model)
+    if residual_start(plan.adapter_dirs):
+        to_residual(model)
+    quantize_model(model, quant)
     ids = probe_ids(model.config.vocab_size, device)
     reference = _logits(model, ids)  # what training saw: the 4-bit base plus the adapter
     if into == "quantized":
@@ -87,11 +122,10 @@ def merge_qlora(plan: MergePlan, model_dir: Path, quant: QuantConfig, into: str,
         "the original weights"
     stored = "" if out_dtype in (None, torch.float32) else f", stored in {str(out_dtype).removeprefix('torch.')}"
     message = (f"QLoRA merge into {where}{stored}: logits differ from the adapted 4-bit model by at most {gap:.3g} "
-               f"({rel:.2%} of the largest logit) on a {PROBE_TOKENS}-token probe")
+               f"({100 * rel:.3g}% of the largest logit) on a {PROBE_TOKENS}-token probe")
     if into == "original":
         log.warning(message + ". The adapter was trained against the NF4-quantized base, not these weights; "
                     "merge with --into quantized (the default) to keep what it learned")
     else:
-        log.info(message)
-    print(message)
+        print(message)
     return model, merged

@@ -75,6 +75,15 @@ def load_dtype(model: str, train_dtype: torch.dtype) -> torch.dtype:
     return stored if stored in (torch.bfloat16, torch.float16) else train_dtype
 
 
+@torch.no_grad()
+def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast what stays unquantized of the frozen base (embeddings, norms, the head) to ``dtype``; the
+    adapters keep their float32 masters and the quantized storage its format."""
+    for name, p in model.named_parameters():
+        if ".lora." not in name and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def _int8():
     return importlib.import_module(".int8", __package__)
 

@@ -198,6 +198,18 @@ def check_recipe(info: dict[str, Any], fields: dict[str, Any], path: Path) -> No
                           "--force-resume to continue with the new ones anyway")
 
 
+_OLD_LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<which>[AB])\.(?P<part>[^.]+)$")
+
+
+def _current_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints made before adapters had names keep LoRA tensors as ``...c_attn.lora_A.q``: they are the
+    ``default`` adapter's (``...c_attn.lora.default.lora_A.q``)."""
+    def rename(key: str) -> str:
+        m = _OLD_LORA_KEY.match(key)
+        return f"{m['layer']}.lora.default.lora_{m['which']}.{m['part']}" if m and ".lora." not in key else key
+    return {rename(k): v for k, v in tensors.items()}
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_fields: dict[str, Any] | None = None,
                     force: bool = False) -> TrainState:
     """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
@@ -214,7 +226,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_f
     named = _STEP_DIR.match(path.name)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):
         raise CheckpointError(f"{path / 'state.json'} names step {step!r}, which does not fit the directory name")
-    tensors = read_safetensors(path / "trainable.safetensors")
+    tensors = _current_names(read_safetensors(path / "trainable.safetensors"))
     check_finite(tensors, f"checkpoint {path}", "resume from an earlier checkpoint, or start over")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

@@ -32,7 +32,7 @@ from ..hub.outdir import prepare_output_dir, run_lock
 from ..models import check_tokenizer_fits, load_model
 from ..models.checkpointing import set_activation_checkpointing
 from ..recipe import Recipe, dump_recipe, result_fields
-from ..quant.model import load_dtype, quantize_model, recipe_quantization
+from ..quant.model import cast_base, load_dtype, quantize_model, recipe_quantization
 from .allocator import prefer_memory
 from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
                          save_checkpoint)
@@ -97,7 +97,7 @@ def setup_model(recipe: Recipe, device: torch.device):
         model.to(device)
         if quant:  # QLoRA: the frozen base in 4 bits, after the adapter (PiSSA's residual is what is quantized)
             quantize_model(model, quant)
-            model.to(dtype)
+            cast_base(model, dtype)
     set_trainable(model, recipe.finetune)
     if recipe.precision == "bf16-true":
         store_in_bf16(model, recipe.finetune)

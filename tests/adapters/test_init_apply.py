@@ -80,3 +80,21 @@ def test_bad_init_names_are_config_errors():
         LoRAConfig(init="svd")
     with pytest.raises(ConfigError):
         LoRAConfig(init="pissa_niter_x")
+
+
+def test_pissa_dora_adapter_fits_the_original_base_and_leaves_nothing_in_an_export(llama, tmp_path, caplog):
+    import logging
+
+    from loratune.adapters.lora import merge_lora
+
+    ours, _ = load_model(llama)
+    cfg = LoRAConfig(r=4, alpha=8, targets=["q", "v"], init="pissa", use_dora=True)
+    inject_lora(ours, cfg)
+    randomize_lora_(ours, seed=2, std=0.2)
+    save_adapter(ours, tmp_path / "adapter", cfg, str(llama))
+    again, _ = load_model(llama)
+    with caplog.at_level(logging.WARNING, logger="loratune"):
+        load_adapter(again, tmp_path / "adapter")
+    assert "does not fit" not in caplog.text  # fingerprinted on the original weights, not the residual
+    merge_lora(ours)
+    assert not [k for k in ours.to_hf_state_dict() if "lora" in k]

@@ -149,3 +149,16 @@ def test_combining_refuses_clearly(saved):
     with pytest.raises(ConfigError, match="unknown combination type"):
         combine_adapters(ours, ["a", "b"], [1.0, 1.0], "mix", how="average")
     assert adapter_names(ours) == list(dirs)  # nothing added by a refused combination
+
+
+def test_merging_an_adapter_that_targets_fewer_layers(saved):
+    """Layers without the active adapter are left alone by merge_lora (as PEFT merges only where it is)."""
+    from loratune.adapters.lora import merge_lora
+
+    base, dirs = saved
+    ours = _ours(base, dirs)  # 'qonly' (q_proj only) is active
+    ids = token_ids(seed=6)
+    with torch.no_grad():
+        adapted = ours(ids)
+        assert merge_lora(ours) == 3  # the q_proj of each layer
+        assert rel_err(ours(ids), adapted) <= RTOL

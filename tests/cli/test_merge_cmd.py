@@ -71,10 +71,10 @@ def test_weights_that_do_not_fit_are_exit_2(llama, tmp_path, capsys):
     assert code == 2 and "one per --adapter" in capsys.readouterr().err
 
 
-def _qlora_adapter(base, out):
+def _qlora_adapter(base, out, init="default"):
     """An adapter 'trained' against the NF4 base: non-zero A and B, the base's quantization recorded."""
     model, _ = load_model(base)
-    cfg = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
+    cfg = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"], init=init)
     inject_lora(model, cfg)
     quant = QuantConfig()
     quantize_model(model, quant)
@@ -108,3 +108,14 @@ def test_qlora_adapter_merges_into_the_dequantized_base(llama, tmp_path, capsys,
     assert bad > 100 * max(good, 1e-7)  # the quantization error the adapter never saw
     plain, _ = load_model(llama)
     load_adapter(plain, tmp_path / "adapter")  # loading onto the 16-bit base still works (with the same gap)
+
+
+def test_a_pissa_qlora_adapter_merges_into_its_quantized_residual(llama, tmp_path, capsys):
+    """PiSSA under QLoRA quantizes the residual W - s B0 A0 and trains on it; the adapter is saved converted for
+    the original base, and the merge rebuilds that residual, quantizes it as training did and adds the trained part."""
+    reference = _qlora_adapter(llama, tmp_path / "adapter", init="pissa")
+    assert main(["merge", "--model", str(llama), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        assert rel_err(merged(token_ids(seed=3)), reference) <= 1e-5

@@ -47,3 +47,22 @@ def test_qlora_variants_train(tmp_path, data_file, lora):  # noqa: F811
     train(recipe)
     losses = _val_losses(tmp_path / "run")
     assert losses[-1] < losses[0]
+
+
+def test_bf16_qlora_keeps_float32_adapters_and_adds_beside_them(tmp_path, data_file):  # noqa: F811
+    """bf16-true: what stays unquantized of the base is bf16, the adapters' masters float32; a second adapter on
+    every linear of the quantized model wraps the quantized projections, never the base inside a LoRA layer."""
+    from loratune.adapters import LoRAConfig, inject_lora
+    from loratune.adapters.lora import LoRALinear
+
+    d = _checkpoint(tmp_path, "llama")
+    recipe = _recipe(d, data_file, tmp_path / "run", quantize="nf4", precision="bf16-true")
+    model, _, _ = setup_model(recipe, torch.device("cpu"))
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and ".lora." not in n}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    inject_lora(model, LoRAConfig(r=2, targets=["all-linear"]), adapter="second")
+    nested = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
+              and any(isinstance(c, LoRALinear) for c in m.modules() if c is not m)]
+    assert not nested
+    assert all("second" in m.lora for _, m in lora_layers(model))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loratune.cli import main
@@ -414,6 +414,10 @@ def test_a_checkpoint_from_before_the_new_fields_resumes(ckpt, data_file, tmp_pa
         del info["recipe_fields"][key]
     info["recipe_hash"] = "from-an-older-version"
     state.write_text(json.dumps(info))
+    tensors = state.parent / "trainable.safetensors"  # and the LoRA tensors under their names of then
+    old = {k.replace(".lora.default.lora_", ".lora_"): v for k, v in load_file(tensors).items()}
+    assert any(".attn.c_attn.lora_A.q" in k for k in old)
+    save_file(old, str(tensors))
     quantized = make_recipe(ckpt, data_file, tmp_path, "max_steps=4", "schedule=constant", "quantize=nf4")
     with pytest.raises(ConfigError, match=r"quantize: 'none' -> 'nf4'"):
         train(quantized, resume=True, progress=False)
