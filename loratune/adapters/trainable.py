@@ -50,6 +50,9 @@ class ParamReport:
 
 
 def parameter_report(model: nn.Module) -> ParamReport:
-    """Count trainable vs. all parameters; ``model.parameters()`` yields shared tensors once."""
+    """Count trainable vs. all parameters; ``model.parameters()`` yields shared tensors once, and a quantized
+    base's weights (buffers, not parameters) count as the parameters they stand for."""
     params = list(model.parameters())
-    return ParamReport(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    quantized = sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+                    for m in model.modules() if getattr(m, "is_quantized", False))
+    return ParamReport(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized)

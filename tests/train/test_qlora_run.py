@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loratune.adapters.lora import lora_layers
+from loratune.adapters.trainable import parameter_report
 from loratune.quant.model import base_bits, quantized_layers
 from loratune.train import setup_model, train
 from loratune.train.metrics import read_metrics
@@ -29,6 +30,8 @@ def test_qlora_trains_and_records_its_base(tmp_path, data_file):  # noqa: F811
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora." not in n)
     q_bits, _ = base_bits(model)
     assert 4.1 <= q_bits <= 4.5
+    plain, _, _ = setup_model(_recipe(d, data_file, tmp_path / "plain"), torch.device("cpu"))
+    assert parameter_report(model).total == parameter_report(plain).total  # the 4-bit weights still count
     train(recipe)
     losses = _val_losses(tmp_path / "run")
     assert len(losses) >= 2 and losses[-1] < losses[0]
