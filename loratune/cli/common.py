@@ -48,4 +48,20 @@ def load_for_inference(args: argparse.Namespace):
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer_fits(model, tokenizer)
     lora = load_adapter(model, args.adapter, base_model=args.model) if args.adapter else None  # on the model's device
+    if args.adapter:
+        warn_if_trained_quantized(args.adapter)
     return model, tokenizer, device, lora
+
+
+def warn_if_trained_quantized(adapter: str) -> None:
+    """A QLoRA adapter applied to the 16-bit base computes something it was not trained for (the 4-bit
+    rounding it learned around is gone): say so, and what keeps it (``loratune merge``, which merges into
+    the quantized base it was trained against)."""
+    from ..adapters.peft_format import resolve_adapter_dir
+    from ..quant.merge import trained_quantization
+
+    quant = trained_quantization([resolve_adapter_dir(adapter)])
+    if quant is not None:
+        log.warning(f"adapter {adapter} was trained against a {quant.kind}-quantized base (QLoRA) and is applied "
+                    "here to the full-precision weights, whose outputs differ from what it was trained with; "
+                    "`loratune merge` folds it into the quantized base it saw and reports the difference")

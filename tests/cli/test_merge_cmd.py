@@ -119,3 +119,14 @@ def test_a_pissa_qlora_adapter_merges_into_its_quantized_residual(llama, tmp_pat
     merged, _ = load_model(tmp_path / "merged")
     with torch.no_grad():
         assert rel_err(merged(token_ids(seed=3)), reference) <= 1e-5
+
+
+def test_generating_with_a_qlora_adapter_on_the_16_bit_base_warns(llama, tmp_path, caplog):
+    from family_models import write_small_tokenizer
+
+    write_small_tokenizer(llama)
+    _qlora_adapter(llama, tmp_path / "adapter")
+    with caplog.at_level(logging.WARNING, logger="loratune"):
+        assert main(["generate", "--model", str(llama), "--adapter", str(tmp_path / "adapter"), "--prompt", "the cat",
+                     "--max-new-tokens", "2"]) == 0
+    assert "trained against a nf4-quantized base" in caplog.text
