@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import dora
-from .init import gaussian_init, olora_init, pissa_init
+from .init import gaussian_init, olora_init, parse_init, pissa_init
 from .lora import LoRAConfig, LoRALinear, lora_layers
 
 
@@ -42,13 +42,13 @@ def _initialise_layer(layer: LoRALinear, init: str, adapter: str) -> None:
                           "quantizing (loratune does so when the recipe sets both)")
     weight = layer.base_weight()  # (out, in) float32
     residual = weight.clone()
-    niter = int(init.removeprefix("pissa_niter_")) if init.startswith("pissa_niter_") else None
+    how = parse_init(init)
     for name, (start, stop) in u.slices.items():
         part = weight[start:stop]
-        if init == "olora":
+        if how.kind == "olora":
             a, b, res = olora_init(part, u.r, u.scale)
         else:
-            a, b, res = pissa_init(part, u.r, u.scale, niter=niter)
+            a, b, res = pissa_init(part, u.r, u.scale, niter=how.niter)
         u.lora_A[name].copy_(a)
         u.lora_B[name].copy_(b)
         residual[start:stop] = res.float()

@@ -65,9 +65,4 @@ class MergePlan:
     def apply(self, model: nn.Module) -> int:
         """Load and merge; returns how many layers were merged."""
         self.load(model)
-        return self.apply_loaded(model)
-
-    @staticmethod
-    def apply_loaded(model: nn.Module) -> int:
-        """Merge the adapters :meth:`load` attached; returns how many layers were merged."""
         return merge_lora(model)

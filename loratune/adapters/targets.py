@@ -25,7 +25,8 @@ from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .update import rank_limit
 
 
-_HEAD_NAMES = ("lm_head", "embed_out", "output")
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+"""Output heads: never adapted by all-linear, never quantized."""
 
 
 def model_aliases(model: nn.Module) -> dict[str, Alias]:
@@ -102,7 +103,7 @@ def _matches(target: str, linears: dict[str, nn.Module], alias: Alias | None) ->
     if alias is not None:
         return [n for n in linears if suffix_match(n, alias.module)]
     if target == "all-linear":
-        return [n for n in linears if n.split(".")[-1] not in _HEAD_NAMES]
+        return [n for n in linears if n.split(".")[-1] not in HEAD_NAMES]
     if target.startswith("re:"):
         try:
             pattern = re.compile(target[3:])

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.lora import lora_layers
+from ..adapters.lora import lora_layers, merge_lora
 from ..adapters.merge_plan import MergePlan
 from ..adapters.peft_config import EXTRA_NAME
 from ..adapters.update import WHOLE, LoRAUpdate
@@ -112,7 +112,7 @@ def merge_qlora(plan: MergePlan, model_dir: Path, quant: QuantConfig, into: str,
         del model
         model, _ = load_model(model_dir, dtype=torch.float32, device=device)
         plan.load(model)
-    merged = plan.apply_loaded(model)
+    merged = merge_lora(model)
     if out_dtype is not None and out_dtype != torch.float32:
         with torch.no_grad():  # what the export will store (it casts anyway)
             for p in model.parameters():

@@ -13,7 +13,6 @@ was trained against, which is where it should be merged (``loratune merge``).
 from __future__ import annotations
 
 import ctypes
-import importlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,12 +20,12 @@ import torch
 from torch import nn
 
 from ..adapters.lora import LoRALinear
-from ..adapters.targets import linear_kind, replace_module
+from ..adapters.targets import HEAD_NAMES, linear_kind, replace_module
 from ..errors import ConfigError
+from .int8 import Int8Linear
 from .linear import NF4Linear
 
 KINDS = ("nf4", "int8")
-_HEAD_NAMES = ("lm_head", "embed_out", "output")
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,10 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _int8():
-    return importlib.import_module(".int8", __package__)
-
-
 def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, transposed: bool) -> nn.Module:
     weight = weight.float()  # the same codes whatever dtype the checkpoint was loaded in (merge re-quantizes)
     if cfg.kind == "int8":
-        return _int8().Int8Linear.from_weight(weight, bias, transposed=transposed)
+        return Int8Linear.from_weight(weight, bias, transposed=transposed)
     return NF4Linear.from_weight(weight, bias, cfg.block_size, cfg.double_quant, transposed=transposed)
 
 
@@ -104,7 +99,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> int:
     """
     count = 0
     for name, module in list(model.named_modules()):
-        if name.split(".")[-1] in _HEAD_NAMES:
+        if name.split(".")[-1] in HEAD_NAMES:
             continue
         if isinstance(module, LoRALinear):
             if module.quant is None:

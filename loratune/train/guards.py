@@ -308,10 +308,6 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     return est
 
 
-def fits_with(est: MemoryEstimate, saved: int, budget: int) -> bool:
-    return est.total - saved <= budget
-
-
 def _nf4_saving(model: nn.Module, recipe) -> int:
     """Bytes ``quantize: nf4`` would save on a LoRA run not yet quantized: every projection but the head
     from its stored size to ~4.13 bits (4.127 with double quantization)."""
@@ -359,8 +355,8 @@ def _suggestions(model: nn.Module, recipe, budget: int) -> str:
     if shorter >= 16:
         tips.append(f"--set seq_len={shorter}")
     saved = _nf4_saving(model, recipe)
-    if saved and fits_with(estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune, on), saved,
-                           budget):
+    current = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune, on).total
+    if saved and current - saved <= budget:
         tips.append(f"--set quantize=nf4 (QLoRA: the frozen projections in 4 bits, about {human_bytes(saved)} less)")
     if recipe.finetune == "full":
         tips.append("--set finetune=lora (gradients and optimizer state for the adapter only)")
