@@ -30,6 +30,7 @@ from .models.registry import DEFAULT_MODEL
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZE = ("none", "nf4", "int8")
+STRATEGIES = ("ddp", "fsdp")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
@@ -112,7 +113,11 @@ class Recipe:
     seed: int = 42
     """Seeds LoRA init, dropout and data order; in [0, 2**64)."""
     device: str = "auto"
-    """auto (the first CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N or mps."""
+    """auto (the first CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N or mps. Under torchrun each
+    rank takes cuda:LOCAL_RANK (or the CPU)."""
+    strategy: str = "ddp"
+    """Under torchrun: ddp (every rank holds the model, gradients all-reduced) or fsdp (FSDP2: weights,
+    gradients and optimizer state sharded over the ranks). Ignored in a single process."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
     eval_every: int = 100
@@ -149,6 +154,8 @@ class Recipe:
         if self.activation_offload and not self.activation_checkpointing:
             raise ConfigError("activation_offload keeps the checkpointed blocks' inputs in CPU memory: set "
                               "activation_checkpointing: true too")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.quantize != "none" and self.finetune != "lora":

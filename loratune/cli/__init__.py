@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -56,7 +57,8 @@ def _fail(args: argparse.Namespace, message: str, code: int, label: str = "error
     if args.verbose:
         traceback.print_exc(file=sys.stderr)
     first = message.strip().splitlines()[0] if message.strip() else "(no message)"
-    print(f"loratune {args.command}: {label}: {first}", file=sys.stderr)
+    rank = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+    print(f"loratune {args.command}{rank}: {label}: {first}", file=sys.stderr)
     return code
 
 

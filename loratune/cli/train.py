@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..dist.world import join_world, leave_world
 from ..errors import ConfigError
 from ..recipe import load_recipe
 from ..train.metrics import human_bytes
@@ -51,8 +52,14 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     if args.overwrite and (args.resume or args.force_resume):
         raise ConfigError("--overwrite starts over and --resume continues: pass one of them")
-    result = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume,
-                   overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty())
+    world = join_world(recipe.device)  # one process, or this rank of a torchrun launch
+    try:
+        result = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume,
+                       overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(), world=world)
+    finally:
+        leave_world(world)
+    if not world.main:
+        return 0 if result.status == "done" else 130
     print(f"{result.status}: {result.steps} steps, {result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}"
           f", train loss {_fmt(result.train_loss)}, validation loss {_fmt(result.val_loss)} -> {result.out_dir}")
     return 0 if result.status == "done" else 130

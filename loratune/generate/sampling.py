@@ -74,9 +74,10 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequence[int] | None = None,
-             attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True,
+             inference_mode: bool = True) -> torch.Tensor:
     """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
 
     A row finishes at the first of any of ``eos_ids`` (Llama 3 instruct models end a turn with
@@ -84,44 +85,46 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequenc
     rows are padded with ``eos_ids[0]``. None or empty: no stop ids, every row runs all steps.
     Left-padded batches pass ``attention_mask`` (B, T).
     ``pack`` runs the linear layers on oneDNN-packed weights where that applies (CPU; see
-    :mod:`loratune.generate.cpu_prepack`).
+    :mod:`loratune.generate.cpu_prepack`). ``inference_mode`` False (a model sharded by FSDP2, whose
+    gathering buffers must stay usable by training afterwards) runs under ``no_grad`` only.
     """
-    B, T = prompts.shape
-    limit = model.config.context_length
-    steps = min(cfg.max_new_tokens, limit - T)
-    if steps <= 0 and cfg.max_new_tokens > 0:
-        raise ConfigError(f"prompt of {T} tokens leaves no room in the context of {limit}")
-    if steps < cfg.max_new_tokens:
-        log.warning(f"max_new_tokens={cfg.max_new_tokens} capped to {steps}: the prompt's {T} tokens and the "
-                    f"new ones must fit the model's context of {limit}")
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)
-    cache = model.new_cache(B, T + steps) if use_cache else None
-    mask = attention_mask
-    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompts.device) if eos_ids else None
-    done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-    seq, out = prompts, []
-    step_input = prompts
-    with packed_linears(model, rows=B) if pack else contextlib.nullcontext():
-        for _ in range(steps):
-            if cache is not None:
-                hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
-            else:
-                hidden = model.hidden_states(seq, attention_mask=mask)
-            logits = model.logits(hidden[:, -1])  # (B, V): the head runs on the last position only
-            token, done = _pick(logits, cfg, generator, stop, done)
-            out.append(token)
-            step_input = token[:, None]
-            if cache is None:  # without a cache every step re-reads the whole sequence
-                seq = torch.cat([seq, step_input], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
-            if stop is not None and cfg.stop_at_eos and bool(done.all()):
-                break
-    if not out:
-        return prompts.new_zeros(B, 0)
-    return torch.stack(out, dim=1)
+    with torch.inference_mode(inference_mode):
+        B, T = prompts.shape
+        limit = model.config.context_length
+        steps = min(cfg.max_new_tokens, limit - T)
+        if steps <= 0 and cfg.max_new_tokens > 0:
+            raise ConfigError(f"prompt of {T} tokens leaves no room in the context of {limit}")
+        if steps < cfg.max_new_tokens:
+            log.warning(f"max_new_tokens={cfg.max_new_tokens} capped to {steps}: the prompt's {T} tokens and the "
+                        f"new ones must fit the model's context of {limit}")
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)
+        cache = model.new_cache(B, T + steps) if use_cache else None
+        mask = attention_mask
+        stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompts.device) if eos_ids else None
+        done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
+        seq, out = prompts, []
+        step_input = prompts
+        with packed_linears(model, rows=B) if pack else contextlib.nullcontext():
+            for _ in range(steps):
+                if cache is not None:
+                    hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
+                else:
+                    hidden = model.hidden_states(seq, attention_mask=mask)
+                logits = model.logits(hidden[:, -1])  # (B, V): the head runs on the last position only
+                token, done = _pick(logits, cfg, generator, stop, done)
+                out.append(token)
+                step_input = token[:, None]
+                if cache is None:  # without a cache every step re-reads the whole sequence
+                    seq = torch.cat([seq, step_input], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones_like(step_input, dtype=mask.dtype)], dim=1)
+                if stop is not None and cfg.stop_at_eos and bool(done.all()):
+                    break
+        if not out:
+            return prompts.new_zeros(B, 0)
+        return torch.stack(out, dim=1)
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator, stop: torch.Tensor | None, done: torch.Tensor):

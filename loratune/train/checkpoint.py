@@ -31,8 +31,10 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
-from ..hub.finite import check_finite
-from ..hub.fsutil import atomic_dir, fsync_dir
+from ..hub.finite import check_finite, first_non_finite
+from ..hub.fsutil import atomic_dir, fsync_dir, fsync_tree, replace_dir
+from ..dist.checkpoint import is_sharded, load_sharded, save_sharded
+from ..dist.world import SINGLE, World
 from ..recipe import default_result_fields, fingerprint
 from .guards import disk_error
 
@@ -71,7 +73,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int,
-                    recipe_fields: dict[str, Any] | None = None) -> Path:
+                    recipe_fields: dict[str, Any] | None = None, world: World = SINGLE, strategy: str = "") -> Path:
     """Write ``root/step-N`` atomically and prune older checkpoints beyond ``keep``.
 
     With ``recipe_fields`` (``recipe.result_fields``, computed once per run: it reads the data files),
@@ -82,8 +84,22 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
     :class:`~loratune.errors.LoratuneError` that says so; the earlier checkpoints are untouched.
     Trainable tensors holding NaN/Inf are refused (:class:`CheckpointError`) before anything is
     written: a checkpoint on disk is always one a run can resume from.
+
+    In a launched run (``world.distributed``) every rank calls this: the checkpoint is sharded
+    (see ``dist/checkpoint.py``) and rank 0 finishes it, renames it into place and prunes.
     """
     final = root / f"step-{state.step:06d}"
+    if world.distributed:
+        info = {"step": state.step, "best_val_loss": state.best_val_loss, "world_size": world.size,
+                "strategy": strategy}
+        if recipe_fields is not None:
+            info.update(recipe_hash=fingerprint(recipe_fields), recipe_fields=recipe_fields)
+        _save_sharded(final, model, optimizer, scheduler, info, world)
+        if world.main:
+            for stale in list_checkpoints(root)[:-keep]:
+                _remove(stale)
+        world.barrier()
+        return final
     tensors = trainable_state(model)
     check_finite(tensors, f"refusing to save checkpoint {final}", _last_complete(root))
     try:
@@ -103,6 +119,36 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
     for stale in list_checkpoints(root)[:-keep]:
         _remove(stale)
     return final
+
+
+def _save_sharded(final: Path, model: nn.Module, optimizer, scheduler, info: dict, world: World) -> None:
+    """Every rank writes its shards into rank 0's temporary directory; rank 0 adds state.json last and
+    renames it into place once all ranks have flushed theirs."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for g in optimizer.param_groups for p in g["params"]]
+    if world.any(first_non_finite(local) is not None):
+        raise CheckpointError(f"refusing to save checkpoint {final}: a trainable tensor holds NaN or Inf; "
+                              f"{_last_complete(final.parent)}")
+    tmp = final.with_name(f".tmp-{final.name}-{world.broadcast_int(os.getpid())}")
+    failed = False
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    try:
+        info["param_groups"] = save_sharded(tmp, model, optimizer, world)
+    except OSError:
+        failed = True
+    if world.any(failed):
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(OSError(f"a rank could not write its shard of {final}"), f"checkpoint {final}",
+                         _last_complete(final.parent))
+    if world.main:
+        info["scheduler"] = scheduler.state_dict()
+        (tmp / "state.json").write_text(json.dumps(info, default=str))
+        for sub in (tmp / "dcp", tmp / "rng"):
+            fsync_tree(sub)
+        replace_dir(tmp, final)
 
 
 def _last_complete(root: Path) -> str:
@@ -169,6 +215,8 @@ def clean_checkpoint_dir(root: Path) -> dict[str, int]:
 
 
 def _complete(path: Path) -> bool:
+    if is_sharded(path):  # a launched run's: its shards, then state.json (written last)
+        return (path / "state.json").is_file()
     return all((path / name).is_file() for name in FILES)
 
 
@@ -211,7 +259,7 @@ def _current_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_fields: dict[str, Any] | None = None,
-                    force: bool = False) -> TrainState:
+                    force: bool = False, world: World = SINGLE) -> TrainState:
     """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
 
     Everything is read and checked before anything is changed; ``optimizer.pt`` is read with
@@ -226,6 +274,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_f
     named = _STEP_DIR.match(path.name)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):
         raise CheckpointError(f"{path / 'state.json'} names step {step!r}, which does not fit the directory name")
+    if is_sharded(path):
+        return _load_sharded(path, info, model, optimizer, scheduler, world)
+    if world.distributed:
+        raise CheckpointError(f"checkpoint {path} was written by a single-process run, and a launched run reads "
+                              "sharded checkpoints only: resume it without torchrun (loratune train ... --resume)")
     tensors = _current_names(read_safetensors(path / "trainable.safetensors"))
     check_finite(tensors, f"checkpoint {path}", "resume from an earlier checkpoint, or start over")
     params = dict(model.named_parameters())
@@ -256,3 +309,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_f
         raise CheckpointError(f"{path / 'optimizer.pt'} does not fit this run's optimizer or scheduler "
                               f"({type(exc).__name__}: {exc}); was it made by another recipe?") from None
     return TrainState(step=step, best_val_loss=info.get("best_val_loss"))
+
+
+def _load_sharded(path: Path, info: dict, model: nn.Module, optimizer, scheduler, world: World) -> TrainState:
+    """A launched run's checkpoint, on this world (see dist/checkpoint.py); the random generators are
+    restored on the same world size and reseeded from (seed, step, rank) on another."""
+    groups, saved_world = info.get("param_groups"), info.get("world_size")
+    if not isinstance(groups, list) or not isinstance(saved_world, int) or not isinstance(info.get("scheduler"), dict):
+        raise CheckpointError(f"{path / 'state.json'} lacks the optimizer groups, world size or scheduler state")
+    restored = load_sharded(path, model, optimizer, groups, world, saved_world)
+    try:
+        scheduler.load_state_dict(info["scheduler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'state.json'} does not fit this run's scheduler ({exc})") from None
+    if not restored:
+        torch.manual_seed((info["step"] * 1_000_003 + world.rank) % 2**63)
+        log.info(f"checkpoint {path} was made by {saved_world} process(es), this run has {world.size}: random "
+                 "generators reseeded (dropout masks differ from an uninterrupted run; the data order does not)")
+    return TrainState(step=info["step"], best_val_loss=info.get("best_val_loss"))

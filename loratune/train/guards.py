@@ -51,6 +51,7 @@ memory of real steps, benchmarks/guard_accuracy.py for published shapes of every
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import shutil
@@ -273,19 +274,25 @@ def free_disk(path: Path) -> int:
 
 # --- the checks --------------------------------------------------------------------------------
 
-def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Path) -> MemoryEstimate:
+def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Path, shards: int = 1) -> MemoryEstimate:
     """Refuse a run that will not fit in memory or on disk, before its first step; returns the estimate.
 
     Memory: the estimate must fit in what is available now plus what the model already holds
     (it is loaded when this runs). Disk: ``keep_checkpoints + 1`` checkpoints (one being
     written while the others are kept) and the result must fit in the output directory.
+    ``shards``: the ranks of an FSDP2 run, over which the weights, gradients and optimizer state are
+    divided (the model is loaded on the CPU then, so none of it is resident on ``device`` yet).
     """
     mb, seq = recipe.micro_batch_size, recipe.seq_len
     est = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune,
                                    recipe.activation_checkpointing)
+    if shards > 1:
+        est = dataclasses.replace(est, weights=-(-est.weights // shards), gradients=-(-est.gradients // shards),
+                                  optimizer=-(-est.optimizer // shards))
     available = available_memory(device)
     if available is not None:
         resident = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_storage(model)[0]
+        resident = resident if next(model.parameters()).device.type == device.type else 0
         budget = available + resident
         log.info(f"memory estimate: {est}; available: {human_bytes(budget)} on {device}")
         if est.total > budget:

@@ -8,10 +8,10 @@ checkpoints (resumable bit-for-bit), and writes the adapter, ``metrics.jsonl``, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,9 @@ from ..adapters.peft_format import save_adapter
 from ..adapters.targets import inject_lora
 from ..adapters.trainable import parameter_report, set_trainable
 from ..data import Batches, load_tokenizer, prepare_data
+from ..dist.parallel import full_trainable_state, is_fsdp, run_on_model, wrap
+from ..dist.world import SINGLE, World, agree, rank_failures
 from ..errors import ConfigError
-from ..generate import SamplingConfig, generate
-from ..generate.chat import chat_prompt
 from ..hub.export import save_hf_model
 from ..hub.files import read_config
 from ..hub.outdir import prepare_output_dir, run_lock
@@ -37,10 +37,13 @@ from .allocator import prefer_memory
 from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
                          save_checkpoint)
 from .guards import check_resources, disk_error
-from .metrics import MetricsLog, human_bytes, peak_memory_bytes, perplexity, plot_losses
+from .loss import CausalLMLoss
+from .metrics import MetricsLog, Throughput, human_bytes, peak_memory_bytes, perplexity, plot_losses
 from .optim import make_optimizer, make_scheduler
 from .precision import autocast_for, pick_device, resolve_precision, store_in_bf16
+from .samples import read_samples, sample_text
 from .step import NonFiniteStep, StepResult, TrainingStopped, evaluate, train_step
+from .stop import StopRequest
 
 log = logging.getLogger("loratune")
 
@@ -60,9 +63,10 @@ class TrainResult:
     total: int
 
 
-def resolve_device(recipe: Recipe) -> tuple[Recipe, torch.device]:
-    """The recipe with ``device: auto`` and ``precision: auto`` made concrete (the choices are logged)."""
-    device = pick_device(recipe.device)
+def resolve_device(recipe: Recipe, world: World = SINGLE) -> tuple[Recipe, torch.device]:
+    """The recipe with ``device: auto`` and ``precision: auto`` made concrete (the choices are logged);
+    a rank of a launch takes its own device (see dist/world.py)."""
+    device = world.device(recipe.device) if world.distributed else pick_device(recipe.device)
     if recipe.device == "auto":
         log.info(f"device: auto -> {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -113,6 +117,10 @@ class _Run:
     device: torch.device
     out: Path
     model: nn.Module
+    """The model (under FSDP2, its weights are sharded in place)."""
+    trainer: nn.Module
+    """What a step runs: the model, or (launched) the model and its loss under DDP or FSDP2."""
+    world: World
     tokenizer: object
     model_dir: Path
     batches: Batches
@@ -133,7 +141,7 @@ class _Run:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, world: World = SINGLE) -> TrainResult:
     """Run the recipe; see the module docstring. Raises TrainingStopped on a NaN loss.
 
     The output directory must be new or empty unless ``resume`` (continue the run there) or
@@ -141,36 +149,75 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
     holds a lock there while it runs. ``force_resume`` continues from a checkpoint even when the
     recipe's result-changing fields differ from the ones the checkpoint was made with. Nothing
     in the directory changes before the recipe, model, data and resources have been checked.
+
+    Under torchrun every rank calls this with its ``world``: rank 0 prepares the directory, holds
+    the lock and writes every output; all ranks train, evaluate, sample and checkpoint together.
     """
-    recipe, device = resolve_device(recipe)
+    recipe, device = resolve_device(recipe, world)
     torch.manual_seed(recipe.seed)
     out = Path(recipe.out_dir).expanduser()
-    clean_checkpoint_dir(out / "checkpoints")  # unfinished writes go, swapped-out checkpoints return
-    if not resume and not overwrite and list_checkpoints(out / "checkpoints"):
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to start over, "
-                          "or choose another --out")
-    out = prepare_output_dir(out, resume=resume, overwrite=overwrite)
-    with run_lock(out):
-        run = _start(recipe, device, out, resume, force_resume)
-        if overwrite and not resume:
-            remove_checkpoints(run.ckpt_root)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")  # once the run is validated
-        run.samples = _read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
+    with contextlib.ExitStack() as held, rank_failures(world):
+        agree(world, lambda: _claim(out, resume, overwrite, held), "preparing the output directory", main_only=True)
+        run = _start(recipe, device, out, resume, force_resume, world)
+        if world.main:
+            if overwrite and not resume:
+                remove_checkpoints(run.ckpt_root)
+            (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")  # once the run is validated
+        run.samples = read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
         start_time = time.perf_counter()
-        status, last = _loop(run, progress)
+        status, last = _loop(run, progress and world.main)
         elapsed = time.perf_counter() - start_time
-        path = save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
-                               recipe.keep_checkpoints, run.recipe_fields)
+        path = _save(run)
         if status == "interrupted":
             log.info(f"stopped at step {run.state.step}; checkpoint {path}. Continue with: loratune train ... --resume")
             return _result(run, status, last, None, elapsed)
         return _finish(run, path, last, elapsed)
 
 
-def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_resume: bool) -> _Run:
+def _claim(out: Path, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Rank 0's (or the only process's) part: the output directory made ready and locked."""
+    clean_checkpoint_dir(out / "checkpoints")  # unfinished writes go, swapped-out checkpoints return
+    if not resume and not overwrite and list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to start over, "
+                          "or choose another --out")
+    held.enter_context(run_lock(prepare_output_dir(out, resume=resume, overwrite=overwrite)))
+
+
+def _save(run: "_Run") -> Path:
+    return save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
+                           run.recipe.keep_checkpoints, run.recipe_fields, run.world, run.recipe.strategy)
+
+
+def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_resume: bool,
+           world: World) -> _Run:
     """Model, data, optimizer and (on resume) the last checkpoint's state."""
-    model, tokenizer, model_dir = setup_model(recipe, device)
-    log.info(f"model: {recipe.model} | finetune: {recipe.finetune} | precision: {recipe.precision}")
+    model, tokenizer, model_dir, batches, val_batches, total_steps = agree(
+        world, lambda: _load(recipe, device, out, world), "loading the model and data")
+    trainer = wrap(CausalLMLoss(model), recipe.strategy, world, device) if world.distributed else model
+    if world.size > 1:  # the same initial weights everywhere (above); from here each rank its own dropout masks
+        torch.manual_seed((recipe.seed + world.rank) % 2**64)
+    optimizer = make_optimizer(model, recipe)  # after wrapping: FSDP2 has made the parameters shards
+    scheduler = make_scheduler(optimizer, recipe, total_steps)
+    state = TrainState(step=0)
+    fields = result_fields(recipe)  # once: it reads the data files' digests
+    if resume:
+        found = list_checkpoints(out / "checkpoints")
+        if not found:
+            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        state = load_checkpoint(found[-1], model, optimizer, scheduler, fields, force=force_resume, world=world)
+        log.info(f"resumed from {found[-1]} (step {state.step})")
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None, enabled=world.main)
+    return _Run(recipe, device, out, model, trainer, world, tokenizer, model_dir, batches, val_batches, total_steps,
+                optimizer, scheduler, state, metrics, autocast_for(recipe.precision, device), {}, fields)
+
+
+def _load(recipe: Recipe, device: torch.device, out: Path, world: World) -> tuple:
+    """The model (on the CPU for FSDP2, which moves each rank's shards to its device), the data, and the
+    resource check (FSDP2 divides the weights, gradients and optimizer state by the world size)."""
+    fsdp = world.distributed and recipe.strategy == "fsdp"
+    model, tokenizer, model_dir = setup_model(recipe, torch.device("cpu") if fsdp else device)
+    log.info(f"model: {recipe.model} | finetune: {recipe.finetune} | precision: {recipe.precision}"
+             + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else ""))
     log.info(str(parameter_report(model)))
     train_ex, val_ex = prepare_data(recipe.data, tokenizer, recipe.seq_len, recipe.seed)
     batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
@@ -180,58 +227,59 @@ def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_
     total_steps = recipe.max_steps or recipe.epochs * len(batches)
     log.info(f"data: {len(train_ex)} train / {len(val_ex)} validation sequences, {len(batches)} batches per epoch, "
              f"{total_steps} steps")
-    check_resources(model, recipe, device, out)  # refuse now what would run out of memory or disk later
-    optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe, total_steps)
-    state = TrainState(step=0)
-    fields = result_fields(recipe)  # once: it reads the data files' digests
-    if resume:
-        found = list_checkpoints(out / "checkpoints")
-        if not found:
-            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        state = load_checkpoint(found[-1], model, optimizer, scheduler, fields, force=force_resume)
-        log.info(f"resumed from {found[-1]} (step {state.step})")
-    return _Run(recipe, device, out, model, tokenizer, model_dir, batches, val_batches, total_steps, optimizer,
-                scheduler, state, MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None),
-                autocast_for(recipe.precision, device), {}, fields)
+    check_resources(model, recipe, device, out, shards=world.size if fsdp else 1)  # refuse now what would not fit
+    return model, tokenizer, model_dir, batches, val_batches, total_steps
 
 
 def _first_sample(run: _Run) -> dict:
     """The sample before training (and the validation curve's starting point), written when the run starts."""
     recipe = run.recipe
-    samples = {"prompt": recipe.sample_prompt, "before": sample_text(run.model, run.tokenizer, recipe, run.device)}
-    (run.out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
+    samples = {"prompt": recipe.sample_prompt, "before": _sample(run)}
+    if run.world.main:
+        (run.out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
     log.info(f"sample before training: {samples['before']!r}")
     if run.val_batches and recipe.eval_every:
-        _write_val(run.metrics, 0, evaluate(run.model, run.val_batches, run.device, run.autocast, recipe.eval_batches))
+        _write_val(run.metrics, 0, _evaluate(run))
     return samples
+
+
+def _sample(run: "_Run") -> str:
+    """The recipe's sample; every rank of an FSDP2 run takes part (each forward gathers the weights)."""
+    return run_on_model(run.trainer, sample_text, run.tokenizer, run.recipe, run.device, is_fsdp(run.trainer))
+
+
+def _evaluate(run: "_Run") -> float:
+    return evaluate(run.trainer, run.val_batches, run.device, run.autocast, run.recipe.eval_batches, run.world)
 
 
 def _loop(run: _Run, progress: bool) -> tuple[str, StepResult | None]:
     """Steps until the end or a stop request; returns ('done' | 'interrupted', the last step)."""
     recipe, state = run.recipe, run.state
-    trainable = [p for p in run.model.parameters() if p.requires_grad]
-    run.model.train()
-    meter = _Throughput()
+    trainable = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP2: the shards (after a
+    # forward the root unit's modules can hold its gathered weights, whose storage is freed later)
+    run.trainer.train()
+    meter = Throughput()
     last = None
     bar = _progress_bar(run.total_steps, state.step, progress)
+    stopping = False
     with StopRequest() as stop:
         while state.step < run.total_steps:
             step = state.step
             batch = run.batches.batch(step // len(run.batches), step % len(run.batches))
             try:
-                last = train_step(run.model, batch, run.optimizer, run.scheduler, recipe, run.device, run.autocast,
-                                  trainable)
+                last = train_step(run.trainer, batch, run.optimizer, run.scheduler, recipe, run.device, run.autocast,
+                                  trainable, run.world)
             except NonFiniteStep as exc:
                 raise _stopped(run, step + 1, exc) from None
             state.step += 1
             meter.add(last.tokens)
             _after_step(run, last, meter, bar)
-            if stop.requested:
+            if run.world.any(stop.requested):  # every rank stops at the same step
+                stopping = True
                 break
     if bar is not None:
         bar.close()
-    return ("interrupted" if stop.requested else "done"), last
+    return ("interrupted" if stopping else "done"), last
 
 
 def _stopped(run: _Run, step: int, exc: NonFiniteStep) -> TrainingStopped:
@@ -243,7 +291,7 @@ def _stopped(run: _Run, step: int, exc: NonFiniteStep) -> TrainingStopped:
         "the data; resume with --resume")
 
 
-def _after_step(run: _Run, result: StepResult, meter: "_Throughput", bar) -> None:
+def _after_step(run: _Run, result: StepResult, meter: Throughput, bar) -> None:
     """Metrics, periodic evaluation, the progress bar and periodic checkpoints after a step."""
     recipe, step, total = run.recipe, run.state.step, run.total_steps
     lr = run.scheduler.get_last_lr()[0]
@@ -252,38 +300,12 @@ def _after_step(run: _Run, result: StepResult, meter: "_Throughput", bar) -> Non
                            "tokens_per_s": round(meter.window_rate(), 1), "elapsed_s": round(meter.elapsed(), 2),
                            "grad_norm": round(result.grad_norm, 6)})
     if run.val_batches and recipe.eval_every and step % recipe.eval_every == 0 and step < total:
-        _write_val(run.metrics, step, evaluate(run.model, run.val_batches, run.device, run.autocast,
-                                               recipe.eval_batches))
+        _write_val(run.metrics, step, _evaluate(run))
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.rate():.0f}")
     if recipe.save_every and step % recipe.save_every == 0 and step < total:
-        save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state, recipe.keep_checkpoints,
-                        run.recipe_fields)
-
-
-class _Throughput:
-    """Tokens per second over the whole run and since the last logged line."""
-
-    def __init__(self) -> None:
-        self.start = self.window_start = time.perf_counter()
-        self.tokens = self.window_tokens = 0
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-        self.window_tokens += tokens
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def rate(self) -> float:
-        return self.tokens / max(self.elapsed(), 1e-9)
-
-    def window_rate(self) -> float:
-        now = time.perf_counter()
-        rate = self.window_tokens / max(now - self.window_start, 1e-9)
-        self.window_tokens, self.window_start = 0, now
-        return rate
+        _save(run)
 
 
 def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> TrainResult:
@@ -291,20 +313,40 @@ def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> T
     recipe, out = run.recipe, run.out
     val_loss = None
     if run.val_batches:
-        val_loss = evaluate(run.model, run.val_batches, run.device, run.autocast, recipe.eval_batches)
+        val_loss = _evaluate(run)
         _write_val(run.metrics, run.state.step, val_loss)
-    try:
-        _save_result(run.model, recipe, out, run.model_dir)
-    except OSError as exc:
-        raise disk_error(exc, f"the result in {out}", f"checkpoint {path} holds the trained weights") from None
-    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
-    run.samples["after"] = sample_text(run.model, run.tokenizer, recipe, run.device)
-    (out / "samples.json").write_text(json.dumps(run.samples, indent=2) + "\n", encoding="utf-8")
+    saved = _model_to_save(run)
+    if run.world.main:
+        try:
+            _save_result(saved, recipe, out, run.model_dir)
+        except OSError as exc:
+            raise disk_error(exc, f"the result in {out}", f"checkpoint {path} holds the trained weights") from None
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
+    run.samples["after"] = _sample(run)
+    if run.world.main:
+        (out / "samples.json").write_text(json.dumps(run.samples, indent=2) + "\n", encoding="utf-8")
     result = _result(run, "done", last, val_loss, elapsed)
     log.info(f"sample after training: {run.samples['after']!r}")
     log.info(f"done: {result.steps} steps in {elapsed:.1f} s, peak memory {human_bytes(result.peak_memory)}, "
              f"train loss {_rounded(result.train_loss)}, validation loss {_rounded(val_loss)}; outputs in {out}")
     return result
+
+
+def _model_to_save(run: _Run) -> nn.Module | None:
+    """What rank 0 writes the result from: the model itself, or under FSDP2 a copy on rank 0's CPU built
+    as the run built its model (same seed) and given the trained tensors, gathered from every rank."""
+    if not is_fsdp(run.trainer):
+        return run.model
+    trained = full_trainable_state(run.model)  # every rank takes part
+    if not run.world.main:
+        return None
+    torch.manual_seed(run.recipe.seed)
+    copy = setup_model(dataclasses.replace(run.recipe, device="cpu"), torch.device("cpu"))[0]
+    missing = {n for n, p in copy.named_parameters() if p.requires_grad} ^ set(trained)
+    if missing:
+        raise ConfigError(f"internal: the gathered tensors do not match the model ({sorted(missing)[:3]})")
+    copy.load_state_dict(trained, strict=False)
+    return copy
 
 
 def _result(run: _Run, status: str, last: StepResult | None, val_loss: float | None, elapsed: float) -> TrainResult:
@@ -317,67 +359,9 @@ def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-                    "(Ctrl-C again to abort without saving)")
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _write_val(metrics: MetricsLog, step: int, loss: float) -> None:
     """One validation line of metrics.jsonl."""
     metrics.write({"step": step, "val_loss": round(loss, 6), "val_ppl": round(perplexity(loss), 3)})
-
-
-def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.device) -> str:
-    """A short continuation of the recipe's sample prompt (seeded top-k sampling); for the chat task,
-    the answer to it as a user message (the recipe's system prompt and template), up to the end of turn."""
-    if not recipe.sample_prompt or recipe.sample_tokens == 0:
-        return ""
-    data = recipe.data
-    if data.task == "chat":
-        prompt, stops = chat_prompt(tokenizer, recipe.sample_prompt, data.system_prompt, data.chat_template,
-                                    **data.template_kwargs)
-        shown = ""
-    else:
-        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as the training documents start
-        prompt, stops = bos + tokenizer.encode(recipe.sample_prompt), list(tokenizer.eos_ids)
-        shown = recipe.sample_prompt
-    cfg = SamplingConfig(max_new_tokens=recipe.sample_tokens, temperature=0.8, top_k=40, seed=recipe.seed)
-    was_training = model.training
-    model.eval()
-    new = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=stops)[0].tolist()
-    model.train(was_training)
-    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
-    return shown + tokenizer.decode(new)
-
-
-def _read_samples(path: Path, prompt: str) -> dict:
-    try:
-        samples = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {"prompt": prompt}
-    return samples if isinstance(samples, dict) and samples.get("prompt") == prompt else {"prompt": prompt}
 
 
 def _save_result(model: nn.Module, recipe: Recipe, out: Path, model_dir: Path) -> None:

@@ -10,6 +10,7 @@ the backward pass only scales those saved gradients.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 IGNORE = -100
 CPU_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk on CPU: allocations past glibc's mmap threshold
@@ -110,6 +111,24 @@ def lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     return linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten(),
                                     softcap=getattr(model, "logit_softcap", None))
+
+
+class CausalLMLoss(nn.Module):
+    """A model and its loss as one module: what DDP and FSDP2 wrap, so that their hooks (gradient
+    all-reduce, parameter gathering) run around the whole step, head and loss included."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_loss_sum(self.model, input_ids, labels, position_ids)
+
+    def run(self, fn, *args):
+        """``fn(model, *args)``: FSDP2 registers this as a forward, so that generation outside the training
+        forward sees the root unit's weights gathered (see dist/parallel.run_on_model)."""
+        return fn(self.model, *args)
 
 
 def count_targets(labels: torch.Tensor) -> int:

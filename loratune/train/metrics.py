@@ -7,6 +7,7 @@ import math
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,13 @@ import torch
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped. A log that
+    is not ``enabled`` (the ranks of a launch other than rank 0) writes nothing."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():  # rewritten by rename, so a kill here cannot lose the earlier lines
@@ -27,6 +31,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -97,3 +103,27 @@ def human_bytes(n: float) -> str:
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
+
+
+class Throughput:
+    """Tokens per second over the whole run and since the last logged line."""
+
+    def __init__(self) -> None:
+        self.start = self.window_start = time.perf_counter()
+        self.tokens = self.window_tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.window_tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def window_rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_tokens, self.window_start = 0, now
+        return rate

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..dist.parallel import grad_sync, shard_batch
+from ..dist.world import SINGLE, World
 from ..errors import LoratuneError
 from ..hub.finite import first_non_finite
 from .loss import count_targets, lm_loss_sum
@@ -46,49 +48,70 @@ class StepResult:
     """Token positions in the batch (padding included), for throughput."""
 
 
+def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy of a batch through ``model``: one of ours, or the loss module that DDP/FSDP2 wrap
+    (:class:`~loratune.train.loss.CausalLMLoss`), called so that their hooks run."""
+    if hasattr(model, "hidden_states"):
+        return lm_loss_sum(model, x, y, p)
+    return model(x, y, p)
+
+
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, max_grad_norm: float | None,
-                     device: torch.device, autocast, trainable: list[nn.Parameter]) -> tuple[float, float]:
+                     device: torch.device, autocast, trainable: list[nn.Parameter],
+                     world: World = SINGLE) -> tuple[float, float]:
     """Gradients of one optimizer step's batch, in micro-batches of ``micro_batch`` rows, then clipped.
 
     The loss is token-weighted over the whole batch (each micro-batch's summed loss is divided by
     the batch's target count), so the split changes memory, not the result. Returns the step's
     loss and the gradient norm before clipping; the norm is taken even without clipping
     (max_norm inf), so an Inf gradient is seen.
+
+    In a launched run ``batch`` is the global batch: this rank takes its rows (``shard_batch``),
+    divides by the global target count and scales by the world size (DDP and FSDP2 average over
+    ranks), and gradients are all-reduced on the last micro-batch only; the loss is summed over ranks.
     """
+    n_targets = max(1, count_targets(batch["labels"]))
+    batch = shard_batch(batch, world)
     x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
     p_all = batch.get("position_ids")  # packed rows
-    p_parts = p_all.to(device).split(micro_batch) if p_all is not None else [None] * len(x_all.split(micro_batch))
-    n_targets = max(1, count_targets(y_all))
+    x_parts, y_parts = x_all.split(micro_batch), y_all.split(micro_batch)
+    p_parts = p_all.to(device).split(micro_batch) if p_all is not None else [None] * len(x_parts)
     loss_total = 0.0
-    for x, y, p in zip(x_all.split(micro_batch), y_all.split(micro_batch), p_parts):
-        with autocast:
-            loss = lm_loss_sum(model, x, y, p) / n_targets
-        loss.backward()
+    for i, (x, y, p) in enumerate(zip(x_parts, y_parts, p_parts)):
+        with grad_sync(model, i == len(x_parts) - 1):
+            with autocast:
+                loss = loss_sum(model, x, y, p) / n_targets
+            (loss * world.size if world.size > 1 else loss).backward()
         loss_total += float(loss.detach())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf))
+    loss_total = world.sum([loss_total])[0]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return loss_total, grad_norm
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
-               recipe, device: torch.device, autocast, trainable: list[nn.Parameter]) -> StepResult:
+               recipe, device: torch.device, autocast, trainable: list[nn.Parameter],
+               world: World = SINGLE) -> StepResult:
     """One optimizer step of ``recipe`` on ``batch``; ``scheduler`` may be None.
 
     Raises :class:`NonFiniteStep` when the loss or the gradient norm is not finite (weights untouched),
     or when the update made a trainable weight NaN/Inf (a finite gradient can still overflow a weight:
     an absurd weight decay, a bf16 weight past its range). Then the weights are already corrupt, and
-    the caller must not save them; the check is one fused reduction per step.
+    the caller must not save them; the check is one fused reduction per step (and, in a launched run,
+    agreed by all ranks: each checks its own shards).
     """
     loss, grad_norm = forward_backward(model, batch, recipe.micro_batch_size, recipe.max_grad_norm, device,
-                                       autocast, trainable)
+                                       autocast, trainable, world)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep("loss" if not math.isfinite(loss) else "gradient norm",
                             loss if not math.isfinite(loss) else grad_norm)
     optimizer.step()
-    bad = first_non_finite(trainable)
-    if bad is not None:
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in trainable]
+    bad = first_non_finite(local)
+    if world.any(bad is not None):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep("weights", _nan_or_inf(trainable[bad]))
+        raise NonFiniteStep("weights", _nan_or_inf(local[bad]) if bad is not None else math.nan)
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -100,21 +123,24 @@ def _nan_or_inf(tensor: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batches: int | None = None) -> float:
-    """Token-weighted mean cross-entropy over (up to ``max_batches`` of) ``batches``."""
+def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batches: int | None = None,
+             world: World = SINGLE) -> float:
+    """Token-weighted mean cross-entropy over (up to ``max_batches`` of) ``batches``; in a launched
+    run each rank takes its rows of every batch and the sums are added over ranks."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(len(batches)):
         if max_batches is not None and i >= max_batches:
             break
-        batch = batches.batch(0, i)
+        batch = shard_batch(batches.batch(0, i), world)
         x, y = batch["input_ids"].to(device), batch["labels"].to(device)
         p = batch.get("position_ids")
         with autocast:
-            total += float(lm_loss_sum(model, x, y, None if p is None else p.to(device)))
+            total += float(loss_sum(model, x, y, None if p is None else p.to(device)))
         count += count_targets(y)
     model.train(was_training)
+    total, count = world.sum([total, count])
     if count == 0:
         raise LoratuneError("the validation data has no target tokens")
     return total / count

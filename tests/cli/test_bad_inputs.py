@@ -174,6 +174,8 @@ ROWS = [
      "weight_decay"),
     ("train lr=1e300", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "lr=1e300"], 2, "lr"),
     ("train device=foo", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "device=foo"], 2, "device"),
+    ("train strategy=zero3", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "strategy=zero3"], 2,
+     "strategy must be one of ddp, fsdp"),
     ("train device=cuda without a GPU", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "device=cuda"],
      2, "no CUDA GPU"),
     ("train out is a file", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{file}"], 2, "is a file"),

@@ -1,0 +1,117 @@
+"""Data parallelism on PyTorch's engines: DDP (every rank holds the model) or FSDP2 (``fully_shard``:
+every rank holds 1/N of each parameter, its gradient and its optimizer state).
+
+What the ranks run is :class:`~loratune.train.loss.CausalLMLoss` (the model and its loss as one
+module), so DDP's and FSDP2's hooks see every forward. With FSDP2 each decoder block is its own
+unit (gathered for its forward and backward, then freed) and the rest (embeddings, final norm,
+head) the root unit. LoRA and full fine-tuning shard alike: FSDP2 shards per parameter, so frozen
+and trainable weights share a unit. A quantized base (NF4/int8 buffers) is not sharded: every
+rank keeps the whole 4-bit base and FSDP2 shards the adapter.
+
+Equal to one process: each rank takes its rows of the global batch (:func:`shard_batch`), divides
+its summed loss by the *global* count of target tokens and multiplies by the world size (DDP and
+FSDP2 average gradients over ranks), so the all-reduced gradient is the one-process gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..data.examples import IGNORE_INDEX
+from ..errors import ConfigError
+from ..recipe import STRATEGIES
+from .world import World
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks (its longest ModuleList)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"{type(model).__name__} has no list of blocks to shard: use strategy: ddp")
+    return max(lists, key=len)
+
+
+def wrap(module: nn.Module, strategy: str, world: World, device: torch.device) -> nn.Module:
+    """``module`` under DDP or FSDP2 for ``world`` (returned as is for a single process)."""
+    if not world.distributed:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        # no buffer sync per forward: the models' buffers are constants (rotary tables, masks, quantized weights)
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(device.type, (world.size,))
+        for block in decoder_blocks(module):
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        register_fsdp_forward_method(module, "run")  # generation: the root gathered around the model's methods
+        return module
+    raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
+def run_on_model(trainer: nn.Module, fn, *args):
+    """``fn(model, *args)`` for work outside the training forward (generation calls the model's methods):
+    through the loss module's ``run``, so that under FSDP2 every rank gathers the root unit (embeddings,
+    final norm, head) around it (the blocks gather themselves when called). ``trainer`` may be the bare
+    model (a single process), DDP or FSDP2 around :class:`~loratune.train.loss.CausalLMLoss`."""
+    module = getattr(trainer, "module", trainer) if type(trainer).__name__ == "DistributedDataParallel" else trainer
+    return module.run(fn, *args) if hasattr(module, "run") else fn(module, *args)
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Let this backward all-reduce gradients (the last micro-batch) or keep them local (the others)."""
+    if enabled:
+        yield
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    elif is_fsdp(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def shard_batch(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global batch: contiguous slices of ceil(B / N) rows, the last ones made up
+    with copies of row 0 whose labels are all ignored, so every rank runs the same number of micro-batches
+    (FSDP2 gathers in every forward) and the made-up rows add nothing to the loss or the gradients."""
+    if world.size == 1:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    per = -(-rows // world.size)
+    start, stop = min(world.rank * per, rows), min((world.rank + 1) * per, rows)
+    mine = {k: v[start:stop] for k, v in batch.items()}
+    short = per - (stop - start)
+    if short:
+        filler = {k: v[:1].expand(short, *v.shape[1:]) for k, v in batch.items()}
+        filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
+        mine = {k: torch.cat([mine[k], filler[k]]) for k in batch}
+    return mine
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors, whole, on rank 0's CPU (empty on the other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return {k: v for k, v in get_model_state_dict(model, options=options).items() if k in names}
