@@ -14,7 +14,8 @@ varied as well as identical.
 Checks: our GPT-2's logits against transformers' (fp32 and bf16); LoRA q,v against PEFT's
 equivalent c_attn adapter; greedy generation against transformers' ``generate``; a short
 ``train()`` (bf16-mixed) whose validation loss must fall and whose adapter must have trained,
-change the logits, and load in PEFT with our logits. ``cpu`` dry-runs the script itself; the
+change the logits, and load in PEFT with our logits; DDP and FSDP2 through ``torchrun
+--nproc-per-node 1`` (NCCL on CUDA) against the one-process adapter. ``cpu`` dry-runs the script itself; the
 tests never need a GPU (they check the frozen base stays bit-identical); this script is what was
 run on one.
 """
@@ -179,8 +180,43 @@ def main() -> int:
               f"it {effect:.2e} (must exceed {ADAPTER_EFFECT_MIN:.0e})")
         check("training: the adapter loads in PEFT with our logits", d_l2 < REL_L2_LIMIT and d_max < REL_MAX_LIMIT,
               f"relative L2 diff to PEFT {d_l2:.2e}, max abs diff / max abs {d_max:.2e} {_limits()}")
+        torchrun_checks(ckpt, tmp, dev)
     print(f"{len(FAILURES)} failure(s)" + (f": {', '.join(FAILURES)}" if FAILURES else ""))
     return len(FAILURES)
+
+
+def torchrun_checks(ckpt: Path, tmp: Path, dev: str) -> None:
+    """5. DDP and FSDP2 through torchrun (world size 1; NCCL on CUDA) give the one-process adapter."""
+    import os
+    import socket
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from loratune.recipe import load_recipe
+    from loratune.train import train
+
+    sets = [f"model={ckpt}", f"device={dev}", "precision=fp32", f"data.source={DATA}", "data.text_field=documents",
+            "data.val_fraction=0", "seq_len=128", "batch_size=16", "max_steps=20", "lr=2e-3", "lora.dropout=0",
+            "eval_every=0", "save_every=10", "log_every=10", "sample_tokens=8"]
+    train(load_recipe(None, [*sets, f"out_dir={tmp / 'one'}"]), progress=False)
+    one = load_file(str(tmp / "one" / "adapter" / "adapter_model.safetensors"))
+    for strategy in ("ddp", "fsdp"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        recipe = Path(__file__).resolve().parents[1] / "recipes" / "gpt2_reddit_tifu.yaml"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-addr=127.0.0.1",
+               f"--master-port={port}", "-m", "loratune", "train", str(recipe), "--no-progress",
+               *[a for x in [*sets, f"out_dir={tmp / strategy}", f"strategy={strategy}"] for a in ("--set", x)]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode != 0:
+            check(f"torchrun {strategy}: trains", False, done.stderr.strip()[-300:])
+            continue
+        theirs = load_file(str(tmp / strategy / "adapter" / "adapter_model.safetensors"))
+        diff = max(float((one[k] - theirs[k]).abs().max()) for k in one)
+        check(f"torchrun {strategy} (world size 1, {dev}): the one-process adapter", diff < 1e-5,
+              f"max |difference| {diff:.2e} after 20 steps (must be < 1e-5)")
 
 
 if __name__ == "__main__":
