@@ -38,7 +38,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_memory import RENDERERS  # noqa: E402
+from report_dist import dist_table  # noqa: E402
+from report_memory import RENDERERS as MEMORY_RENDERERS  # noqa: E402
+
+RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table}
 
 OURS = "loratune"
 PEERS = {"train": "peft", "generate": "transformers"}

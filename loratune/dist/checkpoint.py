@@ -21,6 +21,7 @@ depends only on the step).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..hub.files import read_safetensors
+from ..hub.finite import first_non_finite
 from .world import World
 
 SHARDS_DIR = "dcp"
@@ -65,9 +68,15 @@ def save_sharded(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
     weights, optim = _state(model, optimizer)
     writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True)
-    dcp.save({"model": weights, "optim": optim["state"]}, storage_writer=writer)
+    try:
+        dcp.save({"model": weights, "optim": optim["state"]}, storage_writer=writer)  # each rank fsyncs its files
+    except CheckpointException as exc:  # a BaseException: a rank's write failed (a full disk ...)
+        raise OSError(f"writing the shards failed: {_first_line(exc)}") from None
     (tmp / RNG_DIR).mkdir(exist_ok=True)
-    save_file(_rng_tensors(), str(tmp / RNG_DIR / f"rank-{world.rank:05d}.safetensors"))
+    rng = tmp / RNG_DIR / f"rank-{world.rank:05d}.safetensors"
+    save_file(_rng_tensors(), str(rng))
+    with open(rng, "rb") as handle:
+        os.fsync(handle.fileno())
     return [{k: v for k, v in group.items() if k != "params"} for group in optim["param_groups"]]
 
 
@@ -99,9 +108,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(str(shards)))
-    except Exception as exc:  # DCP wraps shape mismatches and unreadable files alike
-        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {str(exc).strip().splitlines()[-1][:300]}; "
-                              "resume from an earlier checkpoint, or start over") from None
+    except (Exception, CheckpointException) as exc:  # DCP wraps shape mismatches and unreadable files alike
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {_first_line(exc)}; resume from an "
+                              "earlier checkpoint, or start over") from None
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in target["model"].values()]
+    if world.any(first_non_finite(local) is not None):
+        raise CheckpointError(f"checkpoint {path} holds NaN or Inf in its trainable tensors: resume from an earlier "
+                              "checkpoint, or start over")
     set_model_state_dict(model, target["model"], options=_options())
     for group, saved in zip(optim["param_groups"], groups):
         group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
@@ -112,6 +125,11 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         return False
     _set_rng(read_safetensors(rng))
     return True
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def _stored_names(shards: Path) -> set[str]:

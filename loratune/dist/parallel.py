@@ -4,18 +4,21 @@ every rank holds 1/N of each parameter, its gradient and its optimizer state).
 What the ranks run is :class:`~loratune.train.loss.CausalLMLoss` (the model and its loss as one
 module), so DDP's and FSDP2's hooks see every forward. With FSDP2 each decoder block is its own
 unit (gathered for its forward and backward, then freed) and the rest (embeddings, final norm,
-head) the root unit. LoRA and full fine-tuning shard alike: FSDP2 shards per parameter, so frozen
+head) the root unit, which stays gathered from a step's forward through its backward. LoRA and full fine-tuning shard alike: FSDP2 shards per parameter, so frozen
 and trainable weights share a unit. A quantized base (NF4/int8 buffers) is not sharded: every
 rank keeps the whole 4-bit base and FSDP2 shards the adapter.
 
 Equal to one process: each rank takes its rows of the global batch (:func:`shard_batch`), divides
 its summed loss by the *global* count of target tokens and multiplies by the world size (DDP and
-FSDP2 average gradients over ranks), so the all-reduced gradient is the one-process gradient.
+FSDP2 average gradients over ranks), so the all-reduced gradient is the one-process gradient. DDP
+all-reduces once per step (the last micro-batch); FSDP2 reduce-scatters after every micro-batch, so that
+only the shards of the gradients are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -42,8 +45,10 @@ def wrap(module: nn.Module, strategy: str, world: World, device: torch.device) -
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        # no buffer sync per forward: the models' buffers are constants (rotary tables, masks, quantized weights)
-        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 renames it; the old name works on every version
+            warnings.simplefilter("ignore", FutureWarning)
+            # no buffer sync per forward: the models' buffers are constants (rotary tables, masks, quantized weights)
+            return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -67,27 +72,21 @@ def run_on_model(trainer: nn.Module, fn, *args):
 
 
 def is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+    """Whether ``module`` is an FSDP2 unit (by its methods: no import, so torch builds without
+    torch.distributed train in one process)."""
+    return hasattr(module, "set_requires_gradient_sync") and hasattr(module, "reshard")
 
 
 @contextlib.contextmanager
 def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Let this backward all-reduce gradients (the last micro-batch) or keep them local (the others)."""
-    if enabled:
+    """Let this backward all-reduce gradients (the last micro-batch) or, under DDP, keep them local (the
+    others). FSDP2 reduce-scatters every micro-batch: skipping it would keep every gradient whole on
+    every rank until the last one, which is what sharding is there to avoid."""
+    if enabled or not hasattr(module, "no_sync"):
         yield
-    elif hasattr(module, "no_sync"):  # DDP
-        with module.no_sync():
-            yield
-    elif is_fsdp(module):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
     else:
-        yield
+        with module.no_sync():  # DDP
+            yield
 
 
 def shard_batch(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:

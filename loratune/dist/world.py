@@ -98,7 +98,7 @@ class World:
     def _collective(self, fn, *args) -> None:
         try:
             fn(*args)
-        except (RuntimeError, dist.DistError) as exc:
+        except RuntimeError as exc:  # DistError included
             raise lost_rank(self, exc) from None
 
 
@@ -145,9 +145,10 @@ def rank_failures(world: World) -> Iterator[None]:
         yield
     except LoratuneError:
         raise
-    except (RuntimeError, dist.DistError) as exc:
+    except RuntimeError as exc:  # torch's DistError is one (and torch builds without distributed lack it)
         text = str(exc).lower()
-        if world.distributed and (isinstance(exc, dist.DistError) or any(k in text for k in _COMM_FAILURE)):
+        dist_error = getattr(dist, "DistError", ())
+        if world.distributed and (isinstance(exc, dist_error) or any(k in text for k in _COMM_FAILURE)):
             raise lost_rank(world, exc) from None
         raise
 
@@ -167,6 +168,7 @@ def join_world(requested_device: str = "auto") -> World:
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
     world = World(rank, size, local, distributed=True)
+    _check_torch()
     device = world.device(requested_device)
     if dist.is_initialized():
         return world
@@ -179,6 +181,20 @@ def join_world(requested_device: str = "auto") -> World:
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 tells the story; the others speak up only when something is wrong
     return world
+
+
+def _check_torch() -> None:
+    """Launched runs need FSDP2's public API and DCP's safetensors storage (loratune is tested with torch 2.13)."""
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: F401
+
+        dcp.HuggingFaceStorageWriter  # noqa: B018
+    except (ImportError, AttributeError):
+        raise ConfigError(f"torch {torch.__version__} lacks FSDP2's fully_shard or DCP's safetensors storage, which "
+                          "runs under torchrun need: install a newer torch (loratune is tested with 2.13)") from None
+    if not dist.is_available():
+        raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed: install a standard build")
 
 
 def leave_world(world: World) -> None:

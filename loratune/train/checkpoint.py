@@ -129,19 +129,19 @@ def _save_sharded(final: Path, model: nn.Module, optimizer, scheduler, info: dic
         raise CheckpointError(f"refusing to save checkpoint {final}: a trainable tensor holds NaN or Inf; "
                               f"{_last_complete(final.parent)}")
     tmp = final.with_name(f".tmp-{final.name}-{world.broadcast_int(os.getpid())}")
-    failed = False
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
+    error = None
     try:
         info["param_groups"] = save_sharded(tmp, model, optimizer, world)
-    except OSError:
-        failed = True
-    if world.any(failed):
+    except OSError as exc:
+        error = exc
+    if world.any(error is not None):
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(OSError(f"a rank could not write its shard of {final}"), f"checkpoint {final}",
+        raise disk_error(error or OSError(f"another rank could not write its shard of {final}"), f"checkpoint {final}",
                          _last_complete(final.parent))
     if world.main:
         info["scheduler"] = scheduler.state_dict()
@@ -314,16 +314,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, recipe_f
 def _load_sharded(path: Path, info: dict, model: nn.Module, optimizer, scheduler, world: World) -> TrainState:
     """A launched run's checkpoint, on this world (see dist/checkpoint.py); the random generators are
     restored on the same world size and reseeded from (seed, step, rank) on another."""
-    groups, saved_world = info.get("param_groups"), info.get("world_size")
-    if not isinstance(groups, list) or not isinstance(saved_world, int) or not isinstance(info.get("scheduler"), dict):
-        raise CheckpointError(f"{path / 'state.json'} lacks the optimizer groups, world size or scheduler state")
+    groups, saved_world, sched = info.get("param_groups"), info.get("world_size"), info.get("scheduler")
+    if not isinstance(groups, list) or not isinstance(saved_world, int) or not isinstance(sched, dict) \
+            or not isinstance(sched.get("base_lrs"), list) or len(sched["base_lrs"]) != len(scheduler.base_lrs):
+        raise CheckpointError(f"{path / 'state.json'} lacks the optimizer groups, world size or scheduler state, or "
+                              "they do not fit this run: was it made by another recipe?")
     restored = load_sharded(path, model, optimizer, groups, world, saved_world)
-    try:
-        scheduler.load_state_dict(info["scheduler"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'state.json'} does not fit this run's scheduler ({exc})") from None
+    scheduler.load_state_dict(sched)
     if not restored:
-        torch.manual_seed((info["step"] * 1_000_003 + world.rank) % 2**63)
+        seed = (info.get("recipe_fields") or {}).get("seed", 0)
+        torch.manual_seed((int(seed) + info["step"] * 1_000_003 + world.rank) % 2**63)
         log.info(f"checkpoint {path} was made by {saved_world} process(es), this run has {world.size}: random "
                  "generators reseeded (dropout masks differ from an uninterrupted run; the data order does not)")
     return TrainState(step=info["step"], best_val_loss=info.get("best_val_loss"))

@@ -280,15 +280,16 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     Memory: the estimate must fit in what is available now plus what the model already holds
     (it is loaded when this runs). Disk: ``keep_checkpoints + 1`` checkpoints (one being
     written while the others are kept) and the result must fit in the output directory.
-    ``shards``: the ranks of an FSDP2 run, over which the weights, gradients and optimizer state are
-    divided (the model is loaded on the CPU then, so none of it is resident on ``device`` yet).
+    ``shards``: the ranks of an FSDP2 run, over which the parameters, their gradients and optimizer
+    state are divided, except the root unit's (embeddings, final norm, head: gathered from a step's
+    forward through its backward) and quantized weights (buffers, not sharded). The model is loaded on
+    the CPU then, so none of it is resident on ``device`` yet.
     """
     mb, seq = recipe.micro_batch_size, recipe.seq_len
     est = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune,
                                    recipe.activation_checkpointing)
     if shards > 1:
-        est = dataclasses.replace(est, weights=-(-est.weights // shards), gradients=-(-est.gradients // shards),
-                                  optimizer=-(-est.optimizer // shards))
+        est = _sharded(est, model, shards)
     available = available_memory(device)
     if available is not None:
         resident = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_storage(model)[0]
@@ -313,6 +314,17 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
             f"({recipe.keep_checkpoints} kept checkpoint(s) and one being written, {human_bytes(ckpt)} each, "
             f"and the result): free some space, choose another --out, or lower keep_checkpoints")
     return est
+
+
+def _sharded(est: MemoryEstimate, model: nn.Module, shards: int) -> MemoryEstimate:
+    """What one FSDP2 rank holds of ``est`` (see check_resources)."""
+    from ..dist.parallel import decoder_blocks
+
+    in_blocks = {id(p) for p in decoder_blocks(model).parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
+    quantized = _quantized_storage(model)[0]
+    return dataclasses.replace(est, weights=-(-(est.weights - quantized) // shards) + quantized + root,
+                               gradients=-(-est.gradients // shards), optimizer=-(-est.optimizer // shards))
 
 
 def _nf4_saving(model: nn.Module, recipe) -> int:

@@ -77,8 +77,10 @@ def resolve_device(recipe: Recipe, world: World = SINGLE) -> tuple[Recipe, torch
     return dataclasses.replace(recipe, precision=precision, device=str(device)), device
 
 
-def setup_model(recipe: Recipe, device: torch.device):
+def setup_model(recipe: Recipe, device: torch.device, load_device: torch.device | None = None):
     """Base model + adapter (or full unfreezing) + precision; returns (model, tokenizer, model_dir).
+    ``load_device``: where the weights go when it is not the device they train on (FSDP2 loads on
+    the CPU and moves each rank's shards).
 
     The weights load straight into the dtype they train in, tensor by tensor: bf16 for bf16-true
     (a bf16 hub checkpoint is never widened to float32 on the way), float32 otherwise (fp32 and
@@ -88,8 +90,9 @@ def setup_model(recipe: Recipe, device: torch.device):
     quant = recipe_quantization(recipe)
     if quant or recipe.activation_checkpointing:
         prefer_memory(device)
+    load_device = load_device or device
     model, model_dir = load_model(recipe.model, dtype=load_dtype(recipe.model, dtype) if quant else dtype,
-                                  device=device)
+                                  device=load_device)
     context = model.config.context_length
     if recipe.seq_len > context:
         raise ConfigError(f"seq_len={recipe.seq_len} exceeds the model's context of {context} tokens; "
@@ -98,7 +101,7 @@ def setup_model(recipe: Recipe, device: torch.device):
     check_tokenizer_fits(model, tokenizer)
     if recipe.finetune == "lora":
         inject_lora(model, recipe.lora)
-        model.to(device)
+        model.to(load_device)
         if quant:  # QLoRA: the frozen base in 4 bits, after the adapter (PiSSA's residual is what is quantized)
             quantize_model(model, quant)
             cast_base(model, dtype)
@@ -215,7 +218,7 @@ def _load(recipe: Recipe, device: torch.device, out: Path, world: World) -> tupl
     """The model (on the CPU for FSDP2, which moves each rank's shards to its device), the data, and the
     resource check (FSDP2 divides the weights, gradients and optimizer state by the world size)."""
     fsdp = world.distributed and recipe.strategy == "fsdp"
-    model, tokenizer, model_dir = setup_model(recipe, torch.device("cpu") if fsdp else device)
+    model, tokenizer, model_dir = setup_model(recipe, device, torch.device("cpu") if fsdp else None)
     log.info(f"model: {recipe.model} | finetune: {recipe.finetune} | precision: {recipe.precision}"
              + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else ""))
     log.info(str(parameter_report(model)))
@@ -255,8 +258,9 @@ def _evaluate(run: "_Run") -> float:
 def _loop(run: _Run, progress: bool) -> tuple[str, StepResult | None]:
     """Steps until the end or a stop request; returns ('done' | 'interrupted', the last step)."""
     recipe, state = run.recipe, run.state
-    trainable = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP2: the shards (after a
-    # forward the root unit's modules can hold its gathered weights, whose storage is freed later)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    if is_fsdp(run.trainer):  # the shards: after a forward the root unit's modules hold its gathered weights
+        trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
     run.trainer.train()
     meter = Throughput()
     last = None
@@ -315,15 +319,14 @@ def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> T
     if run.val_batches:
         val_loss = _evaluate(run)
         _write_val(run.metrics, run.state.step, val_loss)
-    saved = _model_to_save(run)
+    run.samples["after"] = _sample(run)
+    saved = _model_to_save(run)  # the last collective: what follows is rank 0's alone
     if run.world.main:
         try:
             _save_result(saved, recipe, out, run.model_dir)
         except OSError as exc:
             raise disk_error(exc, f"the result in {out}", f"checkpoint {path} holds the trained weights") from None
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
-    run.samples["after"] = _sample(run)
-    if run.world.main:
         (out / "samples.json").write_text(json.dumps(run.samples, indent=2) + "\n", encoding="utf-8")
     result = _result(run, "done", last, val_loss, elapsed)
     log.info(f"sample after training: {run.samples['after']!r}")

@@ -28,7 +28,9 @@ def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.devic
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as the training documents start
         prompt, stops = bos + tokenizer.encode(recipe.sample_prompt), list(tokenizer.eos_ids)
         shown = recipe.sample_prompt
-    cfg = SamplingConfig(max_new_tokens=recipe.sample_tokens, temperature=0.8, top_k=40, seed=recipe.seed)
+    # sharded (FSDP2): every rank runs every step, as each gathers the weights (no early stop one rank could miss)
+    cfg = SamplingConfig(max_new_tokens=recipe.sample_tokens, temperature=0.8, top_k=40, seed=recipe.seed,
+                         stop_at_eos=not sharded)
     was_training = model.training
     model.eval()
     new = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=stops, pack=not sharded,

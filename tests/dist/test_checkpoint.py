@@ -83,6 +83,22 @@ def test_other_recipe_and_damage_are_clear_errors(tiny_ckpt, tmp_path):
         load_sharded(tmp_path, fresh, fresh_opt, groups, SINGLE, saved_world=1)
 
 
+def test_a_failed_write_is_an_os_error_and_another_rank_is_a_checkpoint_error(tiny_ckpt, tmp_path):
+    model, opt = _trained(tiny_ckpt)
+    (tmp_path / "dcp").write_text("a file where the shards go")
+    with pytest.raises(OSError, match="writing the shards failed"):
+        save_sharded(tmp_path, model, opt, SINGLE)
+    good = tmp_path / "good"
+    groups = save_sharded(good, model, opt, SINGLE)
+    torch.manual_seed(0)
+    wider, _ = load_model(tiny_ckpt)
+    inject_lora(wider, LoRAConfig(r=8, alpha=16))  # the same tensor names, other shapes
+    set_trainable(wider, "lora")
+    wider_opt = torch.optim.AdamW([p for p in wider.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(CheckpointError, match="cannot read the sharded checkpoint"):
+        load_sharded(good, wider, wider_opt, groups, SINGLE, saved_world=1)
+
+
 def test_a_launched_run_refuses_a_single_process_checkpoint(tiny_ckpt, tmp_path):
     from loratune.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 

@@ -166,6 +166,26 @@ def _assert_peft_matches(model_dir: Path, adapter: Path) -> None:
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_resume_on_the_same_world_restores_each_ranks_rng_and_ddp_resumes_as_fsdp(job, tmp_path):
+    """With LoRA dropout: a DDP run stopped at a checkpoint and resumed on 2 processes is bit-identical to the
+    uninterrupted run (each rank's generator restored); resumed with FSDP2 instead it is equal within 1e-5."""
+    settings = [*SETTINGS, "lora.dropout=0.1", "max_steps=6", "save_every=3", "eval_every=0", "sample_tokens=0"]
+    launch(job, tmp_path / "straight", 2, settings)
+    for name in ("again", "as-fsdp"):
+        shutil.copytree(tmp_path / "straight", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-000006")
+        shutil.rmtree(tmp_path / name / "adapter")
+    launch(job, tmp_path / "again", 2, settings, "--resume")
+    launch(job, tmp_path / "as-fsdp", 2, [*settings, "strategy=fsdp"], "--resume")
+    straight = load_file(str(tmp_path / "straight" / ADAPTER))
+    again = load_file(str(tmp_path / "again" / ADAPTER))
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    assert_same_tensors(tmp_path / "straight" / ADAPTER, tmp_path / "as-fsdp" / ADAPTER)
+    one = tmp_path / "one"  # and dropout is on: one process (its own masks) ends elsewhere
+    in_process(job, one, settings)
+    assert max(float((straight[k] - load_file(str(one / ADAPTER))[k]).abs().max()) for k in straight) > TOL
+
+
 def test_fsdp_full_finetuning_equals_one_process_and_loads_in_transformers(job, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -218,7 +238,7 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(job, tmp_path):
     _, stderr = proc.communicate(timeout=90)
     assert time.monotonic() - killed < 60
     assert proc.returncode != 0
-    assert "lost contact with the other ranks" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
+    assert "loratune train [rank 0]: error: rank 0 of 2: lost contact with the other ranks" in stderr, stderr[-3000:]
     last = int(list_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
     result = in_process(job, out, [*settings, f"max_steps={last + 2}"], resume=True)
     assert result.status == "done" and result.steps == last + 2
