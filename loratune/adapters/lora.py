@@ -116,6 +116,8 @@ class LoRALinear(nn.Module):
         self.merged_names: list[str] = []
         self._dora_factors: dict[str, torch.Tensor] = {}
         self.enabled = True
+        self.row_bank = None  # per-row serving (adapters/rows.py): the banked adapters and each row's slot
+        self.row_slots: torch.Tensor | None = None
         if r is not None:  # None: no adapter yet (a loaded one is put in ``lora`` by the caller)
             self.add_adapter(adapter, r, alpha, dropout, rslora, slices, use_dora)
             self.active = [adapter]
@@ -218,6 +220,10 @@ class LoRALinear(nn.Module):
         return F.linear(x, w, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_slots is not None:  # each row its own adapter (serving)
+            from .rows import row_forward
+
+            return row_forward(self, x)
         out = self._base(x)  # (..., out)
         if not self.enabled:
             return out
