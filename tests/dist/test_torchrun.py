@@ -186,14 +186,23 @@ def test_resume_on_the_same_world_restores_each_ranks_rng_and_ddp_resumes_as_fsd
     assert max(float((straight[k] - load_file(str(one / ADAPTER))[k]).abs().max()) for k in straight) > TOL
 
 
-def test_fsdp_full_finetuning_equals_one_process_and_loads_in_transformers(job, tmp_path):
+def test_fsdp_full_finetuning_equals_one_process_resumes_and_loads_in_transformers(job, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    settings = [*SETTINGS, "finetune=full", "lr=1e-3", "strategy=fsdp", "max_steps=3", "save_every=0"]
+    settings = [*SETTINGS, "finetune=full", "lr=1e-3", "strategy=fsdp", "max_steps=3", "save_every=2"]
     in_process(job, tmp_path / "one", settings)
     launch(job, tmp_path / "fsdp", 2, settings)
     assert_same_tensors(tmp_path / "one" / "model" / "model.safetensors",
                         tmp_path / "fsdp" / "model" / "model.safetensors")
+    for name in ("resumed-on-2", "resumed-on-1"):  # the whole model's shards resume, on 2 processes and on 1
+        shutil.copytree(tmp_path / "fsdp", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-000003")
+        shutil.rmtree(tmp_path / name / "model")
+    launch(job, tmp_path / "resumed-on-2", 2, settings, "--resume")
+    in_process(job, tmp_path / "resumed-on-1", settings, resume=True)
+    for name in ("resumed-on-2", "resumed-on-1"):
+        assert_same_tensors(tmp_path / "one" / "model" / "model.safetensors",
+                            tmp_path / name / "model" / "model.safetensors")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
     base = AutoModelForCausalLM.from_pretrained(job["model"])
     x = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
