@@ -109,3 +109,27 @@ def write_decoder(name: str, path: Path, dtype: torch.dtype = torch.float32, **o
     model = reinit_decoder_(hf_family_model(name, **overrides), seed=0, std=0.08)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def load_with_peft_adapters(base: Path, root: Path, adapters: dict[str, dict], seed: int = 20):
+    """Our model of ``base`` holding PEFT-made adapters (``{name: LoraConfig kwargs}``, seeded random A and B
+    of std 0.1; DoRA magnitudes moved by N(0, 0.05)), saved under ``root / name`` and loaded by name."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loratune.adapters.peft_format import load_adapter
+    from loratune.models import load_model
+
+    model, _ = load_model(base)
+    for i, (name, cfg) in enumerate(adapters.items()):
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**cfg))
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "magnitude" in n:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+                elif "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        peft.save_pretrained(root / name)
+        load_adapter(model, root / name, name=name)
+    return model

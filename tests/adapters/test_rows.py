@@ -7,15 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from family_models import write_decoder
+from family_models import load_with_peft_adapters, write_decoder
 
 from loratune.adapters.lora import adapters_disabled
 from loratune.adapters.named import set_active_adapters
-from loratune.adapters.peft_format import load_adapter
 from loratune.adapters.rows import build_banks, rows_applying
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig, generate
-from loratune.models import load_model
 
 RTOL = 1e-5
 ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -27,22 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Our Llama-family model holding the three PEFT-made adapters, banked."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("rows")
-    base = write_decoder("llama", root / "base")
-    model, _ = load_model(base)
-    for i, (name, cfg) in enumerate(ADAPTERS.items()):
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**cfg))
-        gen = torch.Generator().manual_seed(20 + i)
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "magnitude" not in n else 0.05) +
-                            (p if "magnitude" in n else 0))
-        peft.save_pretrained(root / name)
-        load_adapter(model, root / name, name=name)
+    model = load_with_peft_adapters(write_decoder("llama", root / "base"), root, ADAPTERS)
     build_banks(model, list(ADAPTERS))
     return model.eval()
 

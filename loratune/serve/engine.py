@@ -1,0 +1,223 @@
+"""Continuous batching of requests for different adapters on one base model.
+
+The engine keeps ``max_batch`` slots over one KV cache. Every :meth:`Engine.step`:
+
+1. admits at most one waiting request into a free slot: its prompt is prefilled alone (a batch of
+   one, with its own adapter), and its keys and values are copied into its slot, right-aligned so
+   that they end where the running rows end (earlier positions of the slot are padding, masked);
+2. decodes one token for every running row in one forward, each row applying its own adapter
+   (:mod:`loratune.adapters.rows`) and its own sampling settings and seeded generator;
+3. finishes the rows that hit a stop token or their length, freeing their slots at once.
+
+Rows of different lengths share the cache's time axis as a left-padded batch: the attention mask
+hides each row's padding and rotary positions count each row's real tokens only (the models'
+left-padding path), so a row computes what it would alone. When the time axis reaches the cache's
+end, every row is shifted left by the padding all rows share (keys keep their rotary phase: it is
+applied before caching). Prefilling one request per step keeps a newcomer from stalling the rows
+already decoding for more than one prompt's forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters.rows import rows_applying
+from ..errors import ConfigError
+from ..generate.sampling import SamplingConfig, next_token
+
+
+@dataclass
+class Request:
+    """One completion: prompt token ids, the adapter (None: the bare base) and how to sample."""
+
+    prompt: list[int]
+    adapter: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_ids: Sequence[int] = ()
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass
+class Finished:
+    """A request's answer: the new tokens and why it ended (``stop``: a stop token, ``length``: max tokens)."""
+
+    request: Request
+    tokens: list[int]
+    reason: str
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+
+
+def _longrope(model: nn.Module) -> bool:
+    rope = getattr(getattr(model, "config", None), "rope", None)
+    full = rope.get("full_attention") if isinstance(rope, dict) else None
+    return getattr(full, "rope_type", None) == "longrope"
+
+
+class Engine:
+    """Continuous batching over ``max_batch`` slots of a model whose adapters are banked
+    (:func:`~loratune.adapters.rows.build_banks`)."""
+
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model.eval(), max_batch
+        self.max_len = min(max_len or model.config.context_length, model.config.context_length)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        if _longrope(model):
+            raise ConfigError("continuous batching does not serve longrope models (Phi-3 128k) yet: their rotary "
+                              "factors switch with each sequence's length")
+        if any(self.cache.ring):
+            raise ConfigError("continuous batching needs full-attention caches; this model has sliding-window "
+                              "layers shorter than the context (their ring buffers cannot be shifted)")
+        self.mask = torch.zeros((max_batch, self.max_len), dtype=torch.long, device=self.device)
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.banked = any(getattr(m, "row_bank", None) is not None for m in model.modules())
+
+    def _applying(self, adapters: list[str | None]):
+        """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""
+        if not self.banked:
+            if any(a is not None for a in adapters):
+                raise ConfigError("this model has no banked adapters: it serves the base only")
+            return contextlib.nullcontext()
+        return rows_applying(self.model, adapters)
+
+    # ------------------------------------------------------------------ requests in and out
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; refused (ConfigError) when its prompt and tokens cannot fit the context."""
+        n, new = len(request.prompt), request.sampling.max_new_tokens
+        if n == 0:
+            raise ConfigError("the prompt is empty")
+        if n + new > self.max_len:
+            raise ConfigError(f"prompt of {n} tokens + max_tokens {new} exceeds the context of {self.max_len}")
+        self.waiting.append(request)
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request (a client went away); returns whether it was found."""
+        for i, row in enumerate(self.rows):
+            if row is not None and row.request.id == request_id:
+                self._free(i)
+                return True
+        for r in list(self.waiting):
+            if r.id == request_id:
+                self.waiting.remove(r)
+                return True
+        return False
+
+    def free_slots(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self) -> tuple[list[tuple[Request, int]], list[Finished]]:
+        """Admit one waiting request (prefill), then decode one token for every running row.
+
+        Returns the tokens produced this step, as (request, token), and the requests that finished."""
+        produced: list[tuple[Request, int]] = []
+        finished: list[Finished] = []
+        slot = next((i for i, r in enumerate(self.rows) if r is None), None)
+        if self.waiting and slot is not None:
+            request = self.waiting.popleft()
+            token = self._prefill(slot, request)
+            self._emit(slot, token, produced, finished)
+        running = [i for i, r in enumerate(self.rows) if r is not None]  # a newcomer decodes its second token now
+        if running:
+            self._decode(running, produced, finished)
+        return produced, finished
+
+    def _prefill(self, slot: int, request: Request) -> int:
+        n = len(request.prompt)
+        single = self.model.new_cache(1, n)
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
+        with self._applying([request.adapter]):
+            hidden = self.model.hidden_states(prompt, single)
+            logits = self.model.logits(hidden[:, -1])  # (1, V)
+        t = self.cache.length
+        if t < n:  # the running rows move right to make room for the newcomer's prompt
+            self._shift(n - t)
+            t = n
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][slot, :, t - n:t] = single.k[layer][0, :, :n]
+            self.cache.v[layer][slot, :, t - n:t] = single.v[layer][0, :, :n]
+        self.mask[slot] = 0
+        self.mask[slot, t - n:t] = 1
+        self.cache.length = t
+        cfg = request.sampling
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.rows[slot] = _Row(request, generator)
+        return int(next_token(logits, cfg, generator)[0])
+
+    def _decode(self, running: list[int], produced: list, finished: list) -> None:
+        if self.cache.length + 1 > self.max_len:
+            self._compact()
+        t = self.cache.length
+        last = torch.zeros((self.max_batch, 1), dtype=torch.long, device=self.device)
+        for i in running:
+            last[i, 0] = self.rows[i].tokens[-1]
+        self.mask[:, t] = 0
+        self.mask[running, t] = 1
+        adapters = [self.rows[i].request.adapter if self.rows[i] is not None and i in running else None
+                    for i in range(self.max_batch)]
+        with self._applying(adapters):
+            hidden = self.model.hidden_states(last, self.cache, attention_mask=self.mask[:, :t + 1])
+            logits = self.model.logits(hidden[:, -1])  # (slots, V)
+        for i in running:
+            row = self.rows[i]
+            token = int(next_token(logits[i:i + 1], row.request.sampling, row.generator)[0])
+            self._emit(i, token, produced, finished)
+
+    def _emit(self, slot: int, token: int, produced: list, finished: list) -> None:
+        row = self.rows[slot]
+        cfg, stops = row.request.sampling, row.request.stop_ids
+        if cfg.stop_at_eos and token in stops:
+            finished.append(Finished(row.request, row.tokens, "stop"))
+            self._free(slot)
+            return
+        row.tokens.append(token)
+        produced.append((row.request, token))
+        if len(row.tokens) >= cfg.max_new_tokens:
+            finished.append(Finished(row.request, row.tokens, "length"))
+            self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        self.rows[slot] = None
+        self.mask[slot] = 0
+
+    # ------------------------------------------------------------------ the time axis
+    def _shift(self, by: int) -> None:
+        """Move every row's keys, values and mask ``by`` positions (right if > 0, left if < 0)."""
+        for store in (self.cache.k, self.cache.v):
+            for layer in range(len(store)):
+                store[layer].copy_(torch.roll(store[layer], by, dims=2))
+        self.mask.copy_(torch.roll(self.mask, by, dims=1))
+        self.cache.length += by
+
+    def _compact(self) -> None:
+        """Drop the padding every row has on its left, so the time axis has room again."""
+        t = self.cache.length
+        real = self.mask[:, :t].bool()
+        starts = [int(real[i].nonzero()[0, 0]) for i in range(self.max_batch) if bool(real[i].any())]
+        shift = min(starts) if starts else t
+        if shift == 0:
+            raise RuntimeError("the KV cache is full and no row has padding to drop")  # prevented by submit()
+        self._shift(-shift)
+        self.mask[:, self.cache.length:] = 0
