@@ -111,9 +111,9 @@ def write_decoder(name: str, path: Path, dtype: torch.dtype = torch.float32, **o
     return path
 
 
-def load_with_peft_adapters(base: Path, root: Path, adapters: dict[str, dict], seed: int = 20):
+def load_with_peft_adapters(base: Path, root: Path, adapters: dict[str, dict], seed: int = 20, std: float = 0.1):
     """Our model of ``base`` holding PEFT-made adapters (``{name: LoraConfig kwargs}``, seeded random A and B
-    of std 0.1; DoRA magnitudes moved by N(0, 0.05)), saved under ``root / name`` and loaded by name."""
+    of ``std``; DoRA magnitudes moved by N(0, 0.05)), saved under ``root / name`` and loaded by name."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +129,7 @@ def load_with_peft_adapters(base: Path, root: Path, adapters: dict[str, dict], s
                 if "magnitude" in n:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.05)
                 elif "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
         peft.save_pretrained(root / name)
         load_adapter(model, root / name, name=name)
     return model

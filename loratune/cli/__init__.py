@@ -14,9 +14,9 @@ import sys
 import traceback
 
 from ..errors import LoratuneError
-from . import compare, data, evaluate, generate, info, init_model, merge, train
+from . import compare, data, evaluate, generate, info, init_model, merge, serve, train
 
-COMMANDS = [train, data, evaluate, compare, generate, merge, info, init_model]
+COMMANDS = [train, data, evaluate, compare, generate, merge, serve, info, init_model]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,15 @@ class Engine:
         self.mask = torch.zeros((max_batch, self.max_len), dtype=torch.long, device=self.device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
-        self.banked = any(getattr(m, "row_bank", None) is not None for m in model.modules())
+        self.adapters_changed()
+
+    def adapters_changed(self) -> None:
+        """Call after adapters were loaded or removed (and banked again)."""
+        self.banked = any(getattr(m, "row_bank", None) is not None for m in self.model.modules())
+
+    def adapters_in_use(self) -> set[str]:
+        return {r.request.adapter for r in self.rows if r is not None and r.request.adapter} | \
+            {r.adapter for r in self.waiting if r.adapter}
 
     def _applying(self, adapters: list[str | None]):
         """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""

@@ -1,0 +1,77 @@
+"""``loratune serve``: an OpenAI-compatible server for a base model and many adapters (see loratune/serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+from .common import add_model_args, log
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model and its adapters over an OpenAI-compatible HTTP API",
+                       description="Continuous batching of requests for many adapters on one base; the request's "
+                                   "'model' field names the adapter (the base model's name: none).")
+    add_model_args(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to serve (repeatable)")
+    p.add_argument("--adapter-dir", help="the only directory /v1/load_lora_adapter may load adapters from")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters held at once; least recently used go")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: half the model's context")
+    p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (HTTP 504 after)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (HTTP 401 otherwise)")
+    p.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
+    p.set_defaults(run=run)
+
+
+def build(args: argparse.Namespace):
+    """(FastAPI app, OpenAIServer) for the parsed arguments: the model, its adapters, the engine's thread."""
+    from ..data.tokenizer import load_tokenizer
+    from ..models import check_tokenizer_fits, load_model
+    from ..serve.adapters import AdapterRegistry
+    from ..serve.app import OpenAIServer, ServeConfig, create_app
+    from ..serve.engine import Engine
+    from ..serve.worker import Worker
+    from .common import device_and_dtype
+
+    device, dtype = device_and_dtype(args)
+    model, model_dir = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer)
+    name = args.served_model_name or args.model
+    registry = AdapterRegistry(model, name, args.adapter_dir, args.max_adapters)
+    for item in args.adapter:
+        adapter, sep, path = item.partition("=")
+        if not sep or not adapter or not path:
+            raise ConfigError(f"--adapter takes NAME=DIR, got {item!r}")
+        registry.load(adapter, path, set(), trusted=True)
+    engine = Engine(model, max_batch=args.max_batch)
+    context = model.config.context_length
+    cfg = ServeConfig(name, args.api_key, args.max_prompt_tokens or context // 2, args.max_tokens, args.timeout,
+                      args.max_queue)
+    if cfg.max_prompt_tokens + cfg.max_tokens > context:
+        raise ConfigError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} exceed the "
+                          f"model's context of {context}")
+    server = OpenAIServer(Worker(engine, args.max_queue), registry, tokenizer, cfg)
+    return create_app(server), server
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("loratune serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    app, server = build(args)
+    log.info(f"serving {server.cfg.model_name} with adapters {', '.join(server.registry.names()) or '(none)'} on "
+             f"http://{args.host}:{args.port}/v1")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:  # SIGTERM/Ctrl-C: uvicorn stops taking connections and lets the open ones finish first
+        server.closing = True
+        server.worker.stop()
+    return 0

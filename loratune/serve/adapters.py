@@ -1,0 +1,88 @@
+"""The adapters a server holds: loaded by name, banked for per-row use, evicted least recently used.
+
+Adapters named at start-up (``--adapter NAME=DIR``) come from wherever the operator says. Adapters
+loaded while serving (``/v1/load_lora_adapter``) come only from inside ``--adapter-dir``: a path
+that leaves it (``..``, an absolute path elsewhere, a symlink out of it, or a file inside that links
+out) is refused. Loading reads safetensors only (see adapters/peft_format.py: a pickled
+``adapter_model.bin`` is read with ``weights_only``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from ..adapters.named import delete_adapter
+from ..adapters.peft_format import load_adapter
+from ..adapters.rows import build_banks
+from ..errors import ConfigError
+
+
+class AdapterRegistry:
+    def __init__(self, model: nn.Module, base_model: str, adapter_dir: str | Path | None, max_adapters: int) -> None:
+        if max_adapters < 1:
+            raise ConfigError(f"max_adapters must be >= 1, got {max_adapters}")
+        self.model, self.base_model, self.max_adapters = model, base_model, max_adapters
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
+        self.loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
+
+    def names(self) -> list[str]:
+        return list(self.loaded)
+
+    def touch(self, name: str) -> None:
+        self.loaded.move_to_end(name)
+
+    def inside_adapter_dir(self, path: str) -> Path:
+        """``path`` (relative to --adapter-dir, or absolute) if it and every file in it stay inside the directory."""
+        if self.adapter_dir is None:
+            raise ConfigError("loading adapters at run time needs --adapter-dir (the only place they may come from)")
+        raw = Path(path)
+        if ".." in raw.parts:
+            raise ConfigError(f"adapter path {path!r} contains '..': give a directory inside --adapter-dir")
+        resolved = (raw if raw.is_absolute() else self.adapter_dir / raw).resolve()
+        if not resolved.is_relative_to(self.adapter_dir):
+            raise ConfigError(f"adapter path {path!r} is outside --adapter-dir {self.adapter_dir}")
+        if not resolved.is_dir():
+            raise ConfigError(f"adapter path {path!r} is not a directory inside --adapter-dir")
+        for f in resolved.rglob("*"):
+            if not f.resolve().is_relative_to(self.adapter_dir):
+                raise ConfigError(f"adapter path {path!r} holds {f.name}, which links outside --adapter-dir")
+        return resolved
+
+    def load(self, name: str, path: str | Path, busy: set[str], trusted: bool = False) -> list[str]:
+        """Load adapter ``name`` (from --adapter-dir unless ``trusted``), evicting the least recently used one
+        not in ``busy`` when --max-adapters is reached; returns the names evicted."""
+        if not name or name == self.base_model:
+            raise ConfigError(f"an adapter cannot be named {name!r} (the base model's name)")
+        if name in self.loaded:
+            raise ConfigError(f"an adapter named {name!r} is already loaded: unload it first")
+        where = Path(path) if trusted else self.inside_adapter_dir(str(path))
+        evicted = []
+        while len(self.loaded) >= self.max_adapters:
+            victim = next((n for n in self.loaded if n not in busy), None)
+            if victim is None:
+                raise ConfigError(f"all {self.max_adapters} adapter places are in use by running requests; "
+                                  "try again when they finish, or raise --max-adapters")
+            self._remove(victim)
+            evicted.append(victim)
+        load_adapter(self.model, where, base_model=None, name=name, activate=False)
+        self.loaded[name] = where
+        self._bank()
+        return evicted
+
+    def unload(self, name: str, busy: set[str]) -> None:
+        if name not in self.loaded:
+            raise KeyError(name)
+        if name in busy:
+            raise ConfigError(f"adapter {name!r} is in use by running requests; unload it when they finish")
+        self._remove(name)
+        self._bank()
+
+    def _remove(self, name: str) -> None:
+        delete_adapter(self.model, name)
+        del self.loaded[name]
+
+    def _bank(self) -> None:
+        build_banks(self.model, list(self.loaded))

@@ -1,0 +1,204 @@
+"""loratune/serve (app, worker, adapters) and ``loratune serve``'s build, through real HTTP clients (httpx and
+the ``openai`` package) against uvicorn on a free loopback port: greedy answers per adapter equal ``generate``
+with that adapter alone, also with 16 requests over 4 adapters and the base in flight at once; streaming gives
+the same text; chat through the model's template; 429 when the queue is full; 401 without the key; adapters
+loaded only from --adapter-dir; a client that disconnects frees its slot."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from family_models import load_with_peft_adapters, save_family, write_small_tokenizer
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from loratune.adapters.lora import adapters_disabled  # noqa: E402
+from loratune.adapters.named import set_active_adapters  # noqa: E402
+from loratune.cli.serve import build  # noqa: E402
+from loratune.data.tokenizer import load_tokenizer  # noqa: E402
+from loratune.generate import SamplingConfig, generate  # noqa: E402
+
+ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+            "b": dict(r=8, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]),
+            "qonly": dict(r=6, lora_alpha=6.0, target_modules=["q_proj"]),
+            "dora": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True)}
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = ["the red cat", "where does the dog", "blue bird runs to", "the fox sleeps in the", "green garden and"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama with a real BPE tokenizer and a chat template, its adapters under one --adapter-dir, and a
+    reference model holding them all (for ``generate``)."""
+    root = tmp_path_factory.mktemp("serve")
+    base = root / "base"
+    save_family("llama", base, vocab_size=320)  # weights of std 0.25: greedy text that varies
+    write_small_tokenizer(base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    adapters = root / "adapters"
+    adapters.mkdir()
+    reference = load_with_peft_adapters(base, adapters, ADAPTERS, std=0.3).eval()
+    return {"base": base, "adapters": adapters, "reference": reference, "tokenizer": load_tokenizer(base)}
+
+
+class Running:
+    """``loratune serve``'s app under uvicorn in a thread, on 127.0.0.1 and a free port."""
+
+    def __init__(self, files, **options) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        args = argparse.Namespace(model=str(files["base"]), device="cpu", dtype="float32", served_model_name="base",
+                                  adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
+                                  adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
+                                  max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None)
+        for key, value in options.items():
+            setattr(args, key, value)
+        self.app, self.server = build(args)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+        self.server.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    running = Running(files)
+    yield running
+    running.close()
+
+
+def expected(files, prompt: str, adapter: str | None, max_tokens: int) -> str:
+    """What greedy ``generate`` gives the prompt with this adapter alone (the text, up to end-of-text)."""
+    tok, model = files["tokenizer"], files["reference"]
+    ids = torch.tensor([tok.encode(prompt)])
+    cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
+    if adapter is None:
+        with adapters_disabled(model):
+            out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
+    else:
+        set_active_adapters(model, adapter)
+        out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
+    out = out[:next((i for i, t in enumerate(out) if t in tok.eos_ids), len(out))]
+    return tok.decode(out)
+
+
+def test_sixteen_concurrent_requests_over_four_adapters_and_the_base(files, server):
+    names = [None, *ADAPTERS]
+    jobs = [(PROMPTS[i % 5], names[(i // 5 + 2 * i) % 5], 6 + i % 4) for i in range(16)]  # 16 different pairs
+
+    async def ask(client, prompt, adapter, n):
+        r = await client.post("/v1/completions", json={"model": adapter or "base", "prompt": prompt,
+                                                         "max_tokens": n, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(ask(client, *job) for job in jobs))
+
+    answers = asyncio.run(all_at_once())
+    for (prompt, adapter, n), answer in zip(jobs, answers):
+        assert answer["choices"][0]["text"] == expected(files, prompt, adapter, n), (prompt, adapter)
+        assert answer["usage"]["completion_tokens"] <= n and answer["object"] == "text_completion"
+    assert len({a["choices"][0]["text"] for a in answers}) >= 12  # the adapters change the answers
+
+
+def test_the_openai_client_streaming_and_chat(files, server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model="dora", prompt="the red cat", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == expected(files, "the red cat", "dora", 12)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="dora", prompt="the red cat", max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "base" and set(ids[1:]) == set(ADAPTERS)
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "where does the cat"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "where does the cat"}], max_tokens=8, temperature=0,
+        stream=True) if c.choices]
+    assert "".join(parts) == chat.choices[0].message.content
+
+
+def test_limits_and_refusals(files, server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+        assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 10_000})
+        assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "base", "prompt": "the cat " * 200})
+        assert r.status_code == 400 and "takes at most" in r.json()["error"]["message"]
+        for bad in ("../outside", "/etc", "a/../../x"):
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": bad})
+            assert r.status_code == 400, bad
+        link = files["adapters"] / "escape"
+        if not link.exists():
+            os.symlink(files["base"], link)
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "escape"})
+        assert r.status_code == 400 and "outside" in r.json()["error"]["message"]
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "qonly"}).status_code == 200
+        assert "qonly" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "qonly", "lora_path": "qonly"})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/completions", json={"model": "qonly", "prompt": "the red cat", "max_tokens": 6,
+                                                 "temperature": 0})
+        assert r.json()["choices"][0]["text"] == expected(files, "the red cat", "qonly", 6)
+
+
+def test_a_full_queue_is_429_and_a_missing_key_is_401(files):
+    running = Running(files, max_batch=1, max_queue=1, api_key="sekrit")
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            assert client.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 401
+            bad = {"authorization": "Bearer wrong"}
+            assert client.post("/v1/completions", json={"prompt": "x"}, headers=bad).status_code == 401
+            assert client.get("/health").status_code == 200  # no key needed
+
+        async def burst():
+            headers = {"authorization": "Bearer sekrit"}
+            async with httpx.AsyncClient(base_url=running.url, timeout=120, headers=headers) as client:
+                return await asyncio.gather(*(client.post("/v1/completions", json={
+                    "model": "base", "prompt": "the red cat", "max_tokens": 40, "temperature": 0}) for _ in range(6)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    finally:
+        running.close()
+
+
+def test_a_client_that_disconnects_frees_its_slot(files, server):
+    engine = server.server.worker.engine
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json={"model": "a", "prompt": "the red cat", "max_tokens": 60,
+                                                            "temperature": 0, "stream": True}) as r:
+            next(r.iter_lines())  # the first chunk: the request is running
+    deadline = time.monotonic() + 20
+    while server.server.worker.in_flight() or engine.free_slots() != engine.max_batch:
+        assert time.monotonic() < deadline, "the disconnected request kept its slot"
+        time.sleep(0.1)
