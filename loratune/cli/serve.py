@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: half the model's context")
     p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per sequence in the KV cache (default: the model's context; it sizes the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (HTTP 504 after)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (HTTP 401 otherwise)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
@@ -50,10 +52,10 @@ def build(args: argparse.Namespace):
         if not sep or not adapter or not path:
             raise ConfigError(f"--adapter takes NAME=DIR, got {item!r}")
         registry.load(adapter, path, set(), trusted=True)
-    engine = Engine(model, max_batch=args.max_batch)
-    context = model.config.context_length
-    cfg = ServeConfig(name, args.api_key, args.max_prompt_tokens or context // 2, args.max_tokens, args.timeout,
-                      args.max_queue)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_model_len)
+    context = engine.max_len
+    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key,
+                      args.max_prompt_tokens or context // 2, args.max_tokens, args.timeout, args.max_queue)
     if cfg.max_prompt_tokens + cfg.max_tokens > context:
         raise ConfigError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} exceed the "
                           f"model's context of {context}")
@@ -69,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
     app, server = build(args)
     log.info(f"serving {server.cfg.model_name} with adapters {', '.join(server.registry.names()) or '(none)'} on "
              f"http://{args.host}:{args.port}/v1")
-    try:
+    try:  # SIGTERM/Ctrl-C: uvicorn stops taking connections and lets the open ones finish (30 s at most)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
-    finally:  # SIGTERM/Ctrl-C: uvicorn stops taking connections and lets the open ones finish first
-        server.closing = True
+    finally:
         server.worker.stop()
     return 0

@@ -9,6 +9,7 @@ out) is refused. Loading reads safetensors only (see adapters/peft_format.py: a 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from ..adapters.named import delete_adapter
 from ..adapters.peft_format import load_adapter
 from ..adapters.rows import build_banks
 from ..errors import ConfigError
+
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""Adapter names: they become module keys (no dots) and API model ids."""
 
 
 class AdapterRegistry:
@@ -54,31 +59,34 @@ class AdapterRegistry:
     def load(self, name: str, path: str | Path, busy: set[str], trusted: bool = False) -> list[str]:
         """Load adapter ``name`` (from --adapter-dir unless ``trusted``), evicting the least recently used one
         not in ``busy`` when --max-adapters is reached; returns the names evicted."""
-        if not name or name == self.base_model:
-            raise ConfigError(f"an adapter cannot be named {name!r} (the base model's name)")
+        if not name or name == self.base_model or not NAME.match(name):
+            raise ConfigError(f"an adapter cannot be named {name!r}: use letters, digits, '-' and '_' (not the base "
+                              "model's name)")
         if name in self.loaded:
             raise ConfigError(f"an adapter named {name!r} is already loaded: unload it first")
         where = Path(path) if trusted else self.inside_adapter_dir(str(path))
-        evicted = []
-        while len(self.loaded) >= self.max_adapters:
-            victim = next((n for n in self.loaded if n not in busy), None)
-            if victim is None:
-                raise ConfigError(f"all {self.max_adapters} adapter places are in use by running requests; "
-                                  "try again when they finish, or raise --max-adapters")
-            self._remove(victim)
-            evicted.append(victim)
-        load_adapter(self.model, where, base_model=None, name=name, activate=False)
-        self.loaded[name] = where
-        self._bank()
-        return evicted
+        victims = [n for n in self.loaded if n not in busy][:max(0, len(self.loaded) + 1 - self.max_adapters)]
+        if len(self.loaded) + 1 - len(victims) > self.max_adapters:
+            raise ConfigError(f"all {self.max_adapters} adapter places are in use by running requests; "
+                              "try again when they finish, or raise --max-adapters")
+        try:
+            load_adapter(self.model, where, base_model=None, name=name, activate=False)  # checked before any eviction
+            self.loaded[name] = where
+            for victim in victims:
+                self._remove(victim)
+        finally:
+            self._bank()
+        return victims
 
     def unload(self, name: str, busy: set[str]) -> None:
         if name not in self.loaded:
             raise KeyError(name)
         if name in busy:
             raise ConfigError(f"adapter {name!r} is in use by running requests; unload it when they finish")
-        self._remove(name)
-        self._bank()
+        try:
+            self._remove(name)
+        finally:
+            self._bank()
 
     def _remove(self, name: str) -> None:
         delete_adapter(self.model, name)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -29,6 +29,8 @@ class ServeConfig:
     """What ``loratune serve`` was started with (see cli/serve.py)."""
 
     model_name: str
+    context: int
+    vocab: int
     api_key: str | None = None
     max_prompt_tokens: int = 1024
     max_tokens: int = 512
@@ -47,25 +49,19 @@ class OpenAIServer:
 
     def __init__(self, worker: Worker, registry: AdapterRegistry, tokenizer, cfg: ServeConfig) -> None:
         self.worker, self.registry, self.tokenizer, self.cfg = worker, registry, tokenizer, cfg
-        self.closing = False
 
     async def api_error(self, _, exc: APIError):
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
                             status_code=exc.status)
 
-    async def guard(self, request: HTTPRequest, call_next):
-        """Bearer-token auth on /v1/ when --api-key is set; 503 once shutting down."""
-        if self.cfg.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {self.cfg.api_key}":
-                return JSONResponse({"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
-                                               "type": "authentication_error", "code": 401}}, status_code=401)
-        if self.closing and request.url.path.startswith("/v1/"):
-            return JSONResponse({"error": {"message": "the server is shutting down", "type": "unavailable",
-                                           "code": 503}}, status_code=503)
-        return await call_next(request)
+    async def auth(self, request: HTTPRequest) -> None:
+        """Bearer-token auth on /v1/ when --api-key is set (a dependency, not a middleware: Starlette's
+        BaseHTTPMiddleware would hide a client's disconnect from the handlers)."""
+        if self.cfg.api_key and request.headers.get("authorization", "") != f"Bearer {self.cfg.api_key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
 
     async def health(self):
-        return JSONResponse({"status": "closing" if self.closing else "ok"}, status_code=503 if self.closing else 200)
+        return {"status": "ok"}
 
     async def models(self):
         now, base = int(time.time()), self.cfg.model_name
@@ -78,10 +74,15 @@ class OpenAIServer:
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "give lora_name and lora_path (strings)")
-        try:
+        def locked():  # between two steps, in a helper thread: the event loop keeps serving
             with self.worker.lock:
-                evicted = self.registry.load(name, path, self.worker.engine.adapters_in_use())
-                self.worker.engine.adapters_changed()
+                try:
+                    return self.registry.load(name, path, self.worker.engine.adapters_in_use())
+                finally:
+                    self.worker.engine.adapters_changed()
+
+        try:
+            evicted = await asyncio.to_thread(locked)
         except (LoratuneError, OSError) as exc:
             raise APIError(400, str(exc)) from None
         note = f" (evicted {', '.join(evicted)})" if evicted else ""
@@ -89,10 +90,16 @@ class OpenAIServer:
 
     async def unload(self, body: dict):
         name = body.get("lora_name")
-        try:
+
+        def locked():
             with self.worker.lock:
-                self.registry.unload(name, self.worker.engine.adapters_in_use())
-                self.worker.engine.adapters_changed()
+                try:
+                    self.registry.unload(name, self.worker.engine.adapters_in_use())
+                finally:
+                    self.worker.engine.adapters_changed()
+
+        try:
+            await asyncio.to_thread(locked)
         except KeyError:
             raise APIError(404, f"no adapter named {name!r} is loaded", "not_found_error") from None
         except LoratuneError as exc:
@@ -101,25 +108,37 @@ class OpenAIServer:
 
     async def completions(self, body: dict, request: HTTPRequest):
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt must be a string (or a list of one)")
-        return await self._answer(body, request, self.tokenizer.encode(prompt), list(self.tokenizer.eos_ids), False)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = prompt  # token ids, as OpenAI's API allows
+            if max(ids) >= self.cfg.vocab or min(ids) < 0:
+                raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab})")
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)")
+        return await self._answer(body, request, ids, list(self.tokenizer.eos_ids), False)
 
     async def chat(self, body: dict, request: HTTPRequest):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise APIError(400, "messages must be a non-empty list of {role, content} objects")
+        variables = body.get("chat_template_kwargs") or {}
+        if not isinstance(variables, dict) or not all(
+                isinstance(k, str) and k.isidentifier() and k not in RESERVED and isinstance(v, (str, bool, int, float))
+                for k, v in variables.items()):
+            raise APIError(400, "chat_template_kwargs must map names to plain values (and may not set "
+                                f"{', '.join(sorted(RESERVED))})")
         try:
-            ids, stops = messages_prompt(self.tokenizer, messages, **(body.get("chat_template_kwargs") or {}))
+            ids, stops = messages_prompt(self.tokenizer, [_plain(m) for m in messages], None, **variables)
         except LoratuneError as exc:
             raise APIError(400, str(exc)) from None
         return await self._answer(body, request, ids, stops, True)
 
     async def _answer(self, body: dict, request: HTTPRequest, ids: list[int], stop_ids: list[int], chat: bool):
         adapter = self._adapter_of(body)
-        sampling, n, stops = self._sampling(body, len(ids))
+        sampling, n, stops = self._sampling(body, len(ids), chat)
         loop = asyncio.get_running_loop()
         requests = [Request(ids, adapter, _nth(sampling, i), stop_ids) for i in range(n)]
         queues = []
@@ -136,10 +155,17 @@ class OpenAIServer:
             self.registry.touch(adapter)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.get("model") or self.cfg.model_name}
+        deadline = time.monotonic() + self.cfg.timeout_s
         if body.get("stream"):
-            return StreamingResponse(self._stream(requests, queues, stops, meta, chat, len(ids), request),
-                                     media_type="text/event-stream")
-        outs = await asyncio.gather(*(self._collect(r, q, stops, request) for r, q in zip(requests, queues)))
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._stream(requests, queues, stops, meta, chat, len(ids) if usage else None,
+                                                  request, deadline), media_type="text/event-stream")
+        try:
+            outs = await asyncio.gather(*(self._collect(r, q, stops, request, deadline)
+                                          for r, q in zip(requests, queues)))
+        finally:  # one choice failed or the client left: its siblings stop too
+            for r in requests:
+                self.worker.cancel(r.id)
         choices = [_choice(i, text, reason, chat, False) for i, (text, reason, _) in enumerate(outs)]
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": _usage(len(ids), sum(k for _, _, k in outs))}
@@ -153,13 +179,15 @@ class OpenAIServer:
                                 f"{', '.join(self.registry.loaded) or 'none'}", "not_found_error")
         return name
 
-    def _sampling(self, body: dict, prompt_len: int) -> tuple[SamplingConfig, int, list[str]]:
+    def _sampling(self, body: dict, prompt_len: int, chat: bool) -> tuple[SamplingConfig, int, list[str]]:
         cfg = self.cfg
         if prompt_len > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this server takes at most "
                                 f"{cfg.max_prompt_tokens}")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
-        n, stop = body.get("n") or 1, body.get("stop") or []
+        max_tokens = _given(body, "max_completion_tokens", _given(body, "max_tokens", None))
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions; chat runs until it ends (here: our limits)
+            max_tokens = min(cfg.max_tokens, cfg.context - prompt_len) if chat else 16
+        n, stop = _given(body, "n", 1), _given(body, "stop", [])
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= cfg.max_tokens:
             raise APIError(400, f"max_tokens must be an integer in [1, {cfg.max_tokens}], got {max_tokens!r}")
@@ -168,72 +196,90 @@ class OpenAIServer:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings")
         try:
-            sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0)),
-                                      top_k=body.get("top_k") or None, top_p=body.get("top_p"), seed=body.get("seed"))
+            top_k = _given(body, "top_k", None)
+            sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=float(_given(body, "temperature", 1.0)),
+                                      top_k=None if top_k in (-1, 0) else top_k, top_p=_given(body, "top_p", None),
+                                      seed=_given(body, "seed", None))
         except (LoratuneError, TypeError, ValueError) as exc:
             raise APIError(400, str(exc)) from None
         return sampling, n, stop
 
-    async def _events(self, r: Request, queue: asyncio.Queue, request: HTTPRequest):
-        """(token, None) as they come, then (None, finish reason); cancels on a disconnect or the timeout."""
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                late = time.monotonic() > deadline
-                if late or await request.is_disconnected():
-                    self.worker.cancel(r.id)
-                    yield None, "timeout" if late else "cancelled"
+    async def _events(self, r: Request, queue: asyncio.Queue, request: HTTPRequest, deadline: float):
+        """(token, None) as they come, then (None, finish reason). The client's connection is looked at every
+        0.2 s whether tokens flow or not; on a disconnect, the timeout or any exit the request is
+        cancelled (freeing its slot)."""
+        checked = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now > deadline:
+                    raise APIError(504, f"the request took longer than {self.cfg.timeout_s:g} s", "timeout_error")
+                if now - checked > 0.2:
+                    checked = now
+                    if await request.is_disconnected():
+                        return
+                try:
+                    kind, value = await asyncio.wait_for(queue.get(), timeout=min(0.5, max(deadline - now, 0.01)))
+                except asyncio.TimeoutError:
+                    continue
+                if kind == "error":
+                    raise APIError(500, value, "server_error")
+                yield (value, None) if kind == "token" else (None, value)
+                if kind == "done":
                     return
-                continue
-            if kind == "error":
-                raise APIError(500, value, "server_error")
-            yield (value, None) if kind == "token" else (None, value)
-            if kind == "done":
-                return
+        finally:
+            self.worker.cancel(r.id)
 
-    async def _texts(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest):
+    async def _texts(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
+                     deadline: float):
         """(text so far, tokens, finish reason or None) after each token; the text is cut at a stop string."""
         tokens = []
-        async for token, end in self._events(r, queue, request):
+        async for token, end in self._events(r, queue, request, deadline):
             if end is not None:
-                if end == "timeout":
-                    raise APIError(504, f"the request took longer than {self.cfg.timeout_s:g} s", "timeout_error")
                 yield self.tokenizer.decode(tokens), tokens, end
                 return
             tokens.append(token)
             text = self.tokenizer.decode(tokens)
             hit = _stop_at(text, stops)
             if hit is not None:
-                self.worker.cancel(r.id)
                 yield text[:hit], tokens, "stop"
                 return
             yield text, tokens, None
 
-    async def _collect(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest):
+    async def _collect(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
+                       deadline: float):
         text, tokens, reason = "", [], None
-        async for text, tokens, reason in self._texts(r, queue, stops, request):
+        async for text, tokens, reason in self._texts(r, queue, stops, request, deadline):
             pass
         return text, reason, len(tokens)
 
-    async def _stream(self, requests, queues, stops, meta, chat, prompt_len, request):
+    async def _stream(self, requests, queues, stops, meta, chat, prompt_len, request, deadline):
+        """Server-sent events: the choices one after another, each as text deltas. A stop string's possible
+        beginning is held back until it is known not to be one; an error mid-stream is an ``error`` event."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         total = 0
-        for index, (r, q) in enumerate(zip(requests, queues)):
-            if chat:
-                yield _sse({**meta, "object": obj, "choices": [{"index": index, "finish_reason": None,
-                                                                 "delta": {"role": "assistant", "content": ""}}]})
-            sent, reason, count = "", None, 0
-            async for text, tokens, reason in self._texts(r, q, stops, request):
-                count = len(tokens)
-                if reason or not text.endswith("\ufffd"):  # hold back a split multi-byte character
-                    delta, sent = text[len(sent):], text
-                    if delta:
-                        yield _sse({**meta, "object": obj, "choices": [_choice(index, delta, None, chat, True)]})
-            total += count
-            yield _sse({**meta, "object": obj, "choices": [_choice(index, "", reason, chat, True)]})
-        yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(prompt_len, total)})
+        try:
+            for index, (r, q) in enumerate(zip(requests, queues)):
+                if chat:
+                    yield _sse({**meta, "object": obj, "choices": [{"index": index, "finish_reason": None,
+                                                                     "delta": {"role": "assistant", "content": ""}}]})
+                sent, reason, count = 0, None, 0
+                async for text, tokens, reason in self._texts(r, q, stops, request, deadline):
+                    count = len(tokens)
+                    safe = len(text) if reason else len(text) - _held_back(text, stops)
+                    if safe > sent:
+                        yield _sse({**meta, "object": obj, "choices": [_choice(index, text[sent:safe], None, chat,
+                                                                               True)]})
+                        sent = safe
+                total += count
+                yield _sse({**meta, "object": obj, "choices": [_choice(index, "", reason, chat, True)]})
+        except APIError as exc:
+            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+        finally:
+            for r in requests:
+                self.worker.cancel(r.id)
+        if prompt_len is not None:  # stream_options.include_usage
+            yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(prompt_len, total)})
         yield "data: [DONE]\n\n"
 
 
@@ -241,13 +287,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI application of ``server``'s handlers."""
     app = FastAPI(title="loratune serve")
     app.add_exception_handler(APIError, server.api_error)
-    app.middleware("http")(server.guard)
     app.get("/health")(server.health)
-    app.get("/v1/models")(server.models)
-    app.post("/v1/load_lora_adapter")(server.load)
-    app.post("/v1/unload_lora_adapter")(server.unload)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat)
+    keyed = {"dependencies": [Depends(server.auth)]}
+    app.get("/v1/models", **keyed)(server.models)
+    app.post("/v1/load_lora_adapter", **keyed)(server.load)
+    app.post("/v1/unload_lora_adapter", **keyed)(server.unload)
+    app.post("/v1/completions", **keyed)(server.completions)
+    app.post("/v1/chat/completions", **keyed)(server.chat)
     return app
 
 
@@ -256,6 +302,38 @@ def _nth(sampling: SamplingConfig, i: int) -> SamplingConfig:
     if i == 0 or sampling.seed is None:
         return sampling
     return SamplingConfig(**{**sampling.__dict__, "seed": (sampling.seed + i) % 2**64})
+
+
+RESERVED = frozenset({"messages", "template", "tokenizer", "add_generation_prompt"})
+"""chat_template_kwargs that may not be set: they would reach other parameters (a template path on disk)."""
+
+
+def _given(body: dict, key: str, default):
+    """``body[key]`` unless absent or null (0 and "" are values, not absences)."""
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _plain(message: dict) -> dict:
+    """A message whose content is a list of parts (OpenAI's format) with its text parts joined."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content):
+            raise APIError(400, "only text content parts are supported")
+        return {**message, "content": "".join(texts)}
+    return message
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string (or are a split character)."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:

@@ -105,13 +105,17 @@ class Engine:
         return rows_applying(self.model, adapters)
 
     # ------------------------------------------------------------------ requests in and out
-    def submit(self, request: Request) -> None:
-        """Queue ``request``; refused (ConfigError) when its prompt and tokens cannot fit the context."""
+    def check(self, request: Request) -> None:
+        """Refuse (ConfigError) a request whose prompt and tokens cannot fit the context."""
         n, new = len(request.prompt), request.sampling.max_new_tokens
         if n == 0:
             raise ConfigError("the prompt is empty")
         if n + new > self.max_len:
             raise ConfigError(f"prompt of {n} tokens + max_tokens {new} exceeds the context of {self.max_len}")
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request`` (see :meth:`check`)."""
+        self.check(request)
         self.waiting.append(request)
 
     def busy(self) -> bool:
@@ -141,6 +145,9 @@ class Engine:
         produced: list[tuple[Request, int]] = []
         finished: list[Finished] = []
         slot = next((i for i, r in enumerate(self.rows) if r is None), None)
+        if slot is not None and all(r is None for r in self.rows):  # idle: the time axis starts over
+            self.cache.length = 0
+            self.mask.zero_()
         if self.waiting and slot is not None:
             request = self.waiting.popleft()
             token = self._prefill(slot, request)

@@ -1,9 +1,10 @@
 """The engine's thread: requests come in from the web server's event loop, tokens go back to it.
 
-One thread runs :meth:`Engine.step` while there is work and sleeps otherwise. Submitting, cancelling
-and changing adapters take the same lock as a step, so they happen between steps. Each request's
-tokens reach its event-loop queue as ``("token", id)``, then one ``("done", reason)``, or
-``("error", message)`` when a step failed.
+One thread runs :meth:`Engine.step` while there is work and sleeps otherwise. The event loop never
+waits for it: submitting and cancelling only append to thread-safe queues that the thread drains
+between steps, and changing adapters (which takes the step lock) runs in a helper thread
+(``asyncio.to_thread``). Each request's tokens reach its event-loop queue as ``("token", id)``, then
+one ``("done", reason)``, or ``("error", message)`` when a step failed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 
 from .engine import Engine, Request
 
@@ -26,31 +28,32 @@ class Worker:
         self.engine, self.max_queue = engine, max_queue
         self.lock = threading.Lock()
         self._wake = threading.Event()
+        self._incoming: deque[tuple[Request, asyncio.AbstractEventLoop, asyncio.Queue]] = deque()
+        self._cancels: deque[int] = deque()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loratune-engine", daemon=True)
         self._thread.start()
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """Queue ``request``; its tokens arrive on the returned queue. QueueFull when the queue is full."""
+        """Queue ``request`` (no waiting); its tokens arrive on the returned queue. QueueFull when full,
+        ConfigError when it cannot fit the context."""
+        waiting = len(self._incoming) + len(self.engine.waiting)
+        if waiting >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are waiting; try again shortly")
+        self.engine.check(request)
         queue: asyncio.Queue = asyncio.Queue()
-        with self.lock:
-            if len(self.engine.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.engine.waiting)} requests are waiting; try again shortly")
-            self.engine.submit(request)  # ConfigError: too long
-            self._streams[request.id] = (loop, queue)
+        self._incoming.append((request, loop, queue))
         self._wake.set()
         return queue
 
     def cancel(self, request_id: int) -> None:
-        """Free a request's slot (its client went away)."""
-        with self.lock:
-            self.engine.cancel(request_id)
-            self._streams.pop(request_id, None)
+        """Free a request's slot at the next step boundary (its client went away; no waiting)."""
+        self._cancels.append(request_id)
+        self._wake.set()
 
     def in_flight(self) -> int:
-        with self.lock:
-            return len(self._streams)
+        return len(self._streams) + len(self._incoming)
 
     def stop(self) -> None:
         self._stopping = True
@@ -60,27 +63,43 @@ class Worker:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.wait(timeout=0.05)
-            with self.lock:
-                if not self.engine.busy():
-                    self._wake.clear()
-                    continue
-                try:
+            try:
+                with self.lock:
+                    self._drain()
+                    if not self.engine.busy():
+                        self._wake.clear()
+                        continue
                     produced, finished = self.engine.step()
-                except Exception as exc:  # a bug or a bad adapter: every request in flight hears of it
-                    log.exception("engine step failed")
+                    for request, token in produced:
+                        self._send(request.id, ("token", token))
+                    for f in finished:
+                        self._send(f.request.id, ("done", f.reason))
+                        self._streams.pop(f.request.id, None)
+            except Exception as exc:  # a bug or a bad adapter: every request in flight hears of it
+                log.exception("engine step failed")
+                with self.lock:
                     self._fail_all(f"{type(exc).__name__}: {exc}")
-                    continue
-                for request, token in produced:
-                    self._send(request.id, ("token", token))
-                for f in finished:
-                    self._send(f.request.id, ("done", f.reason))
-                    self._streams.pop(f.request.id, None)
+
+    def _drain(self) -> None:
+        while self._incoming:
+            request, loop, queue = self._incoming.popleft()
+            self._streams[request.id] = (loop, queue)
+            self.engine.submit(request)
+        while self._cancels:
+            request_id = self._cancels.popleft()
+            self.engine.cancel(request_id)
+            self._streams.pop(request_id, None)
 
     def _send(self, request_id: int, item: tuple) -> None:
         target = self._streams.get(request_id)
-        if target is not None:
-            loop, queue = target
+        if target is None:
+            return
+        loop, queue = target
+        try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody listens any more
+            self._streams.pop(request_id, None)
+            self.engine.cancel(request_id)
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._streams):

@@ -64,7 +64,8 @@ class Running:
         args = argparse.Namespace(model=str(files["base"]), device="cpu", dtype="float32", served_model_name="base",
                                   adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
                                   adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
-                                  max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None)
+                                  max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None,
+                                  max_model_len=None)
         for key, value in options.items():
             setattr(args, key, value)
         self.app, self.server = build(args)
@@ -132,8 +133,11 @@ def test_the_openai_client_streaming_and_chat(files, server):
     whole = client.completions.create(model="dora", prompt="the red cat", max_tokens=12, temperature=0)
     assert whole.choices[0].text == expected(files, "the red cat", "dora", 12)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="dora", prompt="the red cat", max_tokens=12, temperature=0, stream=True) if c.choices)
+        model="dora", prompt="the red cat", max_tokens=12, temperature=0, stream=True))  # every chunk has a choice
     assert streamed == whole.choices[0].text
+    chunks = list(client.completions.create(model="dora", prompt="the red cat", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "base" and set(ids[1:]) == set(ADAPTERS)
     chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "where does the cat"}],
@@ -154,6 +158,11 @@ def test_limits_and_refusals(files, server):
         assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"model": "base", "prompt": "the cat " * 200})
         assert r.status_code == 400 and "takes at most" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                      "chat_template_kwargs": {"template": "/etc/passwd"}})
+        assert r.status_code == 400 and "may not set" in r.json()["error"]["message"]
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "v1.2", "lora_path": "a"})
+        assert r.status_code == 400 and "cannot be named" in r.json()["error"]["message"]
         for bad in ("../outside", "/etc", "a/../../x"):
             r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": bad})
             assert r.status_code == 400, bad
@@ -192,13 +201,54 @@ def test_a_full_queue_is_429_and_a_missing_key_is_401(files):
         running.close()
 
 
-def test_a_client_that_disconnects_frees_its_slot(files, server):
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Each engine step takes 50 ms more: a 60-token answer takes seconds, so what frees its slot is observable."""
     engine = server.server.worker.engine
+    step = engine.step
+
+    def slow():
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow)
+    return engine
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot_at_once(files, server, slow_steps, stream):
+    engine = slow_steps
+    body = {"model": "a", "prompt": "the red cat", "max_tokens": 60, "temperature": 0, "stream": stream}
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json={"model": "a", "prompt": "the red cat", "max_tokens": 60,
-                                                            "temperature": 0, "stream": True}) as r:
-            next(r.iter_lines())  # the first chunk: the request is running
-    deadline = time.monotonic() + 20
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                next(r.iter_lines())  # the first chunk: the request is running
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json=body, timeout=0.5)
+    left = time.monotonic()
     while server.server.worker.in_flight() or engine.free_slots() != engine.max_batch:
-        assert time.monotonic() < deadline, "the disconnected request kept its slot"
-        time.sleep(0.1)
+        assert time.monotonic() - left < 1.5, "the disconnected request kept its slot (60 tokens take 3 s here)"
+        time.sleep(0.05)
+
+
+def test_the_timeout_is_kept_while_tokens_flow(files, server, slow_steps):
+    server.server.cfg.timeout_s = 1.0
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            started = time.monotonic()
+            r = client.post("/v1/completions", json={"model": "base", "prompt": "the red cat", "max_tokens": 60,
+                                                     "temperature": 0})
+            assert r.status_code == 504 and time.monotonic() - started < 2.5
+            events = client.post("/v1/completions", json={"model": "base", "prompt": "the red cat", "max_tokens": 60,
+                                                          "temperature": 0, "stream": True}).text
+            assert '"code": 504' in events and events.rstrip().endswith("data: [DONE]")
+    finally:
+        server.server.cfg.timeout_s = 60.0
+
+
+def test_stop_strings_are_never_half_sent():
+    from loratune.serve.app import _held_back, _stop_at
+
+    assert _held_back("the cat sa", ["sat down"]) == 2 and _held_back("the cat", ["dog"]) == 0
+    assert _held_back("caf\ufffd", []) == 1 and _stop_at("a b STOP c", ["STOP", "b"]) == 2
