@@ -1,7 +1,7 @@
 """Load on ``loratune serve``: concurrent clients over a mix of adapters, against one request at a time and
 against transformers + PEFT switching adapters per request, in one run.
 
-    python benchmarks/serve_load.py --out benchmarks/results/serve.json [--requests 48] [--max-tokens 32]
+    python benchmarks/serve_load.py --out benchmarks/results/serve.json [--requests 32] [--max-tokens 24]
 
 The model is GPT-2 124M with random weights (saved by transformers, GPT-2's tokenizer), with K = 4 random
 LoRA adapters (rank 8 on q and v, saved by PEFT). Prompts are the first 48 tokens of real reddit_tifu posts
@@ -108,7 +108,8 @@ async def _one(client, prompt: str, model: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", "/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0,
-                                                              "max_tokens": max_tokens, "stream": True}) as r:
+                                                              "max_tokens": max_tokens, "stream": True,
+                                                              "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -173,8 +174,8 @@ def peer_run(ckpt: Path, adapters: dict[str, Path], jobs: list[tuple[str, str]],
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--clients", default="1,8,32")
     args = p.parse_args(argv)
     ckpt = make_checkpoint("124m", bench_cache())

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: half the model's context")
     p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps (at least one request; default 512)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="positions per sequence in the KV cache (default: the model's context; it sizes the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (HTTP 504 after)")
@@ -52,7 +54,7 @@ def build(args: argparse.Namespace):
         if not sep or not adapter or not path:
             raise ConfigError(f"--adapter takes NAME=DIR, got {item!r}")
         registry.load(adapter, path, set(), trusted=True)
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_model_len)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_model_len, prefill_tokens=args.prefill_tokens)
     context = engine.max_len
     cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key,
                       args.max_prompt_tokens or context // 2, args.max_tokens, args.timeout, args.max_queue)

@@ -2,24 +2,29 @@
 
 The engine keeps ``max_batch`` slots over one KV cache. Every :meth:`Engine.step`:
 
-1. admits at most one waiting request into a free slot: its prompt is prefilled alone (a batch of
-   one, with its own adapter), and its keys and values are copied into its slot, right-aligned so
-   that they end where the running rows end (earlier positions of the slot are padding, masked);
+1. admits waiting requests into free slots, up to ``prefill_tokens`` prompt tokens per step (at least
+   one request): each prompt is prefilled alone (a batch of one, with its own adapter), and its keys
+   and values are copied into its slot, right-aligned so that they end where the running rows end
+   (earlier positions of the slot are padding, masked);
 2. decodes one token for every running row in one forward, each row applying its own adapter
    (:mod:`loratune.adapters.rows`) and its own sampling settings and seeded generator;
 3. finishes the rows that hit a stop token or their length, freeing their slots at once.
+
+The running rows always fill the first slots (a finished row's slot takes the last running row), so a
+step computes only as many rows as are running, through views of the cache's first rows.
 
 Rows of different lengths share the cache's time axis as a left-padded batch: the attention mask
 hides each row's padding and rotary positions count each row's real tokens only (the models'
 left-padding path), so a row computes what it would alone. When the time axis reaches the cache's
 end, every row is shifted left by the padding all rows share (keys keep their rotary phase: it is
-applied before caching). Prefilling one request per step keeps a newcomer from stalling the rows
-already decoding for more than one prompt's forward.
+applied before caching). The prefill budget bounds how long the running rows wait for newcomers
+in one step, while a burst of arrivals still fills the batch within a few steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -70,10 +75,11 @@ class Engine:
     """Continuous batching over ``max_batch`` slots of a model whose adapters are banked
     (:func:`~loratune.adapters.rows.build_banks`)."""
 
-    def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None,
+                 prefill_tokens: int = 512) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.max_batch = model.eval(), max_batch
+        self.model, self.max_batch, self.prefill_tokens = model.eval(), max_batch, prefill_tokens
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_batch, self.max_len)
@@ -139,7 +145,8 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def step(self) -> tuple[list[tuple[Request, int]], list[Finished]]:
-        """Admit one waiting request (prefill), then decode one token for every running row.
+        """Admit waiting requests (prefill, within the step's prompt-token budget), then decode one token for
+        every running row.
 
         Returns the tokens produced this step, as (request, token), and the requests that finished."""
         produced: list[tuple[Request, int]] = []
@@ -148,14 +155,21 @@ class Engine:
         if slot is not None and all(r is None for r in self.rows):  # idle: the time axis starts over
             self.cache.length = 0
             self.mask.zero_()
-        if self.waiting and slot is not None:
+        budget = self.prefill_tokens
+        while self.waiting and slot is not None and (budget == self.prefill_tokens or
+                                                      len(self.waiting[0].prompt) <= budget):
             request = self.waiting.popleft()
-            token = self._prefill(slot, request)
-            self._emit(slot, token, produced, finished)
-        running = [i for i, r in enumerate(self.rows) if r is not None]  # a newcomer decodes its second token now
-        if running:
-            self._decode(running, produced, finished)
+            budget -= len(request.prompt)
+            self._emit(slot, self._prefill(slot, request), produced, finished)
+            slot = self.running() if self.running() < self.max_batch else None
+        n = self.running()  # a newcomer decodes its second token now
+        if n:
+            self._decode(n, produced, finished)
         return produced, finished
+
+    def running(self) -> int:
+        """Rows being decoded: they fill slots 0 .. running - 1."""
+        return next((i for i, r in enumerate(self.rows) if r is None), self.max_batch)
 
     def _prefill(self, slot: int, request: Request) -> int:
         n = len(request.prompt)
@@ -181,24 +195,24 @@ class Engine:
         self.rows[slot] = _Row(request, generator)
         return int(next_token(logits, cfg, generator)[0])
 
-    def _decode(self, running: list[int], produced: list, finished: list) -> None:
+    def _decode(self, n: int, produced: list, finished: list) -> None:
         if self.cache.length + 1 > self.max_len:
             self._compact()
         t = self.cache.length
-        last = torch.zeros((self.max_batch, 1), dtype=torch.long, device=self.device)
-        for i in running:
-            last[i, 0] = self.rows[i].tokens[-1]
+        last = torch.tensor([[self.rows[i].tokens[-1]] for i in range(n)], dtype=torch.long, device=self.device)
         self.mask[:, t] = 0
-        self.mask[running, t] = 1
-        adapters = [self.rows[i].request.adapter if self.rows[i] is not None and i in running else None
-                    for i in range(self.max_batch)]
-        with self._applying(adapters):
-            hidden = self.model.hidden_states(last, self.cache, attention_mask=self.mask[:, :t + 1])
-            logits = self.model.logits(hidden[:, -1])  # (slots, V)
-        for i in running:
-            row = self.rows[i]
-            token = int(next_token(logits[i:i + 1], row.request.sampling, row.generator)[0])
-            self._emit(i, token, produced, finished)
+        self.mask[:n, t] = 1
+        view = copy.copy(self.cache)  # the first n rows of every layer's keys and values (views: writes land here)
+        view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
+        view.tokens = self.cache.tokens[:n]
+        with self._applying([self.rows[i].request.adapter for i in range(n)]):
+            hidden = self.model.hidden_states(last, view, attention_mask=self.mask[:n, :t + 1])
+            logits = self.model.logits(hidden[:, -1])  # (n, V)
+        self.cache.length = view.length
+        tokens = [int(next_token(logits[i:i + 1], self.rows[i].request.sampling, self.rows[i].generator)[0])
+                  for i in range(n)]
+        for i in reversed(range(n)):  # a freed slot takes the last running row, which is already handled
+            self._emit(i, tokens[i], produced, finished)
 
     def _emit(self, slot: int, token: int, produced: list, finished: list) -> None:
         row = self.rows[slot]
@@ -214,17 +228,32 @@ class Engine:
             self._free(slot)
 
     def _free(self, slot: int) -> None:
-        self.rows[slot] = None
-        self.mask[slot] = 0
+        """End the row in ``slot``; the last running row moves into it, so running rows stay first."""
+        last, t = self.running() - 1, self.cache.length
+        if slot != last:
+            for store in (self.cache.k, self.cache.v):
+                for layer in store:
+                    layer[slot, :, :t] = layer[last, :, :t]  # the positions in use only
+            self.mask[slot] = self.mask[last]
+            self.rows[slot] = self.rows[last]
+        self.rows[last] = None
+        self.mask[last] = 0
 
     # ------------------------------------------------------------------ the time axis
     def _shift(self, by: int) -> None:
-        """Move every row's keys, values and mask ``by`` positions (right if > 0, left if < 0)."""
+        """Move the running rows' keys, values and mask ``by`` positions (right if > 0, left if < 0). Only the
+        positions in use move (a whole-cache copy would cost gigabytes at a large --max-batch)."""
+        n, t = self.running(), self.cache.length
+        keep = t - max(0, -by)  # positions that survive a left shift
+        src = slice(max(0, -by), t)
+        dst = slice(max(0, by), max(0, by) + keep)
         for store in (self.cache.k, self.cache.v):
-            for layer in range(len(store)):
-                store[layer].copy_(torch.roll(store[layer], by, dims=2))
-        self.mask.copy_(torch.roll(self.mask, by, dims=1))
-        self.cache.length += by
+            for layer in store:
+                layer[:n, :, dst] = layer[:n, :, src].clone()
+        mask = self.mask[:, src].clone()
+        self.mask.zero_()
+        self.mask[:, dst] = mask
+        self.cache.length = t + by
 
     def _compact(self) -> None:
         """Drop the padding every row has on its left, so the time axis has room again."""
@@ -235,4 +264,3 @@ class Engine:
         if shift == 0:
             raise RuntimeError("the KV cache is full and no row has padding to drop")  # prevented by submit()
         self._shift(-shift)
-        self.mask[:, self.cache.length:] = 0

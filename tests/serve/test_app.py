@@ -65,7 +65,7 @@ class Running:
                                   adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
                                   adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
                                   max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None,
-                                  max_model_len=None)
+                                  max_model_len=None, prefill_tokens=512)
         for key, value in options.items():
             setattr(args, key, value)
         self.app, self.server = build(args)

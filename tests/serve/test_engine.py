@@ -108,8 +108,9 @@ def test_cancel_frees_the_slot_and_refusals_are_clear(served):
     a, b = _requests(2, seed=3)
     engine.submit(a)
     engine.submit(b)
-    engine.step()
-    assert engine.free_slots() == 1 and engine.cancel(a.id) and engine.free_slots() == 2
+    engine.step()  # both admitted (within the step's prefill budget)
+    assert engine.free_slots() == 0 and engine.cancel(a.id) and engine.free_slots() == 1
+    assert engine.running() == 1 and engine.rows[0].request is b  # the running row moved to the first slot
     assert engine.cancel(b.id) and not engine.busy() and not engine.cancel(12345)
     with pytest.raises(ConfigError, match="exceeds the context"):
         engine.submit(Request(list(range(10)), None, SamplingConfig(max_new_tokens=10_000)))
