@@ -133,3 +133,20 @@ def load_with_peft_adapters(base: Path, root: Path, adapters: dict[str, dict], s
         peft.save_pretrained(root / name)
         load_adapter(model, root / name, name=name)
     return model
+
+
+MIXED_ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+                  "b": dict(r=8, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]),
+                  "qonly": dict(r=6, lora_alpha=6.0, target_modules=["q_proj"]),
+                  "dora": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True)}
+"""Four adapters for serving tests: ranks 4, 6, 8, other targets, and a DoRA one."""
+
+
+def banked_llama(root: Path, adapters: dict[str, dict] = MIXED_ADAPTERS):
+    """A tiny Llama (write_decoder) holding ``adapters`` made by PEFT, banked for per-row use, in eval mode."""
+    from loratune.adapters.rows import build_banks
+
+    model = load_with_peft_adapters(write_decoder("llama", root / "base"), root, adapters)
+    build_banks(model, list(adapters))
+    return model.eval()
+

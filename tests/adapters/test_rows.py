@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from family_models import load_with_peft_adapters, write_decoder
+from family_models import banked_llama
 
 from loratune.adapters.lora import adapters_disabled
 from loratune.adapters.named import set_active_adapters
@@ -16,19 +16,13 @@ from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig, generate
 
 RTOL = 1e-5
-ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-            "qonly": dict(r=6, lora_alpha=6.0, target_modules=["q_proj"]),
-            "dora": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True)}
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Our Llama-family model holding the three PEFT-made adapters, banked."""
-    root = tmp_path_factory.mktemp("rows")
-    model = load_with_peft_adapters(write_decoder("llama", root / "base"), root, ADAPTERS)
-    build_banks(model, list(ADAPTERS))
-    return model.eval()
+    """Our Llama-family model holding four PEFT-made adapters, banked."""
+    return banked_llama(tmp_path_factory.mktemp("rows"))
 
 
 def _alone(model, name, ids):

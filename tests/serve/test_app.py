@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from family_models import load_with_peft_adapters, save_family, write_small_tokenizer
+from family_models import MIXED_ADAPTERS, load_with_peft_adapters, save_family, write_small_tokenizer
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,10 +28,7 @@ from loratune.cli.serve import build  # noqa: E402
 from loratune.data.tokenizer import load_tokenizer  # noqa: E402
 from loratune.generate import SamplingConfig, generate  # noqa: E402
 
-ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-            "b": dict(r=8, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]),
-            "qonly": dict(r=6, lora_alpha=6.0, target_modules=["q_proj"]),
-            "dora": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True)}
+ADAPTERS = MIXED_ADAPTERS
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 PROMPTS = ["the red cat", "where does the dog", "blue bird runs to", "the fox sleeps in the", "green garden and"]

@@ -9,28 +9,21 @@ import random
 
 import pytest
 import torch
-from family_models import load_with_peft_adapters, write_decoder
+from family_models import MIXED_ADAPTERS, banked_llama
 
 from loratune.adapters.lora import adapters_disabled
 from loratune.adapters.named import set_active_adapters
-from loratune.adapters.rows import build_banks
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig, generate
 from loratune.serve.engine import Engine, Request
 
-ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-            "b": dict(r=8, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]),
-            "qonly": dict(r=6, lora_alpha=6.0, target_modules=["q_proj"]),
-            "dora": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True)}
+ADAPTERS = MIXED_ADAPTERS
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    model = load_with_peft_adapters(write_decoder("llama", root / "base"), root, ADAPTERS)
-    build_banks(model, list(ADAPTERS))
-    return model.eval()
+    return banked_llama(tmp_path_factory.mktemp("engine"))
 
 
 def alone(model, request: Request) -> list[int]:
