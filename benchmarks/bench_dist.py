@@ -51,7 +51,7 @@ def _step_times(out: Path) -> list[float]:
     return [b - a for a, b in zip(ends, ends[1:])][1:]  # the first two steps warm up
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,7 +63,7 @@ def run_job(ckpt: Path, data: Path, steps: int, device: str, nproc: int, strateg
              "--out", str(out), *_recipe(ckpt, data, steps, device)]
     if strategy:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *train, "--set", f"strategy={strategy}"]
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *train, "--set", f"strategy={strategy}"]
     else:
         cmd = [sys.executable, *train]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
@@ -100,7 +100,7 @@ def allreduce_job() -> None:
 
 def measure_allreduce(numel: int, nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", __file__, "--allreduce"]
+           f"--master-port={free_port()}", __file__, "--allreduce"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_NUMEL": str(numel)})
     line = [x for x in done.stdout.splitlines() if x.startswith("{")]
     return json.loads(line[-1]) if line else {"error": done.stderr.strip()[-400:]}

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_families as families  # noqa: E402
+from bench_dist import free_port  # noqa: E402
 from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
 
 ADAPTERS = ["t0", "t1", "t2", "t3"]
@@ -73,15 +73,9 @@ def prompts(ckpt: Path, n: int) -> list[str]:
     return [tok.decode(tok.encode(t)[:PROMPT_TOKENS]) for t in texts]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, ckpt: Path, adapters: dict[str, Path], max_batch: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "loratune", "serve", "--model", str(ckpt), "--served-model-name", "base",
                "--device", "cpu", "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "256",
                "--max-tokens", "256", *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]

@@ -55,6 +55,15 @@ def copy_tokenizer_files(dest: Path) -> None:
     shutil.copyfile(TOKENIZER_DATA / "vocab.bpe", dest / "merges.txt")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers and torchrun's rendezvous in the tests bind to loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|: one number for 'how far off', relative to the signal."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()

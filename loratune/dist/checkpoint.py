@@ -111,8 +111,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     except (Exception, CheckpointException) as exc:  # DCP wraps shape mismatches and unreadable files alike
         raise CheckpointError(f"cannot read the sharded checkpoint {path}: {_first_line(exc)}; resume from an "
                               "earlier checkpoint, or start over") from None
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in target["model"].values()]
-    if world.any(first_non_finite(local) is not None):
+    if world.any(first_non_finite(list(target["model"].values())) is not None):
         raise CheckpointError(f"checkpoint {path} holds NaN or Inf in its trainable tensors: resume from an earlier "
                               "checkpoint, or start over")
     set_model_state_dict(model, target["model"], options=_options())

@@ -17,8 +17,10 @@ from ..errors import CheckpointError
 def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
     """Index of the first floating-point tensor holding a NaN or Inf, or None when all are finite.
 
-    One fused reduction and a single host sync, so training can afford it after every step.
+    One fused reduction and a single host sync, so training can afford it after every step. A
+    sharded tensor (FSDP2's DTensor) is checked by this rank's shard: ranks agree on the answer.
     """
+    tensors = [local_part(t) for t in tensors]
     flags = [_finite(t) for t in tensors if t.is_floating_point()]
     if not flags:
         return None
@@ -28,6 +30,11 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
         return None
     floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
     return floats[int((~ok).nonzero()[0, 0])]
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,7 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
 def _save_sharded(final: Path, model: nn.Module, optimizer, scheduler, info: dict, world: World) -> None:
     """Every rank writes its shards into rank 0's temporary directory; rank 0 adds state.json last and
     renames it into place once all ranks have flushed theirs."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for g in optimizer.param_groups for p in g["params"]]
-    if world.any(first_non_finite(local) is not None):
+    if world.any(first_non_finite([p for g in optimizer.param_groups for p in g["params"]]) is not None):
         raise CheckpointError(f"refusing to save checkpoint {final}: a trainable tensor holds NaN or Inf; "
                               f"{_last_complete(final.parent)}")
     tmp = final.with_name(f".tmp-{final.name}-{world.broadcast_int(os.getpid())}")

@@ -16,7 +16,7 @@ from torch import nn
 from ..dist.parallel import grad_sync, shard_batch
 from ..dist.world import SINGLE, World
 from ..errors import LoratuneError
-from ..hub.finite import first_non_finite
+from ..hub.finite import first_non_finite, local_part
 from .loss import count_targets, lm_loss_sum
 
 
@@ -107,11 +107,10 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         raise NonFiniteStep("loss" if not math.isfinite(loss) else "gradient norm",
                             loss if not math.isfinite(loss) else grad_norm)
     optimizer.step()
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in trainable]
-    bad = first_non_finite(local)
+    bad = first_non_finite(trainable)
     if world.any(bad is not None):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep("weights", _nan_or_inf(local[bad]) if bad is not None else math.nan)
+        raise NonFiniteStep("weights", _nan_or_inf(local_part(trainable[bad])) if bad is not None else math.nan)
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

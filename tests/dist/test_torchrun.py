@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from conftest import free_port
 from family_models import write_decoder, write_small_tokenizer
 from loratune.recipe import load_recipe
 from loratune.train import train
@@ -56,16 +56,10 @@ def job(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": model, "recipe": recipe}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(job: dict, out: Path, nproc: int, settings: list[str], *extra: str) -> list[str]:
     sets = [a for s in settings for a in ("--set", s)]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}", "-m", "loratune", "train", str(job["recipe"]), "--out", str(out),
+            f"--master-port={free_port()}", "-m", "loratune", "train", str(job["recipe"]), "--out", str(out),
             "--no-progress", *sets, *extra]
 
 

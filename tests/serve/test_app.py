@@ -10,12 +10,12 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 
 import pytest
 import torch
+from conftest import free_port
 from family_models import MIXED_ADAPTERS, load_with_peft_adapters, save_family, write_small_tokenizer
 
 pytest.importorskip("fastapi")
@@ -55,9 +55,7 @@ class Running:
     """``loratune serve``'s app under uvicorn in a thread, on 127.0.0.1 and a free port."""
 
     def __init__(self, files, **options) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         args = argparse.Namespace(model=str(files["base"]), device="cpu", dtype="float32", served_model_name="base",
                                   adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
                                   adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
