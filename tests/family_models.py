@@ -142,11 +142,12 @@ MIXED_ADAPTERS = {"a": dict(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_pr
 """Four adapters for serving tests: ranks 4, 6, 8, other targets, and a DoRA one."""
 
 
-def banked_llama(root: Path, adapters: dict[str, dict] = MIXED_ADAPTERS):
-    """A tiny Llama (write_decoder) holding ``adapters`` made by PEFT, banked for per-row use, in eval mode."""
+def banked_family(root: Path, family: str = "llama", adapters: dict[str, dict] = MIXED_ADAPTERS, **overrides):
+    """A tiny model of case ``family`` (write_decoder) holding ``adapters`` made by PEFT, banked for per-row
+    use, in eval mode."""
     from loratune.adapters.rows import build_banks
 
-    model = load_with_peft_adapters(write_decoder("llama", root / "base"), root, adapters)
+    model = load_with_peft_adapters(write_decoder(family, root / "base", **overrides), root, adapters)
     build_banks(model, list(adapters))
     return model.eval()
 

@@ -282,12 +282,16 @@ class DecoderLM(nn.Module):
         x = run_layers(self.model.layers, x, rope, None, masks, **block_policy(self, None))  # (B, T, C)
         return self.model.norm(x)
 
-    def _rope_switches(self, start: int, T: int) -> bool:
-        """longrope switches from its short to its long factors when the sequence first passes the
-        original context: keys cached before were rotated by the short ones."""
+    def rope_switch_at(self) -> int | None:
+        """The length past which the rotary factors change (longrope: from its short to its long factors
+        once a sequence passes the original context), or None where they never do."""
         rope = self.config.rope["full_attention"]
-        original = rope.original_max_position_embeddings
-        return rope.rope_type == "longrope" and 0 < start <= original < start + T
+        return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
+    def _rope_switches(self, start: int, T: int) -> bool:
+        """Whether this chunk passes the switch (keys cached before were rotated by the short factors)."""
+        switch = self.rope_switch_at()
+        return switch is not None and 0 < start <= switch < start + T
 
     def _recompute(self, idx: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Run the whole sequence again from an emptied cache (as transformers' Phi-3 generation does
@@ -314,11 +318,12 @@ class DecoderLM(nn.Module):
         return {k: v for k, v in self.state_dict().items()
                 if ".lora_" not in k and not (tied and k == "lm_head.weight")}
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, rings: bool = True) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions; sliding-window
-        layers keep only their window (a ring buffer), see :class:`KVCache`."""
+        layers keep only their window (a ring buffer, see :class:`KVCache`) unless ``rings`` is False
+        (then every position, and the mask applies the window)."""
         c, p = self.config, self.model.embed_tokens.weight
-        windows = [c.window(i) for i in range(c.num_hidden_layers)]
+        windows = [c.window(i) if rings else None for i in range(c.num_hidden_layers)]
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, min(max_len, c.context_length),
                        c.head_dim, cache_dtype(p), p.device, windows=windows)
 

@@ -263,8 +263,13 @@ class GPT2(nn.Module):
         """Logits (B, T, V) for token ids (B, T)."""
         return self.logits(self.hidden_states(idx, cache, attention_mask, position_ids))
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (see :func:`cache_dtype`)."""
+    def rope_switch_at(self) -> int | None:
+        """None: GPT-2's learned positions never change with the sequence's length."""
+        return None
+
+    def new_cache(self, batch: int, max_len: int, rings: bool = True) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (see :func:`cache_dtype`);
+        GPT-2 has no sliding-window layers, so ``rings`` changes nothing."""
         c, p = self.config, self.transformer.wte.weight
         return KVCache(c.n_layer, batch, c.n_head, min(max_len, c.n_positions), c.n_embd // c.n_head,
                        cache_dtype(p), p.device)

@@ -2,10 +2,11 @@
 
 The engine keeps ``max_batch`` slots over one KV cache. Every :meth:`Engine.step`:
 
-1. admits waiting requests into free slots, up to ``prefill_tokens`` prompt tokens per step (at least
-   one request): each prompt is prefilled alone (a batch of one, with its own adapter), and its keys
-   and values are copied into its slot, right-aligned so that they end where the running rows end
-   (earlier positions of the slot are padding, masked);
+1. prefills waiting requests, up to ``prefill_tokens`` prompt tokens per step: the prompts that fit are
+   prefilled together in one forward (left-padded, each row with its own adapter), and their keys and values
+   are copied into free slots, right-aligned so that they end where the running rows end (earlier positions
+   of a slot are padding, masked). A prompt longer than the budget is prefilled in chunks over several steps
+   (in a cache of its own), so a long prompt never stalls the running rows for longer than one budget;
 2. decodes one token for every running row in one forward, each row applying its own adapter
    (:mod:`loratune.adapters.rows`) and its own sampling settings and seeded generator;
 3. finishes the rows that hit a stop token or their length, freeing their slots at once.
@@ -15,10 +16,11 @@ step computes only as many rows as are running, through views of the cache's fir
 
 Rows of different lengths share the cache's time axis as a left-padded batch: the attention mask
 hides each row's padding and rotary positions count each row's real tokens only (the models'
-left-padding path), so a row computes what it would alone. When the time axis reaches the cache's
-end, every row is shifted left by the padding all rows share (keys keep their rotary phase: it is
-applied before caching). The prefill budget bounds how long the running rows wait for newcomers
-in one step, while a burst of arrivals still fills the batch within a few steps.
+left-padding path), so a row computes what it would alone. Every row's tokens are contiguous and end at
+the same column, so a key's distance in columns is its distance in positions for every row: a
+sliding-window layer's window is the last ``window`` columns, and its cache keeps the whole time axis here
+(not a ring buffer, which could not be shifted). When the time axis reaches the cache's end, every row is
+shifted left by the padding all rows share (keys keep their rotary phase: it is applied before caching).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 from ..adapters.rows import rows_applying
 from ..errors import ConfigError
 from ..generate.sampling import SamplingConfig, next_token
+from ..models.kv_cache import KVCache
 
 
 @dataclass
@@ -65,10 +68,14 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def _longrope(model: nn.Module) -> bool:
-    rope = getattr(getattr(model, "config", None), "rope", None)
-    full = rope.get("full_attention") if isinstance(rope, dict) else None
-    return getattr(full, "rope_type", None) == "longrope"
+@dataclass
+class _Partial:
+    """A prompt longer than one step's budget, prefilled chunk by chunk in a cache of its own (one slot is
+    kept for it)."""
+
+    request: Request
+    cache: KVCache
+    done: int = 0
 
 
 class Engine:
@@ -77,30 +84,36 @@ class Engine:
 
     def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None,
                  prefill_tokens: int = 512) -> None:
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch < 1 or prefill_tokens < 1:
+            raise ConfigError(f"max_batch and prefill_tokens must be >= 1, got {max_batch} and {prefill_tokens}")
         self.model, self.max_batch, self.prefill_tokens = model.eval(), max_batch, prefill_tokens
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
+        switch = model.rope_switch_at()
+        if switch is not None and self.max_len > switch:
+            raise ConfigError(f"this model's rotary factors change once a sequence passes {switch} positions "
+                              "(longrope), which rows of one batch cannot do apart: serve it with "
+                              f"--max-model-len {switch} or less")
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, self.max_len)
-        if _longrope(model):
-            raise ConfigError("continuous batching does not serve longrope models (Phi-3 128k) yet: their rotary "
-                              "factors switch with each sequence's length")
-        if any(self.cache.ring):
-            raise ConfigError("continuous batching needs full-attention caches; this model has sliding-window "
-                              "layers shorter than the context (their ring buffers cannot be shifted)")
+        self.cache = self._new_cache(max_batch, self.max_len)
         self.mask = torch.zeros((max_batch, self.max_len), dtype=torch.long, device=self.device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
+        self.partial: _Partial | None = None
         self.adapters_changed()
+
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        """A cache whose sliding-window layers keep every position too (the engine shifts caches in time)."""
+        return self.model.new_cache(batch, length, rings=False)
 
     def adapters_changed(self) -> None:
         """Call after adapters were loaded or removed (and banked again)."""
         self.banked = any(getattr(m, "row_bank", None) is not None for m in self.model.modules())
 
     def adapters_in_use(self) -> set[str]:
-        return {r.request.adapter for r in self.rows if r is not None and r.request.adapter} | \
-            {r.adapter for r in self.waiting if r.adapter}
+        requests = [r.request for r in self.rows if r is not None] + list(self.waiting)
+        if self.partial is not None:
+            requests.append(self.partial.request)
+        return {r.adapter for r in requests if r.adapter}
 
     def _applying(self, adapters: list[str | None]):
         """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""
@@ -125,14 +138,17 @@ class Engine:
         self.waiting.append(request)
 
     def busy(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.rows)
+        return bool(self.waiting) or self.partial is not None or any(r is not None for r in self.rows)
 
     def cancel(self, request_id: int) -> bool:
-        """Drop a waiting or running request (a client went away); returns whether it was found."""
+        """Drop a waiting, prefilling or running request (a client went away); returns whether it was found."""
         for i, row in enumerate(self.rows):
             if row is not None and row.request.id == request_id:
                 self._free(i)
                 return True
+        if self.partial is not None and self.partial.request.id == request_id:
+            self.partial = None
+            return True
         for r in list(self.waiting):
             if r.id == request_id:
                 self.waiting.remove(r)
@@ -140,51 +156,91 @@ class Engine:
         return False
 
     def free_slots(self) -> int:
-        return sum(r is None for r in self.rows)
-
-    # ------------------------------------------------------------------ one step
-    @torch.no_grad()
-    def step(self) -> tuple[list[tuple[Request, int]], list[Finished]]:
-        """Admit waiting requests (prefill, within the step's prompt-token budget), then decode one token for
-        every running row.
-
-        Returns the tokens produced this step, as (request, token), and the requests that finished."""
-        produced: list[tuple[Request, int]] = []
-        finished: list[Finished] = []
-        slot = next((i for i, r in enumerate(self.rows) if r is None), None)
-        if slot is not None and all(r is None for r in self.rows):  # idle: the time axis starts over
-            self.cache.length = 0
-            self.mask.zero_()
-        budget = self.prefill_tokens
-        while self.waiting and slot is not None and (budget == self.prefill_tokens or
-                                                      len(self.waiting[0].prompt) <= budget):
-            request = self.waiting.popleft()
-            budget -= len(request.prompt)
-            self._emit(slot, self._prefill(slot, request), produced, finished)
-            slot = self.running() if self.running() < self.max_batch else None
-        n = self.running()  # a newcomer decodes its second token now
-        if n:
-            self._decode(n, produced, finished)
-        return produced, finished
+        return sum(r is None for r in self.rows) - (self.partial is not None)
 
     def running(self) -> int:
         """Rows being decoded: they fill slots 0 .. running - 1."""
         return next((i for i, r in enumerate(self.rows) if r is None), self.max_batch)
 
-    def _prefill(self, slot: int, request: Request) -> int:
-        n = len(request.prompt)
-        single = self.model.new_cache(1, n)
-        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-        with self._applying([request.adapter]):
-            hidden = self.model.hidden_states(prompt, single)
-            logits = self.model.logits(hidden[:, -1])  # (1, V)
-        t = self.cache.length
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self) -> tuple[list[tuple[Request, int]], list[Finished]]:
+        """Prefill waiting requests (within the step's prompt-token budget), then decode one token for every
+        running row.
+
+        Returns the tokens produced this step, as (request, token), and the requests that finished."""
+        produced: list[tuple[Request, int]] = []
+        finished: list[Finished] = []
+        if self.running() == 0 and self.partial is None:  # idle: the time axis starts over
+            self.cache.length = 0
+            self.mask.zero_()
+        budget = self.prefill_tokens
+        if self.partial is not None:
+            budget -= self._continue_partial(budget, produced, finished)
+        while budget > 0 and self.waiting and self.free_slots() > 0:
+            group, tokens = [], 0
+            for r in self.waiting:  # first come, first served: stop at the first prompt that does not fit
+                if len(group) == self.free_slots() or tokens + len(r.prompt) > budget:
+                    break
+                group.append(r)
+                tokens += len(r.prompt)
+            if not group:  # the next prompt does not fit what is left; longer than a whole budget: in chunks
+                if self.partial is None and len(self.waiting[0].prompt) > self.prefill_tokens:
+                    request = self.waiting.popleft()
+                    self.partial = _Partial(request, self._new_cache(1, len(request.prompt)))
+                    self._continue_partial(budget, produced, finished)
+                break
+            for _ in group:
+                self.waiting.popleft()
+            self._prefill(group, produced, finished)
+            budget -= tokens
+        n = self.running()  # a newcomer decodes its second token now
+        if n:
+            self._decode(n, produced, finished)
+        return produced, finished
+
+    def _prefill(self, group: list[Request], produced: list, finished: list) -> None:
+        """Prefill ``group`` in one forward (left-padded when the lengths differ) and start their rows."""
+        longest = max(len(r.prompt) for r in group)
+        ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
+        pad = torch.zeros_like(ids)
+        for i, r in enumerate(group):
+            ids[i, longest - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+            pad[i, longest - len(r.prompt):] = 1
+        cache = self._new_cache(len(group), longest)
+        uneven = any(len(r.prompt) != longest for r in group)
+        with self._applying([r.adapter for r in group]):
+            hidden = self.model.hidden_states(ids, cache, attention_mask=pad if uneven else None)
+            logits = self.model.logits(hidden[:, -1])  # (rows, V)
+        for i, r in enumerate(group):
+            self._start(r, cache, i, longest - len(r.prompt), logits[i:i + 1], produced, finished)
+
+    def _continue_partial(self, budget: int, produced: list, finished: list) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens) of the long prompt; start its row when it is
+        done. Returns the tokens prefilled."""
+        part = self.partial
+        chunk = part.request.prompt[part.done:part.done + budget]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        with self._applying([part.request.adapter]):
+            hidden = self.model.hidden_states(ids, part.cache)
+            logits = self.model.logits(hidden[:, -1]) if part.done + len(chunk) == len(part.request.prompt) else None
+        part.done += len(chunk)
+        if logits is not None:
+            self.partial = None
+            self._start(part.request, part.cache, 0, 0, logits, produced, finished)
+        return len(chunk)
+
+    def _start(self, request: Request, source: KVCache, row: int, first: int, logits: torch.Tensor,
+               produced: list, finished: list) -> None:
+        """Copy a prefilled prompt (``source``'s ``row``, positions ``first``..) into the first free slot,
+        right-aligned on the time axis, and emit its first token."""
+        n, slot, t = len(request.prompt), self.running(), self.cache.length
         if t < n:  # the running rows move right to make room for the newcomer's prompt
             self._shift(n - t)
             t = n
         for layer in range(len(self.cache.k)):
-            self.cache.k[layer][slot, :, t - n:t] = single.k[layer][0, :, :n]
-            self.cache.v[layer][slot, :, t - n:t] = single.v[layer][0, :, :n]
+            self.cache.k[layer][slot, :, t - n:t] = source.k[layer][row, :, first:first + n]
+            self.cache.v[layer][slot, :, t - n:t] = source.v[layer][row, :, first:first + n]
         self.mask[slot] = 0
         self.mask[slot, t - n:t] = 1
         self.cache.length = t
@@ -193,7 +249,7 @@ class Engine:
         if cfg.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.rows[slot] = _Row(request, generator)
-        return int(next_token(logits, cfg, generator)[0])
+        self._emit(slot, int(next_token(logits, cfg, generator)[0]), produced, finished)
 
     def _decode(self, n: int, produced: list, finished: list) -> None:
         if self.cache.length + 1 > self.max_len:

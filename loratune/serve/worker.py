@@ -70,10 +70,10 @@ class Worker:
                         self._wake.clear()
                         continue
                     produced, finished = self.engine.step()
-                    for request, token in produced:
-                        self._send(request.id, ("token", token))
+                    items = [(request.id, ("token", token)) for request, token in produced]
+                    items += [(f.request.id, ("done", f.reason)) for f in finished]
+                    self._send(items)
                     for f in finished:
-                        self._send(f.request.id, ("done", f.reason))
                         self._streams.pop(f.request.id, None)
             except Exception as exc:  # a bug or a bad adapter: every request in flight hears of it
                 log.exception("engine step failed")
@@ -90,19 +90,28 @@ class Worker:
             self.engine.cancel(request_id)
             self._streams.pop(request_id, None)
 
-    def _send(self, request_id: int, item: tuple) -> None:
-        target = self._streams.get(request_id)
-        if target is None:
-            return
-        loop, queue = target
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # its event loop is closed: nobody listens any more
-            self._streams.pop(request_id, None)
-            self.engine.cancel(request_id)
+    def _send(self, items: list[tuple[int, tuple]]) -> None:
+        """Hand (request id, item) pairs to their event loops: one wake-up per loop for a whole step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Queue, tuple]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(queue, item) for _, queue, item in batch])
+            except RuntimeError:  # its event loop is closed: nobody listens any more
+                for request_id, _, _ in batch:
+                    self._streams.pop(request_id, None)
+                    self.engine.cancel(request_id)
 
     def _fail_all(self, message: str) -> None:
+        self._send([(request_id, ("error", message)) for request_id in self._streams])
         for request_id in list(self._streams):
-            self._send(request_id, ("error", message))
             self.engine.cancel(request_id)
         self._streams.clear()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from family_models import banked_llama
+from family_models import banked_family
 
 from loratune.adapters.lora import adapters_disabled
 from loratune.adapters.named import set_active_adapters
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Our Llama-family model holding four PEFT-made adapters, banked."""
-    return banked_llama(tmp_path_factory.mktemp("rows"))
+    return banked_family(tmp_path_factory.mktemp("rows"))
 
 
 def _alone(model, name, ids):

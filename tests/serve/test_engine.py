@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from family_models import MIXED_ADAPTERS, banked_llama
+from family_models import MIXED_ADAPTERS, banked_family
 
 from loratune.adapters.lora import adapters_disabled
 from loratune.adapters.named import set_active_adapters
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    return banked_llama(tmp_path_factory.mktemp("engine"))
+    return banked_family(tmp_path_factory.mktemp("engine"))
 
 
 def alone(model, request: Request) -> list[int]:
@@ -112,3 +112,67 @@ def test_cancel_frees_the_slot_and_refusals_are_clear(served):
     with pytest.raises(ConfigError, match="not banked"):
         engine.submit(Request([1, 2], "missing", SamplingConfig(max_new_tokens=2)))
         engine.step()
+
+
+def test_prompts_prefilled_together_left_padded_and_long_ones_in_chunks_stay_exact(served):
+    requests = _requests(14, seed=4)
+    rng = random.Random(5)
+    for i in (3, 9):  # two prompts longer than the step's budget of 20 prompt tokens: prefilled in chunks
+        requests[i].prompt = [rng.randrange(256) for _ in range(45)]
+    engine = Engine(served, max_batch=5, prefill_tokens=20)
+    log = PrefillLog(engine)
+    for r in requests:
+        engine.submit(r)
+    answers = {}
+    while engine.busy():
+        log.steps.append([])
+        answers.update({f.request.id: f.tokens for f in engine.step()[1]})
+    assert all(sum(n for _, n in step) <= 20 for step in log.steps)  # the budget holds every step
+    chunks = [n for step in log.steps for kind, n in step if kind == "chunk"]
+    assert sum(chunks) == 90 and len(chunks) >= 6  # both long prompts, each in at least three chunks
+    assert any(len(set(lengths)) > 1 for lengths in log.groups)  # prompts of different lengths, one forward
+    for r in requests:
+        assert answers[r.id] == alone(served, r), (r.adapter, r.prompt)
+
+
+class PrefillLog:
+    """What each step of ``engine`` prefilled: ("group", tokens) per forward of whole prompts, ("chunk", tokens)
+    per chunk of a long one (a step is a list: append one before each step)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.steps: list[list[tuple[str, int]]] = []
+        self.groups: list[list[int]] = []
+        self.prefill, self.chunk = engine._prefill, engine._continue_partial
+        engine._prefill, engine._continue_partial = self._prefill, self._chunk
+
+    def _prefill(self, group, *args):
+        self.groups.append([len(r.prompt) for r in group])
+        self.steps[-1].append(("group", sum(self.groups[-1])))
+        return self.prefill(group, *args)
+
+    def _chunk(self, *args):
+        n = self.chunk(*args)
+        self.steps[-1].append(("chunk", n))
+        return n
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_models_are_served_exactly(tmp_path, family):
+    model = banked_family(tmp_path, family)
+    window = model.config.sliding_window
+    requests = _requests(10, seed=6, max_new=12)
+    assert max(len(r.prompt) + r.sampling.max_new_tokens for r in requests) > window  # the window matters
+    answers = run(Engine(model, max_batch=4, max_len=40), requests, submit_every=2)
+    for r in requests:
+        assert answers[r.id] == alone(model, r), (r.adapter, r.prompt)
+
+
+def test_longrope_is_served_within_its_original_context_only(tmp_path):
+    model = banked_family(tmp_path, "phi3-longrope",
+                          {"p": dict(r=4, lora_alpha=8.0, target_modules=["qkv_proj", "o_proj"])})
+    with pytest.raises(ConfigError, match="--max-model-len 32"):
+        Engine(model, max_batch=2)
+    requests = [Request(r.prompt, r.adapter and "p", r.sampling) for r in _requests(6, seed=7)]
+    answers = run(Engine(model, max_batch=3, max_len=32), requests)
+    for r in requests:
+        assert answers[r.id] == alone(model, r), (r.adapter, r.prompt)
