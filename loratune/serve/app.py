@@ -63,6 +63,24 @@ class OpenAIServer:
     async def health(self):
         return {"status": "ok"}
 
+    async def metrics(self):
+        """The engine's state in Prometheus' text format (as vLLM's /metrics: no key needed, numbers only)."""
+        c = self.worker.counts()
+        gauges = [("requests_running", "requests being decoded", c["running"]),
+                  ("requests_waiting", "requests waiting for a slot (queued or being prefilled)", c["waiting"]),
+                  ("kv_slots_free", "KV-cache slots free", c["slots_free"]),
+                  ("kv_slots", "KV-cache slots", c["slots"]),
+                  ("streams_open", "requests whose answers are on their way", c["streams"]),
+                  ("adapters_loaded", "adapters held", len(self.registry.loaded))]
+        counters = [("generation_tokens", "tokens generated", c["generated"]),
+                    ("requests_finished", "requests that ran to a stop or their length", c["completed"])]
+        lines = []
+        for kind, items, suffix in (("gauge", gauges, ""), ("counter", counters, "_total")):
+            for name, text, value in items:
+                lines += [f"# HELP loratune_{name}{suffix} {text}", f"# TYPE loratune_{name}{suffix} {kind}",
+                          f"loratune_{name}{suffix} {value}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     async def models(self):
         now, base = int(time.time()), self.cfg.model_name
         data = [{"id": base, "object": "model", "created": now, "owned_by": "loratune", "root": base, "parent": None}]
@@ -77,7 +95,7 @@ class OpenAIServer:
         def locked():  # between two steps, in a helper thread: the event loop keeps serving
             with self.worker.lock:
                 try:
-                    return self.registry.load(name, path, self.worker.engine.adapters_in_use())
+                    return self.registry.load(name, path, self.worker.adapters_in_use())
                 finally:
                     self.worker.engine.adapters_changed()
 
@@ -94,7 +112,7 @@ class OpenAIServer:
         def locked():
             with self.worker.lock:
                 try:
-                    self.registry.unload(name, self.worker.engine.adapters_in_use())
+                    self.registry.unload(name, self.worker.adapters_in_use())
                 finally:
                     self.worker.engine.adapters_changed()
 
@@ -224,6 +242,8 @@ class OpenAIServer:
                     continue
                 if kind == "error":
                     raise APIError(500, value, "server_error")
+                if kind == "refused":
+                    raise APIError(404, value, "not_found_error")
                 yield (value, None) if kind == "token" else (None, value)
                 if kind == "done":
                     return
@@ -288,6 +308,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="loratune serve")
     app.add_exception_handler(APIError, server.api_error)
     app.get("/health")(server.health)
+    app.get("/metrics")(server.metrics)
     keyed = {"dependencies": [Depends(server.auth)]}
     app.get("/v1/models", **keyed)(server.models)
     app.post("/v1/load_lora_adapter", **keyed)(server.load)

@@ -107,7 +107,8 @@ class Engine:
 
     def adapters_changed(self) -> None:
         """Call after adapters were loaded or removed (and banked again)."""
-        self.banked = any(getattr(m, "row_bank", None) is not None for m in self.model.modules())
+        banks = [m.row_bank for m in self.model.modules() if getattr(m, "row_bank", None) is not None]
+        self.banked: set[str] = set(banks[0].names) if banks else set()
 
     def adapters_in_use(self) -> set[str]:
         requests = [r.request for r in self.rows if r is not None] + list(self.waiting)
@@ -117,9 +118,7 @@ class Engine:
 
     def _applying(self, adapters: list[str | None]):
         """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""
-        if not self.banked:
-            if any(a is not None for a in adapters):
-                raise ConfigError("this model has no banked adapters: it serves the base only")
+        if not self.banked:  # check() let no adapter in
             return contextlib.nullcontext()
         return rows_applying(self.model, adapters)
 
@@ -127,6 +126,9 @@ class Engine:
     def check(self, request: Request) -> None:
         """Refuse (ConfigError) a request whose prompt and tokens cannot fit the context."""
         n, new = len(request.prompt), request.sampling.max_new_tokens
+        if request.adapter is not None and request.adapter not in self.banked:
+            raise ConfigError(f"adapter {request.adapter!r} is not loaded (loaded: "
+                              f"{', '.join(sorted(self.banked)) or 'none'})")
         if n == 0:
             raise ConfigError("the prompt is empty")
         if n + new > self.max_len:

@@ -4,7 +4,8 @@ One thread runs :meth:`Engine.step` while there is work and sleeps otherwise. Th
 waits for it: submitting and cancelling only append to thread-safe queues that the thread drains
 between steps, and changing adapters (which takes the step lock) runs in a helper thread
 (``asyncio.to_thread``). Each request's tokens reach its event-loop queue as ``("token", id)``, then
-one ``("done", reason)``, or ``("error", message)`` when a step failed.
+one ``("done", reason)``; or ``("refused", message)`` when its adapter was unloaded before it reached the engine,
+or ``("error", message)`` when a step failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import threading
 from collections import deque
 
+from ..errors import ConfigError
 from .engine import Engine, Request
 
 log = logging.getLogger("loratune")
@@ -32,6 +34,7 @@ class Worker:
         self._cancels: deque[int] = deque()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
+        self.generated = self.completed = 0  # tokens produced and requests finished since start (for /metrics)
         self._thread = threading.Thread(target=self._run, name="loratune-engine", daemon=True)
         self._thread.start()
 
@@ -55,6 +58,17 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._streams) + len(self._incoming)
 
+    def counts(self) -> dict[str, int]:
+        """What /metrics shows (read without the lock: each number is a moment's, not a step's)."""
+        e = self.engine
+        return {"running": e.running(), "waiting": len(e.waiting) + (e.partial is not None) + len(self._incoming),
+                "slots_free": e.free_slots(), "slots": e.max_batch, "streams": len(self._streams),
+                "generated": self.generated, "completed": self.completed}
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters of requests not yet finished, those on their way to the engine included (call under lock)."""
+        return self.engine.adapters_in_use() | {r.adapter for r, _, _ in list(self._incoming) if r.adapter}
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -73,6 +87,8 @@ class Worker:
                     items = [(request.id, ("token", token)) for request, token in produced]
                     items += [(f.request.id, ("done", f.reason)) for f in finished]
                     self._send(items)
+                    self.generated += len(produced)
+                    self.completed += len(finished)
                     for f in finished:
                         self._streams.pop(f.request.id, None)
             except Exception as exc:  # a bug or a bad adapter: every request in flight hears of it
@@ -84,7 +100,11 @@ class Worker:
         while self._incoming:
             request, loop, queue = self._incoming.popleft()
             self._streams[request.id] = (loop, queue)
-            self.engine.submit(request)
+            try:
+                self.engine.submit(request)
+            except ConfigError as exc:  # its adapter was unloaded after the request was checked
+                self._send([(request.id, ("refused", str(exc)))])
+                self._streams.pop(request.id, None)
         while self._cancels:
             request_id = self._cancels.popleft()
             self.engine.cancel(request_id)

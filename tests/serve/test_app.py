@@ -26,6 +26,7 @@ from loratune.adapters.lora import adapters_disabled  # noqa: E402
 from loratune.adapters.named import set_active_adapters  # noqa: E402
 from loratune.cli.serve import build  # noqa: E402
 from loratune.data.tokenizer import load_tokenizer  # noqa: E402
+from loratune.errors import ConfigError  # noqa: E402
 from loratune.generate import SamplingConfig, generate  # noqa: E402
 
 ADAPTERS = MIXED_ADAPTERS
@@ -240,6 +241,50 @@ def test_the_timeout_is_kept_while_tokens_flow(files, server, slow_steps):
             assert '"code": 504' in events and events.rstrip().endswith("data: [DONE]")
     finally:
         server.server.cfg.timeout_s = 60.0
+
+
+def test_an_adapter_unloaded_while_a_request_is_on_its_way(files, server):
+    """A request checked against the loaded adapters waits in the worker's queue (the engine is held): unloading
+    its adapter is refused as in use; removed regardless, only that request is refused (404), not the others."""
+    worker, registry = server.server.worker, server.server.registry
+
+    async def ask(client, model):
+        return await client.post("/v1/completions", json={"model": model, "prompt": "the red cat", "max_tokens": 4,
+                                                           "temperature": 0})
+
+    async def held():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with worker.lock:  # the engine thread cannot take the requests in
+                tasks = [asyncio.create_task(ask(client, m)) for m in ("b", "a")]
+                while worker.in_flight() < 2:
+                    await asyncio.sleep(0.01)
+                with pytest.raises(ConfigError, match="in use"):
+                    registry.unload("b", worker.adapters_in_use())
+                registry.unload("b", set())  # as if the check had missed it
+                worker.engine.adapters_changed()
+            return await asyncio.gather(*tasks)
+
+    try:
+        refused, served = asyncio.run(held())
+        assert refused.status_code == 404 and "'b' is not loaded" in refused.json()["error"]["message"]
+        assert served.status_code == 200 and served.json()["choices"][0]["text"] == expected(files, "the red cat",
+                                                                                              "a", 4)
+    finally:
+        with worker.lock:
+            registry.load("b", files["adapters"] / "b", set())
+            worker.engine.adapters_changed()
+
+
+def test_metrics_show_the_slots_and_the_tokens(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        client.post("/v1/completions", json={"model": "a", "prompt": "the red cat", "max_tokens": 5,
+                                             "temperature": 0}).raise_for_status()
+        text = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["loratune_kv_slots_free"] == values["loratune_kv_slots"] == 8
+    assert values["loratune_requests_running"] == values["loratune_requests_waiting"] == 0
+    assert values["loratune_generation_tokens_total"] >= 5 and values["loratune_adapters_loaded"] == len(ADAPTERS)
+    assert "# TYPE loratune_requests_finished_total counter" in text
 
 
 def test_stop_strings_are_never_half_sent():
