@@ -25,6 +25,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,14 +38,14 @@ ADAPTERS = ["t0", "t1", "t2", "t3"]
 PROMPT_TOKENS = 48
 
 
-def make_adapters(ckpt: Path, root: Path) -> dict[str, Path]:
-    """K random LoRA adapters (r 8, q and v) saved by PEFT."""
+def make_adapters(ckpt: Path, root: Path, names: list[str] = ADAPTERS) -> dict[str, Path]:
+    """Random LoRA adapters (r 8, q and v) saved by PEFT, one per name (seeded by its place)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 
     out = {}
-    for i, name in enumerate(ADAPTERS):
+    for i, name in enumerate(names):
         path = root / name
         out[name] = path
         if (path / "adapter_config.json").exists():
@@ -74,12 +75,17 @@ def prompts(ckpt: Path, n: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, ckpt: Path, adapters: dict[str, Path], max_batch: int) -> None:
+    """A ``loratune serve`` process on a free loopback port (``extra``: more flags; later ones win)."""
+
+    def __init__(self, ckpt: Path, adapters: dict[str, Path], max_batch: int, adapter_dir: Path | None = None,
+                 extra: list[str] = ()) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "loratune", "serve", "--model", str(ckpt), "--served-model-name", "base",
                "--device", "cpu", "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "256",
-               "--max-tokens", "256", *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--max-tokens", "256", *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")],
+               *(["--adapter-dir", str(adapter_dir)] if adapter_dir else []), *extra]
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="loratune-serve-")  # a pipe could fill
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         import httpx
 
         deadline = time.monotonic() + 180
@@ -90,8 +96,12 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"the server did not start: {self.stderr()[-2000:]}")
             time.sleep(0.5)
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def close(self) -> None:
         self.proc.terminate()

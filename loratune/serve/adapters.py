@@ -32,12 +32,19 @@ class AdapterRegistry:
         self.model, self.base_model, self.max_adapters = model, base_model, max_adapters
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
+        self.draining: set[str] = set()  # being unloaded: no new requests, removed once their requests finish
 
     def names(self) -> list[str]:
         return list(self.loaded)
 
+    def serving(self) -> list[str]:
+        """The adapters new requests may name (loaded and not being unloaded)."""
+        return [n for n in self.loaded if n not in self.draining]
+
     def touch(self, name: str) -> None:
-        self.loaded.move_to_end(name)
+        """Mark ``name`` as just used (nothing if it was unloaded meanwhile)."""
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
 
     def inside_adapter_dir(self, path: str) -> Path:
         """``path`` (relative to --adapter-dir, or absolute) if it and every file in it stay inside the directory."""

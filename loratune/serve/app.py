@@ -20,7 +20,7 @@ from ..errors import ConfigError, LoratuneError
 from ..generate.chat import messages_prompt
 from ..generate.sampling import SamplingConfig
 from .adapters import AdapterRegistry
-from .engine import Request
+from .engine import AdapterNotLoaded, Request
 from .worker import QueueFull, Worker
 
 
@@ -85,7 +85,7 @@ class OpenAIServer:
         now, base = int(time.time()), self.cfg.model_name
         data = [{"id": base, "object": "model", "created": now, "owned_by": "loratune", "root": base, "parent": None}]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "loratune", "root": str(p), "parent": base}
-                 for n, p in self.registry.loaded.items()]
+                 for n, p in self.registry.loaded.items() if n not in self.registry.draining]
         return {"object": "list", "data": data}
 
     async def load(self, body: dict):
@@ -107,21 +107,34 @@ class OpenAIServer:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully{note}.")
 
     async def unload(self, body: dict):
+        """Unload an adapter: new requests for it are refused (404) at once, and it is removed as soon as its
+        requests in flight have finished (409 if they take longer than --timeout)."""
         name = body.get("lora_name")
+        if name not in self.registry.loaded:
+            raise APIError(404, f"no adapter named {name!r} is loaded", "not_found_error")
 
-        def locked():
+        def locked() -> bool:
             with self.worker.lock:
+                if name in self.worker.adapters_in_use():
+                    return False
                 try:
-                    self.registry.unload(name, self.worker.adapters_in_use())
+                    self.registry.unload(name, set())
                 finally:
                     self.worker.engine.adapters_changed()
+                return True
 
+        self.registry.draining.add(name)
+        deadline = time.monotonic() + self.cfg.timeout_s
         try:
-            await asyncio.to_thread(locked)
-        except KeyError:
-            raise APIError(404, f"no adapter named {name!r} is loaded", "not_found_error") from None
-        except LoratuneError as exc:
-            raise APIError(409, str(exc)) from None
+            while not await asyncio.to_thread(locked):
+                if time.monotonic() > deadline:
+                    raise APIError(409, f"adapter {name!r} is still in use by requests after {self.cfg.timeout_s:g} s; "
+                                        "it stays loaded")
+                await asyncio.sleep(0.05)
+        except KeyError:  # meanwhile removed by another call or evicted by a load: gone, as asked
+            pass
+        finally:
+            self.registry.draining.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def completions(self, body: dict, request: HTTPRequest):
@@ -167,6 +180,8 @@ class OpenAIServer:
             for r in requests[:len(queues)]:
                 self.worker.cancel(r.id)
             raise APIError(429, str(exc), "rate_limit_error") from None
+        except AdapterNotLoaded as exc:  # unloaded since _adapter_of looked
+            raise APIError(404, str(exc), "not_found_error") from None
         except ConfigError as exc:
             raise APIError(400, str(exc)) from None
         if adapter:
@@ -192,9 +207,9 @@ class OpenAIServer:
         name = body.get("model") or self.cfg.model_name
         if name == self.cfg.model_name:
             return None
-        if name not in self.registry.loaded:
+        if name not in self.registry.serving():
             raise APIError(404, f"the model {name!r} does not exist: the base is {self.cfg.model_name!r}, adapters: "
-                                f"{', '.join(self.registry.loaded) or 'none'}", "not_found_error")
+                                f"{', '.join(self.registry.serving()) or 'none'}", "not_found_error")
         return name
 
     def _sampling(self, body: dict, prompt_len: int, chat: bool) -> tuple[SamplingConfig, int, list[str]]:

@@ -41,6 +41,10 @@ from ..generate.sampling import SamplingConfig, next_token
 from ..models.kv_cache import KVCache
 
 
+class AdapterNotLoaded(ConfigError):
+    """A request names an adapter the engine does not hold (it was unloaded after the request was checked)."""
+
+
 @dataclass
 class Request:
     """One completion: prompt token ids, the adapter (None: the bare base) and how to sample."""
@@ -127,7 +131,7 @@ class Engine:
         """Refuse (ConfigError) a request whose prompt and tokens cannot fit the context."""
         n, new = len(request.prompt), request.sampling.max_new_tokens
         if request.adapter is not None and request.adapter not in self.banked:
-            raise ConfigError(f"adapter {request.adapter!r} is not loaded (loaded: "
+            raise AdapterNotLoaded(f"adapter {request.adapter!r} is not loaded (loaded: "
                               f"{', '.join(sorted(self.banked)) or 'none'})")
         if n == 0:
             raise ConfigError("the prompt is empty")

@@ -15,8 +15,7 @@ import logging
 import threading
 from collections import deque
 
-from ..errors import ConfigError
-from .engine import Engine, Request
+from .engine import AdapterNotLoaded, Engine, Request
 
 log = logging.getLogger("loratune")
 
@@ -102,7 +101,7 @@ class Worker:
             self._streams[request.id] = (loop, queue)
             try:
                 self.engine.submit(request)
-            except ConfigError as exc:  # its adapter was unloaded after the request was checked
+            except AdapterNotLoaded as exc:  # its adapter was unloaded after the request was checked
                 self._send([(request.id, ("refused", str(exc)))])
                 self._streams.pop(request.id, None)
         while self._cancels:

@@ -6,78 +6,25 @@ loaded only from --adapter-dir; a client that disconnects frees its slot."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import threading
 import time
 
 import pytest
-import torch
-from conftest import free_port
-from family_models import MIXED_ADAPTERS, load_with_peft_adapters, save_family, write_small_tokenizer
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from loratune.adapters.lora import adapters_disabled  # noqa: E402
-from loratune.adapters.named import set_active_adapters  # noqa: E402
-from loratune.cli.serve import build  # noqa: E402
-from loratune.data.tokenizer import load_tokenizer  # noqa: E402
+from served import ADAPTERS, PROMPTS, Running, expected, make_files  # noqa: E402
+
 from loratune.errors import ConfigError  # noqa: E402
-from loratune.generate import SamplingConfig, generate  # noqa: E402
 
-ADAPTERS = MIXED_ADAPTERS
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
-PROMPTS = ["the red cat", "where does the dog", "blue bird runs to", "the fox sleeps in the", "green garden and"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny Llama with a real BPE tokenizer and a chat template, its adapters under one --adapter-dir, and a
-    reference model holding them all (for ``generate``)."""
-    root = tmp_path_factory.mktemp("serve")
-    base = root / "base"
-    save_family("llama", base, vocab_size=320)  # weights of std 0.25: greedy text that varies
-    write_small_tokenizer(base)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
-    adapters = root / "adapters"
-    adapters.mkdir()
-    reference = load_with_peft_adapters(base, adapters, ADAPTERS, std=0.3).eval()
-    return {"base": base, "adapters": adapters, "reference": reference, "tokenizer": load_tokenizer(base)}
-
-
-class Running:
-    """``loratune serve``'s app under uvicorn in a thread, on 127.0.0.1 and a free port."""
-
-    def __init__(self, files, **options) -> None:
-        self.port = free_port()
-        args = argparse.Namespace(model=str(files["base"]), device="cpu", dtype="float32", served_model_name="base",
-                                  adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
-                                  adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
-                                  max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None,
-                                  max_model_len=None, prefill_tokens=512)
-        for key, value in options.items():
-            setattr(args, key, value)
-        self.app, self.server = build(args)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
-        self.server.worker.stop()
+    return make_files(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +32,6 @@ def server(files):
     running = Running(files)
     yield running
     running.close()
-
-
-def expected(files, prompt: str, adapter: str | None, max_tokens: int) -> str:
-    """What greedy ``generate`` gives the prompt with this adapter alone (the text, up to end-of-text)."""
-    tok, model = files["tokenizer"], files["reference"]
-    ids = torch.tensor([tok.encode(prompt)])
-    cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
-    if adapter is None:
-        with adapters_disabled(model):
-            out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-    else:
-        set_active_adapters(model, adapter)
-        out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-    out = out[:next((i for i, t in enumerate(out) if t in tok.eos_ids), len(out))]
-    return tok.decode(out)
 
 
 def test_sixteen_concurrent_requests_over_four_adapters_and_the_base(files, server):
@@ -273,6 +205,32 @@ def test_an_adapter_unloaded_while_a_request_is_on_its_way(files, server):
         with worker.lock:
             registry.load("b", files["adapters"] / "b", set())
             worker.engine.adapters_changed()
+
+
+def test_unloading_an_adapter_in_use_waits_for_its_requests(files, server, slow_steps):
+    """Unload while a request for the adapter runs: new requests for it are refused at once (404), the running
+    one finishes with the right answer, and then the adapter is removed."""
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/completions", json={
+                "model": "a", "prompt": "the red cat", "max_tokens": 20, "temperature": 0}))
+            while not server.server.worker.engine.running():
+                await asyncio.sleep(0.01)
+            unload = asyncio.create_task(client.post("/v1/unload_lora_adapter", json={"lora_name": "a"}))
+            while "a" not in server.server.registry.draining:
+                await asyncio.sleep(0.01)
+            late = await client.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+            models = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+            return await running, await unload, late, models
+
+    try:
+        answer, unloaded, late, models = asyncio.run(scenario())
+        assert late.status_code == 404 and "a" not in models
+        assert answer.json()["choices"][0]["text"] == expected(files, "the red cat", "a", 20)
+        assert unloaded.status_code == 200 and "a" not in server.server.registry.loaded
+    finally:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"}).raise_for_status()
 
 
 def test_metrics_show_the_slots_and_the_tokens(server):
