@@ -40,9 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_dist import dist_table  # noqa: E402
 from report_memory import RENDERERS as MEMORY_RENDERERS  # noqa: E402
-from report_serve import serve_table  # noqa: E402
+from report_serve import serve_table, soak_table  # noqa: E402
 
-RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table, "serve": serve_table}
+RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table, "serve": serve_table, "soak": soak_table}
 
 OURS = "loratune"
 PEERS = {"train": "peft", "generate": "transformers"}

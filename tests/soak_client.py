@@ -146,10 +146,20 @@ class Soak:
             if absent and (not loaded or rng.random() < 0.5):
                 name = rng.choice(absent)
                 r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name})
-                self.result.churn[f"load: HTTP {r.status_code}"] += 1
+                self.result.churn[f"load: HTTP {r.status_code}{_why(r)}"] += 1
             elif loaded:
                 r = await client.post("/v1/unload_lora_adapter", json={"lora_name": rng.choice(loaded)})
-                self.result.churn[f"unload: HTTP {r.status_code}"] += 1
+                self.result.churn[f"unload: HTTP {r.status_code}{_why(r)}"] += 1
+
+
+def _why(response) -> str:
+    """A refused load or unload's reason, in short."""
+    if response.status_code == 200:
+        return ""
+    text = response.text
+    if "places are in use" in text:
+        return " (every place held by an adapter in use)"
+    return f" ({text[:80]})"
 
 
 def metrics(text: str) -> dict[str, float]:

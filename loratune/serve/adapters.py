@@ -31,6 +31,9 @@ class AdapterRegistry:
             raise ConfigError(f"max_adapters must be >= 1, got {max_adapters}")
         self.model, self.base_model, self.max_adapters = model, base_model, max_adapters
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
+        if self.adapter_dir is not None and not self.adapter_dir.is_dir():
+            raise ConfigError(f"--adapter-dir {adapter_dir} is not a directory: create it, or give the directory "
+                              "that holds the adapters to load at run time")
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
         self.draining: set[str] = set()  # being unloaded: no new requests, removed once their requests finish
 
