@@ -14,7 +14,7 @@ def serve_table(result: dict) -> str:
     out = [head, "", "| configuration | clients | tokens/s | vs one at a time (same clients) | p50 latency (s) | "
            "p99 latency (s) | p50 time to first token (s) |", "|" + "---|" * 7]
     rows = result.get("rows") or []
-    serial = {r["clients"]: r["tokens_per_s"] for r in rows if r["config"].endswith("one request at a time")}
+    serial = {r["clients"]: r["tokens_per_s"] for r in rows if r["config"] == "mixed adapters, one request at a time"}
     for r in rows:
         base = serial.get(r["clients"])
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base and "one request at a time" not in r["config"] else "—"

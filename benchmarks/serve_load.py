@@ -13,7 +13,8 @@ throughput is generated tokens over the wall time of the whole burst, latency is
 Configurations: mixed adapters with continuous batching (``--max-batch 32``); the same with batching off
 (``--max-batch 1``: one request at a time); all requests on one adapter, batched (what per-row adapters
 cost); and transformers + PEFT in this process, one request at a time with ``set_adapter`` before each (the
-peer: no server, so its numbers are an upper bound of what a server around it would do).
+peer: no server, so its numbers are an upper bound of what a server around it would do), with our engine the
+same way beside it (in this process, one request at a time, no HTTP: what the server's layers cost).
 """
 
 from __future__ import annotations
@@ -175,6 +176,33 @@ def peer_run(ckpt: Path, adapters: dict[str, Path], jobs: list[tuple[str, str]],
     return summarise("transformers+PEFT, set_adapter per request", 1, results, time.perf_counter() - t0)
 
 
+def engine_run(ckpt: Path, adapters: dict[str, Path], jobs: list[tuple[str, str]], max_tokens: int) -> dict:
+    """Our engine in this process, one request at a time (no HTTP): like for like with the peer's row."""
+    import torch
+
+    from loratune.data.tokenizer import load_tokenizer
+    from loratune.generate.sampling import SamplingConfig
+    from loratune.models import load_model
+    from loratune.serve.adapters import AdapterRegistry
+    from loratune.serve.engine import Engine, Request
+
+    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu")
+    registry = AdapterRegistry(model, "base", None, len(adapters))
+    for name, path in adapters.items():
+        registry.load(name, path, set(), trusted=True)
+    engine, tok = Engine(model, max_batch=1), load_tokenizer(ckpt)
+    results = []
+    t0 = time.perf_counter()
+    for prompt, name in jobs:
+        s = time.perf_counter()
+        engine.submit(Request(tok.encode(prompt), name, SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)))
+        tokens = 0
+        while engine.busy():
+            tokens += len(engine.step()[0])
+        results.append({"latency": time.perf_counter() - s, "ttft": None, "tokens": tokens})
+    return summarise("loratune engine in-process, one request at a time", 1, results, time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
@@ -207,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(result["rows"][-1], flush=True)
         finally:
             server.close()
-    result["rows"].append(peer_run(ckpt, adapters, mixed, args.max_tokens))
-    print(result["rows"][-1], flush=True)
+    for run in (engine_run, peer_run):
+        result["rows"].append(run(ckpt, adapters, mixed, args.max_tokens))
+        print(result["rows"][-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -109,13 +109,16 @@ class Soak:
     async def _disconnect(self, client, body: dict, after: int) -> None:
         """Start a streamed answer and hang up after ``after`` chunks (the connection is closed, not drained)."""
         async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                self._refused(r.status_code, (await r.aread()).decode())
+                return
             seen = 0
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
                     seen += 1
                 if seen > after:
                     break
-        self.result.outcomes["disconnected mid-answer"] += 1
+        self.result.outcomes["disconnected mid-answer" if seen > after else "answered before the hang-up"] += 1
 
     def _check(self, index: int, model: str, text: str, tokens: int, how: str) -> None:
         self.result.tokens += tokens
@@ -143,7 +146,7 @@ class Soak:
             await asyncio.sleep(self.plan.churn_every_s)
             loaded = [m["id"] for m in (await client.get("/v1/models")).json()["data"] if m["id"] != self.plan.base]
             absent = [a for a in self.plan.adapters if a not in loaded]
-            if absent and (not loaded or rng.random() < 0.5):
+            if absent and (not loaded or rng.random() < 0.7):  # mostly loads: most adapters stay served
                 name = rng.choice(absent)
                 r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name})
                 self.result.churn[f"load: HTTP {r.status_code}{_why(r)}"] += 1

@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,24 +203,20 @@ def _hf_transposed(model: nn.Module) -> bool:
     return bool(found and found[0].hf_linear_transposed)
 
 
-def _read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    if (adapter_dir / WEIGHTS_NAME).is_file():
-        return read_safetensors(adapter_dir / WEIGHTS_NAME)
-    if (adapter_dir / PICKLE_WEIGHTS_NAME).is_file():
-        return read_pickled_tensors(adapter_dir / PICKLE_WEIGHTS_NAME)
-    raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk and checked against a model, not yet attached (see :func:`read_adapter`)."""
+
+    adapter_dir: Path
+    config: dict[str, Any]
+    extra: dict[str, Any]
+    pairs: dict[str, dict[str, torch.Tensor]]
 
 
-def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None, name: str = "default",
-                 activate: bool = True) -> LoRAConfig:
-    """Attach a PEFT-format LoRA adapter (directory or hub id) to ``model`` as adapter ``name``;
-    returns the settings loaded. ``activate`` makes it the model's only active adapter.
-
-    Checks that every tensor fits a module of this model (another architecture or hidden size is an
-    error, not a silent mis-load) and that the config and the weights name the same modules. The
-    returned :class:`LoRAConfig` describes the layers actually built: our sliced layout where the
-    metadata names it and the weights fit it, else PEFT's whole-module adapter with its own rank.
-    """
+def read_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None) -> AdapterFiles:
+    """Read a PEFT-format adapter (directory or hub id) and check that it fits ``model``, without changing the
+    model: every tensor fits a module of this model (another architecture or hidden size is an error, not a
+    silent mis-load), the config and the weights name the same modules, and the weights are finite."""
     adapter_dir = resolve_adapter_dir(adapter)
     path = adapter_dir / CONFIG_NAME
     config = read_json(path, "adapter config")
@@ -230,16 +226,35 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     saved_base = config.get("base_model_name_or_path")
     if base_model and saved_base and str(saved_base) != str(base_model):
         log.warning(f"adapter was trained on {saved_base!r}, applying it to {base_model!r}")
-    tensors = _read_adapter_tensors(adapter_dir)
+    if (adapter_dir / WEIGHTS_NAME).is_file():
+        tensors = read_safetensors(adapter_dir / WEIGHTS_NAME)
+    elif (adapter_dir / PICKLE_WEIGHTS_NAME).is_file():
+        tensors = read_pickled_tensors(adapter_dir / PICKLE_WEIGHTS_NAME)
+    else:
+        raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
     check_finite(tensors, f"adapter weights in {adapter_dir}",
                  "the file is corrupt, or the run that wrote it diverged: train it again")
     pairs = _tensor_pairs(tensors, adapter_dir)
-    modules = dict(model.named_modules())
     _check_modules(config, pairs, set(targetable(model)))
+    return AdapterFiles(adapter_dir, config, extra, pairs)
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None, name: str = "default",
+                 activate: bool = True, files: AdapterFiles | None = None) -> LoRAConfig:
+    """Attach a PEFT-format LoRA adapter (directory or hub id; or ``files`` already read by
+    :func:`read_adapter`) to ``model`` as adapter ``name``; returns the settings loaded. ``activate``
+    makes it the model's only active adapter.
+
+    The returned :class:`LoRAConfig` describes the layers actually built: our sliced layout where the
+    metadata names it and the weights fit it, else PEFT's whole-module adapter with its own rank.
+    """
+    files = files or read_adapter(model, adapter, base_model)
+    config, extra = files.config, files.extra
     if any(name in m.lora for _, m in lora_layers(model)):
         raise CheckpointError(f"the model already has an adapter named {name!r}: load this one under another name")
+    modules = dict(model.named_modules())
     before = next((m.active for _, m in lora_layers(model)), [])
-    built = {n: _build_update(config, extra, n, modules[n], pair) for n, pair in pairs.items()}
+    built = {n: _build_update(config, extra, n, modules[n], pair) for n, pair in files.pairs.items()}
     for module_name, (update, base) in built.items():  # all built and checked first: a bad tensor changes nothing
         if isinstance(base, LoRALinear):
             base.lora[name] = update
@@ -247,7 +262,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
             replace_module(model, module_name, _wrap(base, update, name))
     for _, layer in lora_layers(model):
         layer.set_active([name] if activate else before)
-    _check_magnitudes(model, name, adapter_dir, extra.get("dora_base_norms"))
+    _check_magnitudes(model, name, files.adapter_dir, extra.get("dora_base_norms"))
     return _loaded_config(config, extra, {n: u for n, (u, _) in built.items()})
 
 

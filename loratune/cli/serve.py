@@ -49,6 +49,9 @@ def build(args: argparse.Namespace):
     check_tokenizer_fits(model, tokenizer)
     name = args.served_model_name or args.model
     registry = AdapterRegistry(model, name, args.adapter_dir, args.max_adapters)
+    if len(args.adapter) > args.max_adapters:
+        raise ConfigError(f"{len(args.adapter)} --adapter given but --max-adapters is {args.max_adapters}: raise it, "
+                          "or load the others at run time")
     for item in args.adapter:
         adapter, sep, path = item.partition("=")
         if not sep or not adapter or not path:

@@ -283,15 +283,19 @@ class DecoderLM(nn.Module):
         return self.model.norm(x)
 
     def rope_switch_at(self) -> int | None:
-        """The length past which the rotary factors change (longrope: from its short to its long factors
-        once a sequence passes the original context), or None where they never do."""
+        """The length past which the rotary frequencies depend on the sequence's length, or None where they
+        never do: longrope switches from its short to its long factors past the original context, dynamic
+        NTK stretches its base past max_position_embeddings."""
         rope = self.config.rope["full_attention"]
-        return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+        if rope.rope_type == "longrope":
+            return rope.original_max_position_embeddings
+        return self.config.max_position_embeddings if rope.rope_type == "dynamic" else None
 
     def _rope_switches(self, start: int, T: int) -> bool:
-        """Whether this chunk passes the switch (keys cached before were rotated by the short factors)."""
-        switch = self.rope_switch_at()
-        return switch is not None and 0 < start <= switch < start + T
+        """Whether this chunk passes longrope's switch (keys cached before were rotated by the short factors)."""
+        rope = self.config.rope["full_attention"]
+        original = rope.original_max_position_embeddings
+        return rope.rope_type == "longrope" and 0 < start <= original < start + T
 
     def _recompute(self, idx: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Run the whole sequence again from an emptied cache (as transformers' Phi-3 generation does

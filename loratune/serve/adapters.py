@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters.named import delete_adapter
-from ..adapters.peft_format import load_adapter
+from ..adapters.peft_format import WEIGHTS_NAME, AdapterFiles, load_adapter, read_adapter
 from ..adapters.rows import build_banks
 from ..errors import ConfigError
 
@@ -40,9 +40,10 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         return list(self.loaded)
 
-    def serving(self) -> list[str]:
-        """The adapters new requests may name (loaded and not being unloaded)."""
-        return [n for n in self.loaded if n not in self.draining]
+    def serving(self) -> dict[str, Path]:
+        """The adapters new requests may name (loaded and not being unloaded), with their directories. Read as
+        a snapshot: the engine's thread may load or remove adapters meanwhile."""
+        return {n: p for n, p in list(self.loaded.items()) if n not in self.draining}
 
     def touch(self, name: str) -> None:
         """Mark ``name`` as just used (nothing if it was unloaded meanwhile)."""
@@ -69,19 +70,34 @@ class AdapterRegistry:
     def load(self, name: str, path: str | Path, busy: set[str], trusted: bool = False) -> list[str]:
         """Load adapter ``name`` (from --adapter-dir unless ``trusted``), evicting the least recently used one
         not in ``busy`` when --max-adapters is reached; returns the names evicted."""
+        return self.attach(name, self.read(name, path, trusted), busy)
+
+    def read(self, name: str, path: str | Path, trusted: bool = False) -> AdapterFiles:
+        """Check the name and the place, and read the adapter's files (the model is not touched: no step lock
+        needed). Safetensors only: a server takes no pickles, even through ``weights_only``."""
         if not name or name == self.base_model or not NAME.match(name):
             raise ConfigError(f"an adapter cannot be named {name!r}: use letters, digits, '-' and '_' (not the base "
                               "model's name)")
         if name in self.loaded:
             raise ConfigError(f"an adapter named {name!r} is already loaded: unload it first")
         where = Path(path) if trusted else self.inside_adapter_dir(str(path))
-        victims = [n for n in self.loaded if n not in busy][:max(0, len(self.loaded) + 1 - self.max_adapters)]
-        if len(self.loaded) + 1 - len(victims) > self.max_adapters:
+        if where.is_dir() and not (where / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"{where} has no {WEIGHTS_NAME}: loratune serve loads safetensors only, no pickled "
+                              "adapter_model.bin (PEFT's save_pretrained writes safetensors by default)")
+        return read_adapter(self.model, where)
+
+    def attach(self, name: str, files: AdapterFiles, busy: set[str]) -> list[str]:
+        """Attach adapter files read by :meth:`read` (between engine steps), evicting as :meth:`load` says."""
+        if name in self.loaded:
+            raise ConfigError(f"an adapter named {name!r} is already loaded: unload it first")
+        names = list(self.loaded)  # a snapshot: the event loop's thread may touch the order meanwhile
+        victims = [n for n in names if n not in busy][:max(0, len(names) + 1 - self.max_adapters)]
+        if len(names) + 1 - len(victims) > self.max_adapters:
             raise ConfigError(f"all {self.max_adapters} adapter places are in use by running requests; "
                               "try again when they finish, or raise --max-adapters")
         try:
-            load_adapter(self.model, where, base_model=None, name=name, activate=False)  # checked before any eviction
-            self.loaded[name] = where
+            load_adapter(self.model, files.adapter_dir, name=name, activate=False, files=files)
+            self.loaded[name] = files.adapter_dir
             for victim in victims:
                 self._remove(victim)
         finally:

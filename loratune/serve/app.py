@@ -6,6 +6,7 @@ adapter (the base model's name: no adapter), as in vLLM.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -57,10 +58,13 @@ class OpenAIServer:
     async def auth(self, request: HTTPRequest) -> None:
         """Bearer-token auth on /v1/ when --api-key is set (a dependency, not a middleware: Starlette's
         BaseHTTPMiddleware would hide a client's disconnect from the handlers)."""
-        if self.cfg.api_key and request.headers.get("authorization", "") != f"Bearer {self.cfg.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if self.cfg.api_key and not hmac.compare_digest(given, f"Bearer {self.cfg.api_key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
 
     async def health(self):
+        if not self.worker.alive():
+            return JSONResponse({"status": "the engine's thread has stopped"}, status_code=503)
         return {"status": "ok"}
 
     async def metrics(self):
@@ -85,22 +89,23 @@ class OpenAIServer:
         now, base = int(time.time()), self.cfg.model_name
         data = [{"id": base, "object": "model", "created": now, "owned_by": "loratune", "root": base, "parent": None}]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "loratune", "root": str(p), "parent": base}
-                 for n, p in self.registry.loaded.items() if n not in self.registry.draining]
+                 for n, p in self.registry.serving().items()]
         return {"object": "list", "data": data}
 
     async def load(self, body: dict):
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "give lora_name and lora_path (strings)")
-        def locked():  # between two steps, in a helper thread: the event loop keeps serving
-            with self.worker.lock:
-                try:
-                    return self.registry.load(name, path, self.worker.adapters_in_use())
-                finally:
-                    self.worker.engine.adapters_changed()
+
+        def attach():  # on the engine's thread, between two steps
+            try:
+                return self.registry.attach(name, files, self.worker.adapters_in_use())
+            finally:
+                self.worker.engine.adapters_changed()
 
         try:
-            evicted = await asyncio.to_thread(locked)
+            files = await asyncio.to_thread(self.registry.read, name, path)  # the disk, off the engine's thread
+            evicted = await self.worker.between_steps(attach)
         except (LoratuneError, OSError) as exc:
             raise APIError(400, str(exc)) from None
         note = f" (evicted {', '.join(evicted)})" if evicted else ""
@@ -110,29 +115,30 @@ class OpenAIServer:
         """Unload an adapter: new requests for it are refused (404) at once, and it is removed as soon as its
         requests in flight have finished (409 if they take longer than --timeout)."""
         name = body.get("lora_name")
-        if name not in self.registry.loaded:
+        if not isinstance(name, str):
+            raise APIError(400, "give lora_name (a string)")
+        if name not in self.registry.serving():
             raise APIError(404, f"no adapter named {name!r} is loaded", "not_found_error")
 
-        def locked() -> bool:
-            with self.worker.lock:
-                if name in self.worker.adapters_in_use():
-                    return False
-                try:
-                    self.registry.unload(name, set())
-                finally:
-                    self.worker.engine.adapters_changed()
+        def remove() -> bool:  # on the engine's thread, between two steps
+            if name not in self.registry.loaded:  # removed meanwhile (a load evicted it): gone, as asked
                 return True
+            if name in self.worker.adapters_in_use():
+                return False
+            try:
+                self.registry.unload(name, set())
+            finally:
+                self.worker.engine.adapters_changed()
+            return True
 
         self.registry.draining.add(name)
         deadline = time.monotonic() + self.cfg.timeout_s
         try:
-            while not await asyncio.to_thread(locked):
+            while not await self.worker.between_steps(remove):
                 if time.monotonic() > deadline:
                     raise APIError(409, f"adapter {name!r} is still in use by requests after {self.cfg.timeout_s:g} s; "
                                         "it stays loaded")
                 await asyncio.sleep(0.05)
-        except KeyError:  # meanwhile removed by another call or evicted by a load: gone, as asked
-            pass
         finally:
             self.registry.draining.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
@@ -193,10 +199,12 @@ class OpenAIServer:
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._stream(requests, queues, stops, meta, chat, len(ids) if usage else None,
                                                   request, deadline), media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._collect(r, q, stops, request, deadline)) for r, q in zip(requests, queues)]
         try:
-            outs = await asyncio.gather(*(self._collect(r, q, stops, request, deadline)
-                                          for r, q in zip(requests, queues)))
+            outs = await asyncio.gather(*tasks)
         finally:  # one choice failed or the client left: its siblings stop too
+            for task in tasks:
+                task.cancel()
             for r in requests:
                 self.worker.cancel(r.id)
         choices = [_choice(i, text, reason, chat, False) for i, (text, reason, _) in enumerate(outs)]

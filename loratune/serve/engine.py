@@ -58,11 +58,14 @@ class Request:
 
 @dataclass
 class Finished:
-    """A request's answer: the new tokens and why it ended (``stop``: a stop token, ``length``: max tokens)."""
+    """A request's answer: the new tokens and why it ended (``stop``: a stop token, ``length``: max tokens,
+    ``error``: its row failed)."""
 
     request: Request
     tokens: list[int]
     reason: str
+    error: str | None = None
+    """With reason ``error``: what failed (this request alone; the others go on)."""
 
 
 @dataclass
@@ -89,14 +92,15 @@ class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None,
                  prefill_tokens: int = 512) -> None:
         if max_batch < 1 or prefill_tokens < 1:
-            raise ConfigError(f"max_batch and prefill_tokens must be >= 1, got {max_batch} and {prefill_tokens}")
+            raise ConfigError(f"max_batch (--max-batch) and prefill_tokens (--prefill-tokens) must be >= 1, got "
+                              f"{max_batch} and {prefill_tokens}")
         self.model, self.max_batch, self.prefill_tokens = model.eval(), max_batch, prefill_tokens
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         switch = model.rope_switch_at()
         if switch is not None and self.max_len > switch:
-            raise ConfigError(f"this model's rotary factors change once a sequence passes {switch} positions "
-                              "(longrope), which rows of one batch cannot do apart: serve it with "
-                              f"--max-model-len {switch} or less")
+            raise ConfigError(f"this model's rotary frequencies change once a sequence passes {switch} positions "
+                              "(longrope or dynamic scaling), which rows of one batch cannot do apart: serve it "
+                              f"with --max-model-len {switch} or less")
         self.device = next(model.parameters()).device
         self.cache = self._new_cache(max_batch, self.max_len)
         self.mask = torch.zeros((max_batch, self.max_len), dtype=torch.long, device=self.device)
@@ -161,6 +165,14 @@ class Engine:
                 return True
         return False
 
+    def clear(self) -> None:
+        """Forget every request (after a failure that left the engine's state unknown)."""
+        self.rows = [None] * self.max_batch
+        self.waiting.clear()
+        self.partial = None
+        self.cache.length = 0
+        self.mask.zero_()
+
     def free_slots(self) -> int:
         return sum(r is None for r in self.rows) - (self.partial is not None)
 
@@ -186,10 +198,11 @@ class Engine:
         while budget > 0 and self.waiting and self.free_slots() > 0:
             group, tokens = [], 0
             for r in self.waiting:  # first come, first served: stop at the first prompt that does not fit
-                if len(group) == self.free_slots() or tokens + len(r.prompt) > budget:
+                padded = (len(group) + 1) * max([len(r.prompt), *(len(g.prompt) for g in group)])  # with padding
+                if len(group) == self.free_slots() or padded > budget:
                     break
                 group.append(r)
-                tokens += len(r.prompt)
+                tokens = padded
             if not group:  # the next prompt does not fit what is left; longer than a whole budget: in chunks
                 if self.partial is None and len(self.waiting[0].prompt) > self.prefill_tokens:
                     request = self.waiting.popleft()
@@ -213,11 +226,15 @@ class Engine:
         for i, r in enumerate(group):
             ids[i, longest - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
             pad[i, longest - len(r.prompt):] = 1
-        cache = self._new_cache(len(group), longest)
         uneven = any(len(r.prompt) != longest for r in group)
-        with self._applying([r.adapter for r in group]):
-            hidden = self.model.hidden_states(ids, cache, attention_mask=pad if uneven else None)
-            logits = self.model.logits(hidden[:, -1])  # (rows, V)
+        try:
+            cache = self._new_cache(len(group), longest)
+            with self._applying([r.adapter for r in group]):
+                hidden = self.model.hidden_states(ids, cache, attention_mask=pad if uneven else None)
+                logits = self.model.logits(hidden[:, -1])  # (rows, V)
+        except RuntimeError as exc:  # out of memory, say: these requests fail, the running rows go on
+            finished.extend(Finished(r, [], "error", f"prefill failed: {type(exc).__name__}: {exc}") for r in group)
+            return
         for i, r in enumerate(group):
             self._start(r, cache, i, longest - len(r.prompt), logits[i:i + 1], produced, finished)
 
@@ -255,7 +272,7 @@ class Engine:
         if cfg.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.rows[slot] = _Row(request, generator)
-        self._emit(slot, int(next_token(logits, cfg, generator)[0]), produced, finished)
+        self._emit(slot, self._sample(logits, self.rows[slot]), produced, finished)
 
     def _decode(self, n: int, produced: list, finished: list) -> None:
         if self.cache.length + 1 > self.max_len:
@@ -271,13 +288,24 @@ class Engine:
             hidden = self.model.hidden_states(last, view, attention_mask=self.mask[:n, :t + 1])
             logits = self.model.logits(hidden[:, -1])  # (n, V)
         self.cache.length = view.length
-        tokens = [int(next_token(logits[i:i + 1], self.rows[i].request.sampling, self.rows[i].generator)[0])
-                  for i in range(n)]
+        tokens = [self._sample(logits[i:i + 1], self.rows[i]) for i in range(n)]
         for i in reversed(range(n)):  # a freed slot takes the last running row, which is already handled
             self._emit(i, tokens[i], produced, finished)
 
-    def _emit(self, slot: int, token: int, produced: list, finished: list) -> None:
+    @staticmethod
+    def _sample(logits: torch.Tensor, row: _Row) -> int | str:
+        """The row's next token, or what went wrong (non-finite logits make sampling fail: that row alone)."""
+        try:
+            return int(next_token(logits, row.request.sampling, row.generator)[0])
+        except RuntimeError as exc:
+            return f"sampling failed: {exc}"
+
+    def _emit(self, slot: int, token: int | str, produced: list, finished: list) -> None:
         row = self.rows[slot]
+        if isinstance(token, str):
+            finished.append(Finished(row.request, row.tokens, "error", token))
+            self._free(slot)
+            return
         cfg, stops = row.request.sampling, row.request.stop_ids
         if cfg.stop_at_eos and token in stops:
             finished.append(Finished(row.request, row.tokens, "stop"))

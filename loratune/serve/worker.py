@@ -1,19 +1,22 @@
 """The engine's thread: requests come in from the web server's event loop, tokens go back to it.
 
 One thread runs :meth:`Engine.step` while there is work and sleeps otherwise. The event loop never
-waits for it: submitting and cancelling only append to thread-safe queues that the thread drains
-between steps, and changing adapters (which takes the step lock) runs in a helper thread
-(``asyncio.to_thread``). Each request's tokens reach its event-loop queue as ``("token", id)``, then
-one ``("done", reason)``; or ``("refused", message)`` when its adapter was unloaded before it reached the engine,
-or ``("error", message)`` when a step failed.
+waits for it: submitting, cancelling and changing adapters only append to thread-safe queues that the
+thread drains between steps (adapter changes first, as jobs whose results the event loop awaits; their
+files are read before, outside the engine's thread). Each request's tokens reach its event-loop queue
+as ``("token", id)``, then one ``("done", reason)``; or ``("refused", message)`` when its adapter was
+unloaded before it reached the engine, or ``("error", message)`` when its row or a whole step failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from .engine import AdapterNotLoaded, Engine, Request
 
@@ -31,6 +34,7 @@ class Worker:
         self._wake = threading.Event()
         self._incoming: deque[tuple[Request, asyncio.AbstractEventLoop, asyncio.Queue]] = deque()
         self._cancels: deque[int] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self.generated = self.completed = 0  # tokens produced and requests finished since start (for /metrics)
@@ -68,44 +72,80 @@ class Worker:
         """Adapters of requests not yet finished, those on their way to the engine included (call under lock)."""
         return self.engine.adapters_in_use() | {r.adapter for r, _, _ in list(self._incoming) if r.adapter}
 
+    def between_steps(self, job: Callable[[], Any]) -> asyncio.Future:
+        """Run ``job`` on the engine's thread between two steps (loading or removing adapters: nothing else
+        touches the model then); await the result. Jobs go first at the next step boundary, so a busy engine
+        cannot keep them waiting."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.append((job, done))
+        self._wake.set()
+        return asyncio.wrap_future(done)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        while self._jobs:
+            self._jobs.popleft()[1].cancel()
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(timeout=0.05)
+            busy = False
             try:
                 with self.lock:
+                    self._wake.clear()  # before draining: a request queued after this point wakes the next wait
                     self._drain()
-                    if not self.engine.busy():
-                        self._wake.clear()
-                        continue
-                    produced, finished = self.engine.step()
-                    items = [(request.id, ("token", token)) for request, token in produced]
-                    items += [(f.request.id, ("done", f.reason)) for f in finished]
-                    self._send(items)
-                    self.generated += len(produced)
-                    self.completed += len(finished)
-                    for f in finished:
-                        self._streams.pop(f.request.id, None)
-            except Exception as exc:  # a bug or a bad adapter: every request in flight hears of it
+                    busy = self.engine.busy()
+                    if busy:
+                        self._step()
+            except Exception as exc:  # a bug, or the device failed: every request in flight hears of it
                 log.exception("engine step failed")
-                with self.lock:
-                    self._fail_all(f"{type(exc).__name__}: {exc}")
+                try:
+                    with self.lock:
+                        self._fail_all(f"{type(exc).__name__}: {exc}")
+                except Exception:  # the engine's state is beyond repair: start it over, the thread lives on
+                    log.exception("could not fail the requests in flight one by one")
+                    self.engine.clear()
+                    self._streams.clear()
+            if not busy:
+                self._wake.wait(timeout=0.05)
+
+    def _step(self) -> None:
+        produced, finished = self.engine.step()
+        items = [(request.id, ("token", token)) for request, token in produced]
+        items += [(f.request.id, ("error", f.error) if f.reason == "error" else ("done", f.reason))
+                  for f in finished]
+        self._send(items)
+        self.generated += len(produced)
+        self.completed += sum(f.reason != "error" for f in finished)
+        for f in finished:
+            self._streams.pop(f.request.id, None)
 
     def _drain(self) -> None:
+        while self._jobs:
+            job, done = self._jobs.popleft()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(job())
+                except Exception as exc:  # the job's own failure (a bad adapter): its caller hears of it
+                    done.set_exception(exc)
+        cancelled = set()
+        while self._cancels:
+            cancelled.add(self._cancels.popleft())
         while self._incoming:
             request, loop, queue = self._incoming.popleft()
+            if request.id in cancelled:  # its client left before it reached the engine
+                continue
             self._streams[request.id] = (loop, queue)
             try:
                 self.engine.submit(request)
             except AdapterNotLoaded as exc:  # its adapter was unloaded after the request was checked
                 self._send([(request.id, ("refused", str(exc)))])
                 self._streams.pop(request.id, None)
-        while self._cancels:
-            request_id = self._cancels.popleft()
+        for request_id in cancelled:
             self.engine.cancel(request_id)
             self._streams.pop(request_id, None)
 

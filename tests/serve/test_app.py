@@ -19,6 +19,8 @@ httpx = pytest.importorskip("httpx")
 from served import ADAPTERS, PROMPTS, Running, expected, make_files  # noqa: E402
 
 from loratune.errors import ConfigError  # noqa: E402
+from loratune.generate import SamplingConfig  # noqa: E402
+from loratune.serve.engine import Request  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -231,6 +233,39 @@ def test_unloading_an_adapter_in_use_waits_for_its_requests(files, server, slow_
     finally:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"}).raise_for_status()
+
+
+def test_a_request_cancelled_before_it_reaches_the_engine_never_runs(server):
+    worker = server.server.worker
+    generated = worker.generated
+    with worker.lock:  # the engine's thread is held between two steps
+        request = Request([1, 2, 3], None, SamplingConfig(max_new_tokens=5, temperature=0.0))
+        worker.submit(request, asyncio.new_event_loop())
+        worker.cancel(request.id)  # queued after the submit, drained with it
+    time.sleep(0.3)
+    assert worker.generated == generated and worker.in_flight() == 0 and not worker.engine.busy()
+
+
+def test_a_pickled_adapter_is_refused_and_a_stopped_engine_is_unhealthy(files, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = files["adapters"] / "pickled"
+    if not pickled.exists():
+        shutil.copytree(files["adapters"] / "a", pickled)
+        torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+        (pickled / "adapter_model.safetensors").unlink()
+    running = Running(files)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "pickled", "lora_path": "pickled"})
+            assert r.status_code == 400 and "safetensors only" in r.json()["error"]["message"]
+            running.server.worker.stop()
+            assert client.get("/health").status_code == 503
+    finally:
+        running.close()
 
 
 def test_metrics_show_the_slots_and_the_tokens(server):

@@ -78,9 +78,10 @@ def test_sixteen_requests_over_four_adapters_and_the_base_equal_each_alone(serve
 def test_a_short_cache_is_compacted_and_answers_stay_exact(served):
     requests = _requests(12, seed=1, max_new=12)
     engine = Engine(served, max_batch=3, max_len=30)
-    lengths = []
+    lengths, compactions, compact = [], [], engine._compact
+    engine._compact = lambda: (compactions.append(engine.cache.length), compact())
     answers = run(engine, requests, submit_every=2, lengths=lengths)
-    assert max(lengths) == 30 and any(b < a - 1 for a, b in zip(lengths, lengths[1:]))  # full, then compacted
+    assert max(lengths) == 30 and compactions and set(compactions) == {30}  # full, then compacted
     for r in requests:
         assert answers[r.id] == alone(served, r), (r.adapter, r.prompt)
 
@@ -166,12 +167,40 @@ def test_sliding_window_models_are_served_exactly(tmp_path, family):
         assert answers[r.id] == alone(model, r), (r.adapter, r.prompt)
 
 
-def test_longrope_is_served_within_its_original_context_only(tmp_path):
-    model = banked_family(tmp_path, "phi3-longrope",
-                          {"p": dict(r=4, lora_alpha=8.0, target_modules=["qkv_proj", "o_proj"])})
-    with pytest.raises(ConfigError, match="--max-model-len 32"):
+@pytest.mark.parametrize("family, overrides, adapter_targets, switch", [
+    ("phi3-longrope", {}, ["qkv_proj", "o_proj"], 32),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["q_proj", "v_proj"], 256)])
+def test_length_dependent_rope_is_served_within_its_switch_only(tmp_path, family, overrides, adapter_targets, switch):
+    """longrope and dynamic NTK compute their frequencies from the batch's longest sequence: rows of one batch
+    would change each other's answers past the switch, so the engine serves them up to it."""
+    model = banked_family(tmp_path, family, {"p": dict(r=4, lora_alpha=8.0, target_modules=adapter_targets)},
+                          **overrides)
+    with pytest.raises(ConfigError, match=f"--max-model-len {switch} or less"):
         Engine(model, max_batch=2)
     requests = [Request(r.prompt, r.adapter and "p", r.sampling) for r in _requests(6, seed=7)]
-    answers = run(Engine(model, max_batch=3, max_len=32), requests)
+    answers = run(Engine(model, max_batch=3, max_len=switch), requests)
     for r in requests:
         assert answers[r.id] == alone(model, r), (r.adapter, r.prompt)
+
+
+def test_a_row_that_fails_ends_alone(served):
+    """A row whose logits are not finite cannot be sampled: it ends with an error, the rows beside it go on."""
+    bank = next(m.row_bank for m in served.modules() if getattr(m, "row_bank", None) is not None)
+    slot = bank.names.index("b") + 1
+    saved = bank.B[slot].clone()
+    bank.B[slot] = float("nan")
+    try:
+        requests = _requests(5, seed=8)
+        requests[2] = Request(requests[2].prompt, "b", SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3))
+        engine = Engine(served, max_batch=5)
+        for r in requests:
+            engine.submit(r)
+        done = {}
+        while engine.busy():
+            done.update({f.request.id: f for f in engine.step()[1]})
+    finally:
+        bank.B[slot] = saved
+    assert done[requests[2].id].reason == "error" and "sampling failed" in done[requests[2].id].error
+    for r in requests[:2] + requests[3:]:
+        assert done[r.id].reason != "error" and done[r.id].tokens == alone(served, r)
+    assert engine.free_slots() == 5
