@@ -22,6 +22,7 @@ from ..generate.chat import messages_prompt
 from ..generate.sampling import SamplingConfig
 from .adapters import AdapterRegistry
 from .engine import AdapterNotLoaded, Request
+from .metrics import prometheus_text
 from .worker import QueueFull, Worker
 
 
@@ -69,21 +70,8 @@ class OpenAIServer:
 
     async def metrics(self):
         """The engine's state in Prometheus' text format (as vLLM's /metrics: no key needed, numbers only)."""
-        c = self.worker.counts()
-        gauges = [("requests_running", "requests being decoded", c["running"]),
-                  ("requests_waiting", "requests waiting for a slot (queued or being prefilled)", c["waiting"]),
-                  ("kv_slots_free", "KV-cache slots free", c["slots_free"]),
-                  ("kv_slots", "KV-cache slots", c["slots"]),
-                  ("streams_open", "requests whose answers are on their way", c["streams"]),
-                  ("adapters_loaded", "adapters held", len(self.registry.loaded))]
-        counters = [("generation_tokens", "tokens generated", c["generated"]),
-                    ("requests_finished", "requests that ran to a stop or their length", c["completed"])]
-        lines = []
-        for kind, items, suffix in (("gauge", gauges, ""), ("counter", counters, "_total")):
-            for name, text, value in items:
-                lines += [f"# HELP loratune_{name}{suffix} {text}", f"# TYPE loratune_{name}{suffix} {kind}",
-                          f"loratune_{name}{suffix} {value}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(self.worker.counts(), len(self.registry.loaded)),
+                                 media_type="text/plain; version=0.0.4")
 
     async def models(self):
         now, base = int(time.time()), self.cfg.model_name
