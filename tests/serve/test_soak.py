@@ -40,6 +40,7 @@ def test_mixed_load_with_disconnects_and_adapter_churn(tmp_path):
     finally:
         running.close()
     out = result.outcomes
+    print(dict(out), dict(result.churn))  # with -s: what RELIABILITY.md quotes
     assert not result.wrong, result.wrong[:3]  # no different answer, no unexpected status, no client error
     assert out["completed, equal to generate"] >= 30 and out["disconnected mid-answer"] >= 3, out
     assert result.churn["load: HTTP 200"] >= 2 and result.churn["unload: HTTP 200"] >= 2, result.churn
