@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+import time
 
 from ..errors import ConfigError
 from .common import add_model_args, log
@@ -22,7 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-adapters", type=int, default=8, help="adapters held at once; least recently used go")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: half the model's context")
-    p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the largest max_tokens a request may ask for (default: 512, or what the context leaves after "
+                        "--max-prompt-tokens where that is less)")
     p.add_argument("--prefill-tokens", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps (at least one request; default 512)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -59,8 +64,10 @@ def build(args: argparse.Namespace):
         registry.load(adapter, path, set(), trusted=True)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_model_len, prefill_tokens=args.prefill_tokens)
     context = engine.max_len
-    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key,
-                      args.max_prompt_tokens or context // 2, args.max_tokens, args.timeout, args.max_queue)
+    prompt = args.max_prompt_tokens or context // 2
+    tokens = min(512, max(1, context - prompt)) if args.max_tokens is None else args.max_tokens
+    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key, prompt, tokens, args.timeout,
+                      args.max_queue)
     if cfg.max_prompt_tokens + cfg.max_tokens > context:
         raise ConfigError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} exceed the "
                           f"model's context of {context}")
@@ -74,10 +81,28 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("loratune serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     app, server = build(args)
+    web = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                        timeout_graceful_shutdown=30))
+    http = threading.Thread(target=web.run, name="loratune-http", daemon=True)
+
+    def shutdown(signum, frame) -> None:  # SIGTERM or Ctrl-C: no new connections, the open ones finish (30 s)
+        if web.should_exit:  # a second one: stop now
+            web.force_exit = True
+        log.info(f"{signal.Signals(signum).name} received: finishing the requests in flight")
+        web.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shutdown)
+    http.start()  # the web server in a thread; the engine keeps the main thread (see Worker.run_until)
+    while http.is_alive() and not web.started:
+        time.sleep(0.05)
+    if not web.started:
+        raise ConfigError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above): is the port "
+                          "in use? Give another with --port")
     log.info(f"serving {server.cfg.model_name} with adapters {', '.join(server.registry.names()) or '(none)'} on "
              f"http://{args.host}:{args.port}/v1")
-    try:  # SIGTERM/Ctrl-C: uvicorn stops taking connections and lets the open ones finish (30 s at most)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    try:
+        server.worker.run_until(lambda: not http.is_alive())
     finally:
         server.worker.stop()
     return 0

@@ -53,6 +53,7 @@ class Running:
         for key, value in options.items():
             setattr(args, key, value)
         self.app, self.server = build(args)
+        self.server.worker.start()
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
