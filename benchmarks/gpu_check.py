@@ -15,7 +15,8 @@ Checks: our GPT-2's logits against transformers' (fp32 and bf16); LoRA q,v again
 equivalent c_attn adapter; greedy generation against transformers' ``generate``; a short
 ``train()`` (bf16-mixed) whose validation loss must fall and whose adapter must have trained,
 change the logits, and load in PEFT with our logits; DDP and FSDP2 through ``torchrun
---nproc-per-node 1`` (NCCL on CUDA) against the one-process adapter. ``cpu`` dry-runs the script itself; the
+--nproc-per-node 1`` (NCCL on CUDA) against the one-process adapter; the serving engine (mixed adapters, DoRA
+among them) against ``generate`` alone. ``cpu`` dry-runs the script itself; the
 tests never need a GPU (they check the frozen base stays bit-identical); this script is what was
 run on one.
 """
@@ -181,6 +182,7 @@ def main() -> int:
         check("training: the adapter loads in PEFT with our logits", d_l2 < REL_L2_LIMIT and d_max < REL_MAX_LIMIT,
               f"relative L2 diff to PEFT {d_l2:.2e}, max abs diff / max abs {d_max:.2e} {_limits()}")
         torchrun_checks(ckpt, tmp, dev)
+    serve_checks(ckpt, tmp, dev)
     print(f"{len(FAILURES)} failure(s)" + (f": {', '.join(FAILURES)}" if FAILURES else ""))
     return len(FAILURES)
 
@@ -217,6 +219,57 @@ def torchrun_checks(ckpt: Path, tmp: Path, dev: str) -> None:
         diff = max(float((one[k] - theirs[k]).abs().max()) for k in one)
         check(f"torchrun {strategy} (world size 1, {dev}): the one-process adapter", diff < 1e-5,
               f"max |difference| {diff:.2e} after 20 steps (must be < 1e-5)")
+
+
+
+def serve_checks(ckpt: Path, tmp: Path, dev: torch.device) -> None:
+    """6. The serving engine on the device: 12 requests over 3 adapters (one DoRA) and the base, through 4 slots,
+    each equal to greedy ``generate`` with its adapter alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from loratune.adapters.lora import adapters_disabled
+    from loratune.adapters.named import set_active_adapters
+    from loratune.generate import SamplingConfig, generate
+    from loratune.models import load_model
+    from loratune.serve.adapters import AdapterRegistry
+    from loratune.serve.engine import Engine, Request
+
+    model, _ = load_model(ckpt, device=dev)
+    model.to(dev).eval()
+    registry = AdapterRegistry(model, "base", None, 3)
+    for i, dora in enumerate([False, False, True]):
+        peft = get_peft_model(GPT2LMHeadModel.from_pretrained(ckpt), LoraConfig(
+            r=4 + 2 * i, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=dora))
+        gen = torch.Generator().manual_seed(50 + i)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n and "magnitude" not in n:  # DoRA's magnitudes stay PEFT's (the base's row norms)
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        peft.save_pretrained(tmp / f"serve-{i}")
+        registry.load(f"s{i}", tmp / f"serve-{i}", set(), trusted=True)
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(4, 40, (12,), generator=gen).tolist()
+    requests = [Request(torch.randint(0, 50257, (n,), generator=gen).tolist(), [None, "s0", "s1", "s2"][i % 4],
+                        SamplingConfig(max_new_tokens=12, temperature=0.0)) for i, n in enumerate(lengths)]
+    engine, answers = Engine(model, max_batch=4, prefill_tokens=64), {}
+    for r in requests:
+        engine.submit(r)
+    while engine.busy():
+        answers.update({f.request.id: f.tokens for f in engine.step()[1]})
+    same = 0
+    for r in requests:
+        prompt = torch.tensor([r.prompt], device=dev)
+        if r.adapter is None:
+            with adapters_disabled(model):
+                alone = generate(model, prompt, r.sampling)[0].tolist()
+        else:
+            set_active_adapters(model, r.adapter)
+            alone = generate(model, prompt, r.sampling)[0].tolist()
+        same += answers.get(r.id) == alone
+    varied = len({tuple(a) for a in answers.values()})
+    check(f"serving engine ({dev}): mixed adapters equal generate alone", same == len(requests) and varied > 6,
+          f"{same} of {len(requests)} answers equal, {varied} different answers")
 
 
 if __name__ == "__main__":
