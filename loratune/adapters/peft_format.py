@@ -1,18 +1,16 @@
 """Adapters in the PEFT format, both ways: what vLLM, TGI, LoRAX, transformers and PEFT read.
 
-A directory with ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``,
-``target_modules`` ...) and ``adapter_model.safetensors`` holding
-``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r) under the
-Hugging Face module names of the base model. Our own extras go to ``loratune_adapter.json``,
-which PEFT ignores: the slices, our LoRAConfig, and the base's config (so an adapter loaded onto
-another model family is refused by name, see :func:`~.peft_config.check_family`).
+A directory with ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``, ``target_modules`` ...) and
+``adapter_model.safetensors`` holding ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight``
+(out, r) under the Hugging Face module names of the base model. Our own extras go to ``loratune_adapter.json``,
+which PEFT ignores: the slices, our LoRAConfig, and the base's config (so an adapter loaded onto another model
+family is refused by name, see :func:`~.peft_config.check_family`).
 
-*Slices* of a fused projection (q and v of GPT-2's ``c_attn`` or Phi-3's ``qkv_proj``, up of
-``gate_up_proj``) have no PEFT twin, so they are written as the exactly equivalent whole-module
-adapter: A stacked ``[A_q; A_v]`` (rank S*r), B block-shaped with zero rows outside the slices
-(k's, at their real grouped-query width), and alpha scaled so alpha'/r' (or alpha'/sqrt(r') with
-rsLoRA) is our scale. ``loratune_adapter.json`` records the slices, so loading here restores them
-exactly.
+*Slices* of a fused projection (q and v of GPT-2's ``c_attn`` or Phi-3's ``qkv_proj``, up of ``gate_up_proj``)
+have no PEFT twin, so they are written as the exactly equivalent whole-module adapter: A stacked ``[A_q; A_v]``
+(rank S*r), B block-shaped with zero rows outside the slices (k's, at their real grouped-query width), and alpha
+scaled so alpha'/r' (or alpha'/sqrt(r') with rsLoRA) is our scale. ``loratune_adapter.json`` records the slices,
+so loading here restores them exactly.
 """
 
 from __future__ import annotations
@@ -240,15 +238,15 @@ def read_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
 
 
 def load_adapter(model: nn.Module, adapter: str | Path, base_model: str | None = None, name: str = "default",
-                 activate: bool = True, files: AdapterFiles | None = None) -> LoRAConfig:
-    """Attach a PEFT-format LoRA adapter (directory or hub id; or ``files`` already read by
-    :func:`read_adapter`) to ``model`` as adapter ``name``; returns the settings loaded. ``activate``
-    makes it the model's only active adapter.
+                 activate: bool = True) -> LoRAConfig:
+    """Read and attach a PEFT-format LoRA adapter (directory or hub id) as adapter ``name``; ``activate`` makes it
+    the model's only active adapter. Returns the settings loaded, as the layers were built: our sliced layout where
+    the metadata names it and the weights fit it, else PEFT's whole-module adapter with its own rank."""
+    return attach_adapter(model, read_adapter(model, adapter, base_model), name, activate)
 
-    The returned :class:`LoRAConfig` describes the layers actually built: our sliced layout where the
-    metadata names it and the weights fit it, else PEFT's whole-module adapter with its own rank.
-    """
-    files = files or read_adapter(model, adapter, base_model)
+
+def attach_adapter(model: nn.Module, files: AdapterFiles, name: str, activate: bool) -> LoRAConfig:
+    """:func:`load_adapter`'s second half: attach an adapter already read by :func:`read_adapter`."""
     config, extra = files.config, files.extra
     if any(name in m.lora for _, m in lora_layers(model)):
         raise CheckpointError(f"the model already has an adapter named {name!r}: load this one under another name")

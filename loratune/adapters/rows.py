@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,14 +40,24 @@ class AdapterBank:
     """(slots, out, R): each adapter's scale * stacked B, zero columns past its own R."""
     G: torch.Tensor | None
     """(slots, out): DoRA's magnitude scale per output row (1 elsewhere); None when no adapter is DoRA."""
+    cast: dict = field(default_factory=dict, repr=False)
+    """(A, B, G) in other dtypes, made once (a bf16 model would otherwise cast the bank at every step)."""
+
+    def as_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.A.dtype == dtype:
+            return self.A, self.B, self.G
+        if dtype not in self.cast:
+            self.cast[dtype] = (self.A.to(dtype), self.B.to(dtype), None if self.G is None else self.G.to(dtype))
+        return self.cast[dtype]
 
     def delta(self, x: torch.Tensor, slots: torch.Tensor, base_no_bias: torch.Tensor | None) -> torch.Tensor:
         """What each row's adapter adds to the layer's output: x (rows, T, in) -> (rows, T, out)."""
-        z = torch.bmm(x, self.A[slots].transpose(1, 2).to(x.dtype))  # (rows, T, R)
-        out = torch.bmm(z, self.B[slots].transpose(1, 2).to(x.dtype))  # (rows, T, out)
-        if self.G is None:
+        A, B, G = self.as_dtype(x.dtype)
+        z = torch.bmm(x, A[slots].transpose(1, 2))  # (rows, T, R)
+        out = torch.bmm(z, B[slots].transpose(1, 2))  # (rows, T, out)
+        if G is None:
             return out
-        g = self.G[slots].to(x.dtype)[:, None, :]  # (rows, 1, out)
+        g = G[slots][:, None, :]  # (rows, 1, out)
         return (g - 1) * base_no_bias + g * out
 
 
@@ -97,13 +107,15 @@ def build_banks(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def rows_applying(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]:
+def rows_applying(model: nn.Module, adapters: Sequence[str | None],
+                  layers: Sequence[LoRALinear] | None = None) -> Iterator[None]:
     """Inside, forwards of ``model`` apply ``adapters[i]`` to batch row i (None: the bare base).
 
     The names must be banked (:func:`build_banks`). The model's own active adapters are ignored for
-    these forwards.
+    these forwards. ``layers``: the model's LoRA layers, where the caller keeps them (no walk of the
+    model per forward).
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = list(layers) if layers is not None else [layer for _, layer in lora_layers(model)]
     banked = getattr(layers[0], "row_bank", None) if layers else None
     if banked is None:
         raise ConfigError("no adapter bank on this model: call build_banks(model, names) first")

@@ -66,8 +66,7 @@ def build(args: argparse.Namespace):
     context = engine.max_len
     prompt = args.max_prompt_tokens or context // 2
     tokens = min(512, max(1, context - prompt)) if args.max_tokens is None else args.max_tokens
-    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key, prompt, tokens, args.timeout,
-                      args.max_queue)
+    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key, prompt, tokens, args.timeout)
     if cfg.max_prompt_tokens + cfg.max_tokens > context:
         raise ConfigError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} exceed the "
                           f"model's context of {context}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters.named import delete_adapter
-from ..adapters.peft_format import WEIGHTS_NAME, AdapterFiles, load_adapter, read_adapter
+from ..adapters.peft_format import WEIGHTS_NAME, AdapterFiles, attach_adapter, read_adapter
 from ..adapters.rows import build_banks
 from ..errors import ConfigError
 
@@ -96,7 +96,7 @@ class AdapterRegistry:
             raise ConfigError(f"all {self.max_adapters} adapter places are in use by running requests; "
                               "try again when they finish, or raise --max-adapters")
         try:
-            load_adapter(self.model, files.adapter_dir, name=name, activate=False, files=files)
+            attach_adapter(self.model, files, name, activate=False)
             self.loaded[name] = files.adapter_dir
             for victim in victims:
                 self._remove(victim)

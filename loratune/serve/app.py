@@ -37,7 +37,6 @@ class ServeConfig:
     max_prompt_tokens: int = 1024
     max_tokens: int = 512
     timeout_s: float = 300.0
-    max_queue: int = 64
 
 
 class APIError(Exception):
@@ -86,10 +85,7 @@ class OpenAIServer:
             raise APIError(400, "give lora_name and lora_path (strings)")
 
         def attach():  # on the engine's thread, between two steps
-            try:
-                return self.registry.attach(name, files, self.worker.adapters_in_use())
-            finally:
-                self.worker.engine.adapters_changed()
+            return self.registry.attach(name, files, self.worker.adapters_in_use())
 
         try:
             files = await asyncio.to_thread(self.registry.read, name, path)  # the disk, off the engine's thread
@@ -113,10 +109,7 @@ class OpenAIServer:
                 return True
             if name in self.worker.adapters_in_use():
                 return False
-            try:
-                self.registry.unload(name, set())
-            finally:
-                self.worker.engine.adapters_changed()
+            self.registry.unload(name, set())
             return True
 
         self.registry.draining.add(name)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters.lora import lora_layers
 from ..adapters.rows import rows_applying
 from ..errors import ConfigError
 from ..generate.sampling import SamplingConfig, next_token
@@ -82,7 +83,7 @@ class _Partial:
 
     request: Request
     cache: KVCache
-    done: int = 0
+    """Its keys and values so far: ``cache.length`` is how many prompt tokens are done."""
 
 
 class Engine:
@@ -115,7 +116,8 @@ class Engine:
 
     def adapters_changed(self) -> None:
         """Call after adapters were loaded or removed (and banked again)."""
-        banks = [m.row_bank for m in self.model.modules() if getattr(m, "row_bank", None) is not None]
+        self.layers = [layer for _, layer in lora_layers(self.model)]  # a load may have wrapped more of them
+        banks = [layer.row_bank for layer in self.layers if layer.row_bank is not None]
         self.banked: set[str] = set(banks[0].names) if banks else set()
 
     def adapters_in_use(self) -> set[str]:
@@ -128,7 +130,7 @@ class Engine:
         """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""
         if not self.banked:  # check() let no adapter in
             return contextlib.nullcontext()
-        return rows_applying(self.model, adapters)
+        return rows_applying(self.model, adapters, self.layers)
 
     # ------------------------------------------------------------------ requests in and out
     def check(self, request: Request) -> None:
@@ -196,13 +198,13 @@ class Engine:
         if self.partial is not None:
             budget -= self._continue_partial(budget, produced, finished)
         while budget > 0 and self.waiting and self.free_slots() > 0:
-            group, tokens = [], 0
+            group, tokens, longest, free = [], 0, 0, self.free_slots()
             for r in self.waiting:  # first come, first served: stop at the first prompt that does not fit
-                padded = (len(group) + 1) * max([len(r.prompt), *(len(g.prompt) for g in group)])  # with padding
-                if len(group) == self.free_slots() or padded > budget:
+                padded = (len(group) + 1) * max(longest, len(r.prompt))  # what the group computes, padding included
+                if len(group) == free or padded > budget:
                     break
                 group.append(r)
-                tokens = padded
+                tokens, longest = padded, max(longest, len(r.prompt))
             if not group:  # the next prompt does not fit what is left; longer than a whole budget: in chunks
                 if self.partial is None and len(self.waiting[0].prompt) > self.prefill_tokens:
                     request = self.waiting.popleft()
@@ -242,13 +244,14 @@ class Engine:
         """Prefill the next chunk (at most ``budget`` tokens) of the long prompt; start its row when it is
         done. Returns the tokens prefilled."""
         part = self.partial
-        chunk = part.request.prompt[part.done:part.done + budget]
+        done = part.cache.length
+        chunk = part.request.prompt[done:done + budget]
+        last = done + len(chunk) == len(part.request.prompt)
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         with self._applying([part.request.adapter]):
             hidden = self.model.hidden_states(ids, part.cache)
-            logits = self.model.logits(hidden[:, -1]) if part.done + len(chunk) == len(part.request.prompt) else None
-        part.done += len(chunk)
-        if logits is not None:
+            logits = self.model.logits(hidden[:, -1]) if last else None
+        if last:
             self.partial = None
             self._start(part.request, part.cache, 0, 0, logits, produced, finished)
         return len(chunk)

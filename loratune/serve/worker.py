@@ -87,7 +87,7 @@ class Worker:
 
     def between_steps(self, job: Callable[[], Any]) -> asyncio.Future:
         """Run ``job`` on the engine's thread between two steps (loading or removing adapters: nothing else
-        touches the model then); await the result. Jobs go first at the next step boundary, so a busy engine
+        touches the model then; the engine then looks at its banks again); await the result. Jobs go first at the next step boundary, so a busy engine
         cannot keep them waiting."""
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.append((job, done))
@@ -140,6 +140,7 @@ class Worker:
             self._streams.pop(f.request.id, None)
 
     def _drain(self) -> None:
+        jobs = bool(self._jobs)
         while self._jobs:
             job, done = self._jobs.popleft()
             if done.set_running_or_notify_cancel():
@@ -147,6 +148,8 @@ class Worker:
                     done.set_result(job())
                 except Exception as exc:  # the job's own failure (a bad adapter): its caller hears of it
                     done.set_exception(exc)
+        if jobs:  # the jobs change adapters: the engine looks at its banks again
+            self.engine.adapters_changed()
         cancelled = set()
         while self._cancels:
             cancelled.add(self._cancels.popleft())
