@@ -228,9 +228,9 @@ def serve_checks(ckpt: Path, tmp: Path, dev: torch.device) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 
-    from loratune.adapters.lora import adapters_disabled
-    from loratune.adapters.named import set_active_adapters
-    from loratune.generate import SamplingConfig, generate
+    from family_models import generate_alone
+
+    from loratune.generate import SamplingConfig
     from loratune.models import load_model
     from loratune.serve.adapters import AdapterRegistry
     from loratune.serve.engine import Engine, Request
@@ -257,16 +257,7 @@ def serve_checks(ckpt: Path, tmp: Path, dev: torch.device) -> None:
         engine.submit(r)
     while engine.busy():
         answers.update({f.request.id: f.tokens for f in engine.step()[1]})
-    same = 0
-    for r in requests:
-        prompt = torch.tensor([r.prompt], device=dev)
-        if r.adapter is None:
-            with adapters_disabled(model):
-                alone = generate(model, prompt, r.sampling)[0].tolist()
-        else:
-            set_active_adapters(model, r.adapter)
-            alone = generate(model, prompt, r.sampling)[0].tolist()
-        same += answers.get(r.id) == alone
+    same = sum(answers.get(r.id) == generate_alone(model, r.prompt, r.adapter, r.sampling) for r in requests)
     varied = len({tuple(a) for a in answers.values()})
     check(f"serving engine ({dev}): mixed adapters equal generate alone", same == len(requests) and varied > 6,
           f"{same} of {len(requests)} answers equal, {varied} different answers")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import bench_families as families  # noqa: E402
 from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
 from serve_load import Server, make_adapters  # noqa: E402
-from soak_client import Soak, SoakPlan, metrics  # noqa: E402
+from soak_client import Soak, SoakPlan, metrics, settle  # noqa: E402
 
 ADAPTERS = [f"t{i}" for i in range(6)]
 LENGTHS = [8, 16, 24, 32, 48, 64, 160, 220]
@@ -52,32 +52,21 @@ def soak_prompts(ckpt: Path) -> list[str]:
 
 def references(ckpt: Path, adapters: dict[str, Path], prompts: list[str]) -> dict[tuple[int, str], str]:
     """What greedy ``generate`` gives each prompt with each adapter alone, and with the bare base."""
-    import torch
+    from family_models import generate_alone
 
-    from loratune.adapters.lora import adapters_disabled
-    from loratune.adapters.named import set_active_adapters
     from loratune.adapters.peft_format import load_adapter
     from loratune.data.tokenizer import load_tokenizer
-    from loratune.generate import SamplingConfig, generate
+    from loratune.generate import SamplingConfig
     from loratune.models import load_model
 
     model, _ = load_model(ckpt)
     for name, path in adapters.items():
         load_adapter(model, path, name=name, activate=False)
+    model.eval()
     tok, cfg = load_tokenizer(ckpt), SamplingConfig(max_new_tokens=MAX_TOKENS, temperature=0.0)
-    out = {}
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([tok.encode(prompt)])
-        for name in ["base", *adapters]:
-            if name == "base":
-                with adapters_disabled(model):
-                    tokens = generate(model.eval(), ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-            else:
-                set_active_adapters(model, name)
-                tokens = generate(model.eval(), ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-            out[(i, name)] = tok.decode(tokens[:next((k for k, t in enumerate(tokens) if t in tok.eos_ids),
-                                                     len(tokens))])
-    return out
+    return {(i, name): tok.decode(generate_alone(model, tok.encode(prompt), None if name == "base" else name, cfg,
+                                                 tok.eos_ids))
+            for i, prompt in enumerate(prompts) for name in ["base", *adapters]}
 
 
 class Sampler:
@@ -105,19 +94,6 @@ class Sampler:
         self._stop.set()
         self.thread.join()
         return self.samples
-
-
-def settle(port: int, within_s: float = 60.0) -> dict[str, float]:
-    """/metrics once the server is idle (or after ``within_s``)."""
-    import httpx
-
-    deadline = time.monotonic() + within_s
-    while True:
-        m = metrics(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
-        idle = not (m["loratune_streams_open"] or m["loratune_requests_running"] or m["loratune_requests_waiting"])
-        if idle or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
 
 
 def memory_summary(samples: list[dict]) -> dict:
@@ -149,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = SoakPlan(f"http://127.0.0.1:{server.port}", "base", prompts, refs, ADAPTERS, seconds=args.seconds,
                         clients=args.clients, max_tokens=MAX_TOKENS)
         result = asyncio.run(Soak(plan).run())
-        final = settle(server.port)
+        final = settle(f"http://127.0.0.1:{server.port}")
         samples = sampler.stop()
         alive = server.proc.poll() is None
         server.proc.send_signal(signal.SIGTERM)

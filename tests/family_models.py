@@ -7,6 +7,7 @@ scaling, tied and untied heads). No pytest here: benchmarks may import it too.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -151,3 +152,28 @@ def banked_family(root: Path, family: str = "llama", adapters: dict[str, dict] =
     build_banks(model, list(adapters))
     return model.eval()
 
+
+
+@contextlib.contextmanager
+def only_adapter(model: torch.nn.Module, name: str | None):
+    """Inside, ``model`` applies adapter ``name`` alone (None: the bare base)."""
+    from loratune.adapters.lora import adapters_disabled
+    from loratune.adapters.named import set_active_adapters
+
+    if name is None:
+        with adapters_disabled(model):
+            yield
+    else:
+        set_active_adapters(model, name)
+        yield
+
+
+def generate_alone(model: torch.nn.Module, prompt: list[int], adapter: str | None, cfg, stop_ids=()) -> list[int]:
+    """What ``generate`` gives ``prompt`` with ``adapter`` alone, up to its first stop id: the reference that
+    serving (many adapters in one batch) must equal."""
+    from loratune.generate import generate
+
+    device = next(model.parameters()).device
+    with only_adapter(model, adapter):
+        out = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=list(stop_ids))[0].tolist()
+    return out[:next((i for i, t in enumerate(out) if t in set(stop_ids)), len(out))]

@@ -168,3 +168,16 @@ def _why(response) -> str:
 def metrics(text: str) -> dict[str, float]:
     """/metrics' Prometheus text as {name: value}."""
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def settle(url: str, within_s: float = 60.0) -> dict[str, float]:
+    """/metrics once the server at ``url`` is idle: nothing running, waiting or streaming (or after ``within_s``)."""
+    import httpx
+
+    deadline = time.monotonic() + within_s
+    while True:
+        m = metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+        idle = not (m["loratune_streams_open"] or m["loratune_requests_running"] or m["loratune_requests_waiting"])
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)

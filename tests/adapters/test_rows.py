@@ -7,10 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from family_models import banked_family
+from family_models import banked_family, only_adapter
 
-from loratune.adapters.lora import adapters_disabled
-from loratune.adapters.named import set_active_adapters
 from loratune.adapters.rows import build_banks, rows_applying
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig, generate
@@ -26,11 +24,8 @@ def served(tmp_path_factory):
 
 
 def _alone(model, name, ids):
-    if name is None:
-        with adapters_disabled(model):
-            return model(ids)
-    set_active_adapters(model, name)
-    return model(ids)
+    with only_adapter(model, name):
+        return model(ids)
 
 
 def test_each_row_gets_its_own_adapters_logits(served):
@@ -53,11 +48,7 @@ def test_greedy_generation_per_row_equals_each_adapter_alone(served):
     with rows_applying(served, rows):
         mixed = generate(served, prompts, cfg)
     for i, name in enumerate(rows):
-        if name is None:
-            with adapters_disabled(served):
-                alone = generate(served, prompts[i:i + 1], cfg)
-        else:
-            set_active_adapters(served, name)
+        with only_adapter(served, name):
             alone = generate(served, prompts[i:i + 1], cfg)
         assert torch.equal(mixed[i], alone[0]), name
     assert len({tuple(r.tolist()) for r in mixed}) == len(rows)  # four different continuations

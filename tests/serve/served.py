@@ -4,21 +4,18 @@ reference answers (``generate`` with one adapter alone)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
 
-import torch
 import uvicorn
 from conftest import free_port
-from family_models import MIXED_ADAPTERS, load_with_peft_adapters, save_family, write_small_tokenizer
+from family_models import MIXED_ADAPTERS, generate_alone, load_with_peft_adapters, save_family, write_small_tokenizer
 
-from loratune.adapters.lora import adapters_disabled
-from loratune.adapters.named import set_active_adapters
+from loratune.cli import build_parser
 from loratune.cli.serve import build
 from loratune.data.tokenizer import load_tokenizer
-from loratune.generate import SamplingConfig, generate
+from loratune.generate import SamplingConfig
 
 ADAPTERS = MIXED_ADAPTERS
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -45,12 +42,11 @@ class Running:
 
     def __init__(self, files, **options) -> None:
         self.port = free_port()
-        args = argparse.Namespace(model=str(files["base"]), device="cpu", dtype="float32", served_model_name="base",
-                                  adapter=[f"{n}={files['adapters'] / n}" for n in ADAPTERS],
-                                  adapter_dir=str(files["adapters"]), max_batch=8, max_adapters=8, max_queue=64,
-                                  max_prompt_tokens=None, max_tokens=64, timeout=60.0, api_key=None,
-                                  max_model_len=None, prefill_tokens=512)
-        for key, value in options.items():
+        args = build_parser().parse_args([
+            "serve", "--model", str(files["base"]), "--device", "cpu", "--dtype", "float32", "--served-model-name",
+            "base", "--adapter-dir", str(files["adapters"]), "--max-batch", "8", "--max-tokens", "64", "--timeout",
+            "60", *[a for n in ADAPTERS for a in ("--adapter", f"{n}={files['adapters'] / n}")]])  # the CLI's defaults
+        for key, value in options.items():  # by attribute name, over the parsed flags
             setattr(args, key, value)
         self.app, self.server = build(args)
         self.server.worker.start()
@@ -71,14 +67,6 @@ class Running:
 
 def expected(files, prompt: str, adapter: str | None, max_tokens: int) -> str:
     """What greedy ``generate`` gives the prompt with this adapter alone (the text, up to end-of-text)."""
-    tok, model = files["tokenizer"], files["reference"]
-    ids = torch.tensor([tok.encode(prompt)])
+    tok = files["tokenizer"]
     cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
-    if adapter is None:
-        with adapters_disabled(model):
-            out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-    else:
-        set_active_adapters(model, adapter)
-        out = generate(model, ids, cfg, eos_ids=list(tok.eos_ids))[0].tolist()
-    out = out[:next((i for i, t in enumerate(out) if t in tok.eos_ids), len(out))]
-    return tok.decode(out)
+    return tok.decode(generate_alone(files["reference"], tok.encode(prompt), adapter, cfg, tok.eos_ids))

@@ -17,6 +17,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from served import ADAPTERS, PROMPTS, Running, expected, make_files  # noqa: E402
+from soak_client import metrics  # noqa: E402
 
 from loratune.errors import ConfigError  # noqa: E402
 from loratune.generate import SamplingConfig  # noqa: E402
@@ -273,7 +274,7 @@ def test_metrics_show_the_slots_and_the_tokens(server):
         client.post("/v1/completions", json={"model": "a", "prompt": "the red cat", "max_tokens": 5,
                                              "temperature": 0}).raise_for_status()
         text = client.get("/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    values = metrics(text)
     assert values["loratune_kv_slots_free"] == values["loratune_kv_slots"] == 8
     assert values["loratune_requests_running"] == values["loratune_requests_waiting"] == 0
     assert values["loratune_generation_tokens_total"] >= 5 and values["loratune_adapters_loaded"] == len(ADAPTERS)

@@ -8,13 +8,10 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from family_models import MIXED_ADAPTERS, banked_family
+from family_models import MIXED_ADAPTERS, banked_family, generate_alone
 
-from loratune.adapters.lora import adapters_disabled
-from loratune.adapters.named import set_active_adapters
 from loratune.errors import ConfigError
-from loratune.generate import SamplingConfig, generate
+from loratune.generate import SamplingConfig
 from loratune.serve.engine import Engine, Request
 
 ADAPTERS = MIXED_ADAPTERS
@@ -28,15 +25,7 @@ def served(tmp_path_factory):
 
 def alone(model, request: Request) -> list[int]:
     """What greedy generate gives this request with its adapter alone (up to its first stop token)."""
-    prompt = torch.tensor([request.prompt])
-    if request.adapter is None:
-        with adapters_disabled(model):
-            out = generate(model, prompt, request.sampling, eos_ids=list(request.stop_ids))[0].tolist()
-    else:
-        set_active_adapters(model, request.adapter)
-        out = generate(model, prompt, request.sampling, eos_ids=list(request.stop_ids))[0].tolist()
-    stops = set(request.stop_ids)
-    return out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return generate_alone(model, request.prompt, request.adapter, request.sampling, request.stop_ids)
 
 
 def run(engine: Engine, requests: list[Request], submit_every: int = 1,

@@ -6,7 +6,6 @@ alone, no request fails for another reason, and afterwards every KV slot is free
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from served import ADAPTERS, PROMPTS, Running, expected, make_files  # noqa: E402
-from soak_client import Soak, SoakPlan, metrics  # noqa: E402
+from soak_client import Soak, SoakPlan, settle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 MAX_TOKENS = 8
@@ -31,12 +30,7 @@ def test_mixed_load_with_disconnects_and_adapter_churn(tmp_path):
         plan = SoakPlan(running.url, "base", PROMPTS, references, list(ADAPTERS), seconds=12, clients=6,
                         max_tokens=MAX_TOKENS, disconnect_share=0.2, churn_every_s=0.5)
         result = asyncio.run(Soak(plan).run())
-        with httpx.Client(base_url=running.url, timeout=30) as client:
-            left = time.monotonic()
-            while (m := metrics(client.get("/metrics").text))["loratune_streams_open"] or \
-                    m["loratune_requests_running"] or m["loratune_requests_waiting"]:
-                assert time.monotonic() - left < 10, m
-                time.sleep(0.1)
+        m = settle(running.url, within_s=10)
     finally:
         running.close()
     out = result.outcomes
@@ -44,4 +38,5 @@ def test_mixed_load_with_disconnects_and_adapter_churn(tmp_path):
     assert not result.wrong, result.wrong[:3]  # no different answer, no unexpected status, no client error
     assert out["completed, equal to generate"] >= 30 and out["disconnected mid-answer"] >= 3, out
     assert result.churn["load: HTTP 200"] >= 2 and result.churn["unload: HTTP 200"] >= 2, result.churn
+    assert not (m["loratune_streams_open"] or m["loratune_requests_running"] or m["loratune_requests_waiting"]), m
     assert m["loratune_kv_slots_free"] == 4 and m["loratune_requests_finished_total"] >= 30
