@@ -31,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_families as families  # noqa: E402
-from bench_train import _machine, bench_cache, make_checkpoint  # noqa: E402
+from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
 SEQ, BATCH, R = 128, 32, 4
 
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--data", type=Path, default=SHARED)
+    p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--allreduce", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.allreduce:
@@ -156,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         bandwidth = 2 * (args.nproc - 1) / args.nproc * ar["bytes"] / ar["median_s"]
         result["allreduce"]["bus_bytes_per_s"] = bandwidth
         result["scaling"] = on_paper(t1, ar["bytes"], bandwidth)
-    flops = families.train_flops_per_token(json.loads((ckpt / "config.json").read_text()) | {
-        "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "intermediate_size": 3072,
-        "vocab_size": 50257, "model_type": "gpt2"}, "lora-qv", SEQ, R)
+    flops = families.train_flops_per_token(families.hf_config(ckpt), "lora-qv", SEQ, R)
     result["job"]["flops_per_token"] = flops
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

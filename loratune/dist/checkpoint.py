@@ -71,7 +71,7 @@ def save_sharded(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     try:
         dcp.save({"model": weights, "optim": optim["state"]}, storage_writer=writer)  # each rank fsyncs its files
     except CheckpointException as exc:  # a BaseException: a rank's write failed (a full disk ...)
-        raise OSError(f"writing the shards failed: {_first_line(exc)}") from None
+        raise OSError(f"writing the shards failed: {_last_line(exc)}") from None
     (tmp / RNG_DIR).mkdir(exist_ok=True)
     rng = tmp / RNG_DIR / f"rank-{world.rank:05d}.safetensors"
     save_file(_rng_tensors(), str(rng))
@@ -109,7 +109,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(str(shards)))
     except (Exception, CheckpointException) as exc:  # DCP wraps shape mismatches and unreadable files alike
-        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {_first_line(exc)}; resume from an "
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {_last_line(exc)}; resume from an "
                               "earlier checkpoint, or start over") from None
     if world.any(first_non_finite(list(target["model"].values())) is not None):
         raise CheckpointError(f"checkpoint {path} holds NaN or Inf in its trainable tensors: resume from an earlier "
@@ -126,7 +126,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return True
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(exc).__name__)[:300]
 

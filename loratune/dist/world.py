@@ -185,6 +185,8 @@ def join_world(requested_device: str = "auto") -> World:
 
 def _check_torch() -> None:
     """Launched runs need FSDP2's public API and DCP's safetensors storage (loratune is tested with torch 2.13)."""
+    if not dist.is_available():
+        raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed: install a standard build")
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: F401
@@ -193,8 +195,6 @@ def _check_torch() -> None:
     except (ImportError, AttributeError):
         raise ConfigError(f"torch {torch.__version__} lacks FSDP2's fully_shard or DCP's safetensors storage, which "
                           "runs under torchrun need: install a newer torch (loratune is tested with 2.13)") from None
-    if not dist.is_available():
-        raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed: install a standard build")
 
 
 def leave_world(world: World) -> None:

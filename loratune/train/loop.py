@@ -218,8 +218,7 @@ def _load(recipe: Recipe, device: torch.device, out: Path, world: World) -> tupl
     """The model (on the CPU for FSDP2, which moves each rank's shards to its device), the data, and the
     resource check (FSDP2 divides the weights, gradients and optimizer state by the world size)."""
     fsdp = world.distributed and recipe.strategy == "fsdp"
-    on_cpu = (torch.device("cpu"),) if fsdp else ()
-    model, tokenizer, model_dir = setup_model(recipe, device, *on_cpu)
+    model, tokenizer, model_dir = setup_model(recipe, device, torch.device("cpu") if fsdp else None)
     log.info(f"model: {recipe.model} | finetune: {recipe.finetune} | precision: {recipe.precision}"
              + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else ""))
     log.info(str(parameter_report(model)))

@@ -320,8 +320,8 @@ def test_an_inf_gradient_stops_the_run_even_without_clipping(ckpt, data_file, tm
 
     real_setup, calls = train_module.setup_model, []
 
-    def setup_with_a_bad_gradient(recipe, device):
-        model, tokenizer, model_dir = real_setup(recipe, device)
+    def setup_with_a_bad_gradient(recipe, device, load_device=None):
+        model, tokenizer, model_dir = real_setup(recipe, device, load_device)
         first = next(p for p in model.parameters() if p.requires_grad)
 
         def hook(grad):
