@@ -47,9 +47,9 @@ class Worker:
 
     def run_until(self, done: Callable[[], bool] = lambda: False) -> None:
         """Run the engine in this thread until :meth:`stop` or ``done()`` (looked at between steps, and every
-        50 ms when idle). ``loratune serve`` runs it in the main thread, the one that loaded the model: torch's
-        CPU kernels ran 27% slower in a second thread there (GPT-2 124M decoding at one row, 26.5 against 36.5
-        tokens/s; the same 37 when that thread had also loaded the model)."""
+        50 ms when idle). ``loratune serve`` runs it in the main thread, the one that loaded the model: with the
+        engine in a second thread, benchmarks/serve_load.py gave 25.9 tokens/s one request at a time, against
+        35.9 in the main thread (GPT-2 124M on CPU; the README's load section)."""
         self._thread = self._thread or threading.current_thread()
         while not self._stopping and not done():
             self._once()
