@@ -13,8 +13,9 @@ float32 weights are packed only for batches of several rows: at one row, oneDNN'
 product decoded slower than the plain one here (SmolLM2-135M shape, one thread: 14.6 against 16.2
 tokens per CPU-second; bf16 packed 18.1 against 14.4).
 
-Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, or
-where this PyTorch build lacks the oneDNN ops, the context changes nothing. The packed copies
+Only for inference (no autograd through packed weights) on CPU, bf16 or fp32; anywhere else, where
+this PyTorch build lacks the oneDNN ops, or for bf16 where the CPU has no bf16 support in oneDNN
+(AVX2-only CPUs), the context changes nothing. The packed copies
 are extra memory (one more copy of the weights) for as long as the context lasts.
 """
 
@@ -34,10 +35,19 @@ log = logging.getLogger("loratune")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def bf16_packing_supported() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU: it needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which an
+    AVX2-only CPU (many AMD EPYCs) lacks; there bf16 products take the ordinary path."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and probe())
+
+
 def packing_available(weight: torch.Tensor) -> bool:
-    """Whether weights like this one can be packed: CPU, bf16/fp32, and this build has oneDNN's ops."""
+    """Whether weights like this one can be packed: CPU, fp32 (or bf16 where the CPU supports it), and this
+    build has oneDNN's ops."""
     return (weight.device.type == "cpu" and weight.dtype in _DTYPES and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and (weight.dtype != torch.bfloat16 or bf16_packing_supported()))
 
 
 def _packed_fn(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):

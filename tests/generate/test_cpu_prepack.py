@@ -10,17 +10,20 @@ from torch import nn
 from conftest import randomize_lora_
 from loratune.generate import SamplingConfig, generate
 from loratune.adapters.lora import LoRAConfig, LoRALinear
-from loratune.generate.cpu_prepack import packed_linears, packing_available
+from loratune.generate.cpu_prepack import bf16_packing_supported, packed_linears, packing_available
 from loratune.adapters.targets import inject_lora
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.zeros(1)), reason="this PyTorch build has no oneDNN packing")
+needs_bf16 = pytest.mark.skipif(not bf16_packing_supported(),
+                                reason="this CPU has no bf16 support in oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
+BOTH = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
 
 
 def _ids(B: int = 2, T: int = 12) -> torch.Tensor:
     return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", BOTH, ids=str)
 @torch.no_grad()
 def test_packed_model_gives_the_same_logits(small_gpt2, dtype):
     model = small_gpt2.to(dtype)
@@ -80,12 +83,36 @@ def test_autograd_inside_the_block_takes_the_ordinary_path(small_gpt2):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
-def test_float32_is_packed_for_several_rows_only_bf16_always(small_gpt2):
-    """At one row oneDNN's packed float32 product decodes slower than the plain one; bf16 gains."""
+def test_float32_is_packed_for_several_rows_only(small_gpt2):
+    """At one row oneDNN's packed float32 product decodes slower than the plain one."""
     with packed_linears(small_gpt2, rows=1) as n:
         assert n == 0
+    with packed_linears(small_gpt2, rows=2) as n:
+        assert n == 2 * 4 + 1
+
+
+@needs_bf16
+def test_bf16_is_packed_even_for_one_row(small_gpt2):
+    """bf16 gains at one row too, where the CPU supports it."""
     with packed_linears(small_gpt2.to(torch.bfloat16), rows=1) as n:
-        assert n > 0
+        assert n == 2 * 4 + 1
+
+
+@pytest.mark.skipif(bf16_packing_supported(), reason="this CPU packs bf16 (tested above)")
+@torch.no_grad()
+def test_bf16_takes_the_ordinary_path_where_the_cpu_cannot_pack_it(small_gpt2):
+    """On an AVX2-only CPU oneDNN refuses bf16 packing: nothing is packed, nothing fails, and the logits are
+    the plain ones; float32 layers of the same model are still packed."""
+    model = small_gpt2.to(torch.bfloat16)
+    assert not packing_available(model.lm_head.weight)
+    ids = _ids()
+    plain = model(ids)
+    with packed_linears(model, rows=2) as n:
+        assert n == 0
+        assert torch.equal(model(ids), plain)
+    model.transformer.h[0].mlp.c_fc.float()  # one float32 layer among bf16 ones is still packed
+    with packed_linears(model, rows=2) as n:
+        assert n == 1
 
 
 def test_nothing_is_packed_where_it_does_not_apply(small_gpt2):
@@ -97,7 +124,7 @@ def test_nothing_is_packed_where_it_does_not_apply(small_gpt2):
     assert not packing_available(layer.weight.half())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # bf16 unpacked where unsupported
 def test_generation_with_and_without_packing_is_identical(small_gpt2, dtype):
     model = small_gpt2.to(dtype)
     prompts = _ids(B=3, T=5)
