@@ -32,6 +32,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZE = ("none", "nf4", "int8")
 STRATEGIES = ("ddp", "fsdp")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+YAML_MAX_NODES = 100_000
+"""The most values a recipe (or a ``--set`` value) may expand to, aliases counted as often as they are used:
+a real recipe has a few hundred; a YAML alias bomb ("billion laughs") has billions and would exhaust
+memory in anything that walks it, an error message included."""
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
 larger one is a typo (and past float32's range it would crash the update)."""
@@ -207,9 +211,16 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Turn YAML/CLI text into the field's type (YAML reads '1e-4' as a string, for one)."""
+    """Turn YAML/CLI text into the field's type (YAML reads '1e-4' as a string, for one).
+
+    One rule for every field: a value is read as the field's type or refused, never taken as
+    something else. In particular a boolean where a number belongs (``alpha: yes``) is refused,
+    not read as 1 (Python's bools are ints), and a number or a list where text belongs too.
+    """
     if value is None:
         return None
+    if isinstance(value, bool) and hint in (int, float):
+        raise ConfigError(f"{key}: expected a number, got {_kind(value)}")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -296,10 +307,48 @@ def _is_text(hint: Any) -> bool:
     return hint is str
 
 
+def safe_yaml(text: str, what: str) -> Any:
+    """``text`` read as YAML with safe types only, refused (ConfigError naming ``what``) where its
+    aliases expand past :data:`YAML_MAX_NODES` values; YAMLError/ValueError/RecursionError pass through."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > YAML_MAX_NODES:
+            raise ConfigError(f"{what} expands to more than {YAML_MAX_NODES:,} values through its YAML aliases "
+                              "(&name / *name): a recipe that large is not a recipe; write its values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded; each distinct node counted once
+    (``seen``), so a bomb is measured without being expanded. Stops counting past the limit."""
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = YAML_MAX_NODES + 1  # a node that contains itself (a recursive alias) counts as too many
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            size += _expanded_size(child, seen)
+            if size > YAML_MAX_NODES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for key, child in node.value:
+            size += _expanded_size(key, seen) + _expanded_size(child, seen)
+            if size > YAML_MAX_NODES:
+                break
+    seen[id(node)] = size
+    return size
+
+
 def yaml_value(text: str) -> Any:
     """``text`` as YAML reads a value (``false`` -> False, ``8`` -> 8), or the text itself where it is no YAML."""
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return safe_yaml(text, f"the value {text[:40]!r}") if text.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):  # YAML's constructors raise ValueError (2001-13-45)
         return text
 
@@ -328,7 +377,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = safe_yaml(path.read_text(encoding="utf-8"), str(path))
         except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad dates, !!int 'x', bad UTF-8
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if values is None:  # an empty file, or only comments: all defaults is never what was meant

@@ -226,3 +226,59 @@ def test_an_empty_recipe_file_is_an_error(tmp_path, content):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError, match=re.escape(f"{path} is empty: write the recipe's keys in it")):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("lora:\n  alpha: yes\n", "lora.alpha"),  # was read as 1 (and the adapter written with alpha 1.0)
+    ("lora:\n  r: true\n", "lora.r"),
+    ("lr: on\n", "lr"),
+    ("data:\n  max_examples: true\n", "data.max_examples"),  # was blamed on val_fraction
+    ("lora:\n  targets: [q, true]\n", "lora.targets"),
+])
+def test_a_boolean_where_a_number_or_text_belongs_is_refused_by_name(tmp_path, yaml_text, key):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{key}: expected ")
+    assert "boolean" in str(info.value)
+
+
+@pytest.mark.parametrize("assignment, key", [("lora.alpha=yes", "lora.alpha"), ("batch_size=true", "batch_size"),
+                                             ("data.max_examples=off", "data.max_examples")])
+def test_a_boolean_set_where_a_number_belongs_is_refused(assignment, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected a number, got the boolean"):
+        load_recipe(None, [assignment])
+
+
+def test_booleans_still_read_where_booleans_belong():
+    assert load_recipe(None, ["lora.rslora=yes"]).lora.rslora is True
+    assert load_recipe(None, ["lora.rslora=false"]).lora.rslora is False
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """9**10 values through aliases: the loader never expands them, and neither does the message."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    with pytest.raises(ConfigError, match=r"expands to more than 100,000 values through its YAML aliases") as info:
+        load_recipe(path)
+    assert len(str(info.value)) < 400
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("data:\n  template_kwargs: &x\n    again: *x\n")
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_recipe(path)
+
+
+def test_aliases_of_a_sane_size_still_work(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("lora: &l\n  r: 8\n  alpha: 16\n")
+    assert load_recipe(path).lora.alpha == 16

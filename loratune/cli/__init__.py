@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loratune`` script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_lists(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
@@ -50,6 +51,22 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, f"unexpected {type(exc).__name__}: {exc}. This is a bug in loratune; please report it "
                            f"with the output of the same command run with -v (loratune -v {args.command} ...)", 1,
                      label="internal error")
+
+
+_NEGATIVE_LIST = re.compile(r"^-\d[\d.eE+-]*(,\s*[-+]?[\d.eE+-]+)+$")
+
+
+def _negative_lists(argv: list[str]) -> list[str]:
+    """``--weights -1,-1`` as ``--weights=-1,-1``: argparse takes a value that starts with '-' for an option
+    unless it is one plain number, and a comma-separated list of numbers (negative weights are legitimate)
+    is none."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _fail(args: argparse.Namespace, message: str, code: int, label: str = "error") -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,21 @@ log = logging.getLogger("loratune")
 DEFAULT_TIMEOUT_S = 600
 """How long a collective waits for a rank that does not come (``LORATUNE_DIST_TIMEOUT`` overrides): the
 bound on a hang when a rank is stuck rather than dead (torchrun stops the others at once when one exits)."""
+
+
+def dist_timeout() -> float:
+    """Seconds a collective waits: ``LORATUNE_DIST_TIMEOUT`` if set (a positive, finite number), else the default."""
+    text = os.environ.get("LORATUNE_DIST_TIMEOUT")
+    if text is None or not text.strip():
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= 10**7):
+        raise ConfigError(f"LORATUNE_DIST_TIMEOUT={text!r}: give the seconds a rank may wait for the others, a "
+                          f"number > 0 (default {DEFAULT_TIMEOUT_S}), or unset it")
+    return seconds
 
 
 class LostRank(LoratuneError):
@@ -172,7 +188,7 @@ def join_world(requested_device: str = "auto") -> World:
     device = world.device(requested_device)
     if dist.is_initialized():
         return world
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LORATUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    timeout = datetime.timedelta(seconds=dist_timeout())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)

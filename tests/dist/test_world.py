@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratune.dist.world import SINGLE, LostRank, World, agree, join_world, launched, rank_failures
+from loratune.dist.world import SINGLE, LostRank, World, agree, dist_timeout, join_world, launched, rank_failures
 from loratune.errors import ConfigError, DataError
 
 
@@ -27,6 +27,24 @@ def test_bad_launcher_environment_is_a_config_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="set by torchrun"):
         join_world("cpu")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "1e300"])
+def test_a_bad_dist_timeout_is_refused_before_any_process_group(monkeypatch, value):
+    """LORATUNE_DIST_TIMEOUT=soon was a ValueError on every rank; now one line saying what to give."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LORATUNE_DIST_TIMEOUT", value)
+    with pytest.raises(ConfigError, match=r"LORATUNE_DIST_TIMEOUT=.*a number > 0"):
+        join_world("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+def test_dist_timeout_reads_seconds(monkeypatch):
+    monkeypatch.delenv("LORATUNE_DIST_TIMEOUT", raising=False)
+    assert dist_timeout() == 600
+    monkeypatch.setenv("LORATUNE_DIST_TIMEOUT", " 90.5 ")
+    assert dist_timeout() == 90.5
 
 
 def test_each_rank_device():
