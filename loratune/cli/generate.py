@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give the text to continue (with --chat: the user's message)")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer, device, lora = load_for_inference(args)
@@ -62,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 def chat_prompt_of(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
     """The ids of ``--system`` + ``--prompt`` rendered with the generation prompt, and the ids to stop at."""
+    from ..data.chat_template import check_template_variables
     from ..generate.chat import chat_prompt
-    from ..recipe import yaml_value
+    from ..bounded_yaml import yaml_value
 
     variables = {}
     for item in args.template_var:
@@ -71,4 +74,5 @@ def chat_prompt_of(tokenizer, args: argparse.Namespace) -> tuple[list[int], list
         if not sep or not key.strip():
             raise ConfigError(f"--template-var takes KEY=VALUE, got {item!r}")
         variables[key.strip()] = yaml_value(value)
+    check_template_variables(variables, "--template-var")
     return chat_prompt(tokenizer, args.prompt, args.system, args.chat_template, **variables)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import DataError
 from .chat_template import ChatTemplate
+from .template_bounds import TemplateBound
 from .config import DataConfig
 from .examples import IGNORE_INDEX, Encoded, Example
 from .tokenizer import Tokenizer
@@ -37,6 +38,8 @@ class ChatEncoder:
         try:
             with_prompt, _ = self.template.render(probe, add_generation_prompt=True)
             without, _ = self.template.render(probe)
+        except TemplateBound:  # too slow or too big on a one-line probe: so it is on every record
+            raise
         except DataError:  # a template that refuses this probe: its error comes with the first real record
             with_prompt = without = ""
         self.header = with_prompt[len(without):] if with_prompt.startswith(without) else ""
@@ -156,7 +159,7 @@ def _find(text: str, content: str, start: int) -> tuple[int, int]:
     return text.find(stripped, start), len(stripped)
 
 
-def end_of_turn_ids(tokenizer: Tokenizer, template: str, **template_kwargs: Any) -> list[int]:
+def end_of_turn_ids(tokenizer: Tokenizer, template: str, /, **template_kwargs: Any) -> list[int]:
     """The special token(s) the template ends an assistant turn with (``<|im_end|>``, ``<|eot_id|>`` ...):
     what generation stops on besides EOS, found as training finds them."""
     cfg = DataConfig(task="chat", template_kwargs=template_kwargs)

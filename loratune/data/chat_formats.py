@@ -8,6 +8,7 @@ that does not fit is a DataError naming where it is (``line 12`` of a .jsonl fil
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from ..errors import DataError
@@ -105,15 +106,25 @@ def _alpaca(record: dict, cfg: DataConfig, where: str) -> list[dict[str, str]]:
 
 
 def fill_template(template: str, record: dict, where: str) -> str:
-    """``template.format(**record)``; a missing field or a record that does not fit is a DataError at ``where``."""
-    missing = [f for f in _template_fields(template) if record.get(f) is None]
-    if missing:
-        raise DataError(f"{where}: no {missing[0]!r} for the template {template!r}")
-    try:
-        return template.format(**record)
-    except (KeyError, AttributeError, IndexError, TypeError, ValueError, OverflowError) as exc:
-        # {field.attr}, {field[0]}, {field:d} or a nested {x} in a format spec that the record does not fit
-        raise DataError(f"{where} does not fit the template {template!r} ({type(exc).__name__}: {exc})") from None
+    """``template`` with each ``{field}`` replaced by the record's text; a missing or non-text field is a
+    DataError at ``where``.
+
+    Why not ``str.format``: it would also follow ``{field.attr}`` and ``{field[0]}`` into the record's
+    objects. Templates hold plain names only (checked here too, as DataConfig checks them).
+    """
+    _template_fields(template)
+    pieces = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pieces.append(literal)
+        if name is None:
+            continue
+        value = record.get(name)
+        if value is None:
+            raise DataError(f"{where}: no {name!r} for the template {template!r}")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be text, got {_kind(value)}")
+        pieces.append(value)
+    return "".join(pieces)
 
 
 def _kind(value: Any) -> str:

@@ -6,19 +6,23 @@ A template ships with a downloaded model, so it is untrusted code: it runs in ji
 a ``namespace`` that refuses underscore attributes, loop controls, trim/lstrip blocks) and the
 ``{% generation %}`` tag, whose spans (the assistant's text, where a template marks it) are
 recorded for loss masking. A template that reaches for Python internals raises jinja2's
-SecurityError, reported as a DataError.
+SecurityError, reported as a DataError; one that runs too long, builds too much, nests calls too
+deep or loads other templates is refused by the bounds in :mod:`~loratune.data.template_bounds`,
+so a hostile template costs a server at most :data:`RENDER_SECONDS` of one worker thread.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from .jsonfiles import json_or_empty, token_text
+from .template_bounds import BUDGET, MAX_OUTPUT_CHARS, RENDER_SECONDS, RenderBudget, refuse
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SPANS: ContextVar[list | None] = ContextVar("generation_spans", default=None)
@@ -29,6 +33,28 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endif %}")
 NAMED_TEMPLATES = {"chatml": CHATML}
 """Templates a recipe can name in ``data.chat_template`` (ChatML needs <|im_start|> and <|im_end|> tokens)."""
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "template", "tokenizer"})
+"""Names a template variable may not take (recipe, --template-var, chat_template_kwargs): loratune sets
+the first two itself, and the others name the template and tokenizer the render uses."""
+MAX_TOJSON_INDENT = 64
+"""Largest ``indent`` of the ``tojson`` filter (a huge one would write that many spaces per line)."""
+
+
+def check_template_variables(variables: Any, where: str) -> None:
+    """Refuse template variables that are not a mapping of names, or that take a reserved name.
+
+    Why: ``messages`` or ``add_generation_prompt`` among them would collide with what the render
+    passes itself (a TypeError deep inside); ``where`` names the setting in the message
+    ('data.template_kwargs', '--template-var').
+    """
+    if not isinstance(variables, dict):
+        raise ConfigError(f"{where} must map variable names to values, got {variables!r}")
+    for name in variables:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where}: {name!r} is not a variable name (letters, digits and _, not first a digit)")
+        if name in RESERVED_TEMPLATE_VARIABLES:
+            raise ConfigError(f"{where}: {name!r} is set by loratune itself and cannot be a template variable "
+                              f"(reserved: {', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))})")
 
 
 def read_chat_template(model_dir: str | Path) -> str | None:
@@ -59,7 +85,8 @@ def special_tokens(model_dir: str | Path) -> dict[str, str]:
 def _environment():
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .template_sandbox import BoundedSandbox
 
     class GenerationTag(Extension):
         """``{% generation %}...{% endgeneration %}``: record where the assistant's text lands."""
@@ -100,10 +127,15 @@ def _environment():
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        if isinstance(indent, (int, str)) and not isinstance(indent, bool) and \
+                (indent if isinstance(indent, int) else len(indent)) > MAX_TOJSON_INDENT:
+            raise refuse(f"asked tojson for an indent of {indent if isinstance(indent, int) else len(indent):,} "
+                         f"(the bound is {MAX_TOJSON_INDENT})")
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
+    env.bound_filters()
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=dict, namespace=Namespace)
     return env
@@ -130,45 +162,80 @@ def resolve_chat_template(choice: str | None, own: str | None, model: str) -> st
 
 
 class ChatTemplate:
-    """A chat template compiled once in the sandbox, with the tokenizer's special tokens as variables."""
+    """A chat template compiled once in the bounded sandbox, with the tokenizer's special tokens as variables.
 
-    def __init__(self, template: str, special: dict[str, str] | None = None, **kwargs: Any) -> None:
+    ``render`` may run in several threads at once (a server renders off its event loop): each
+    render keeps its own budget.
+    """
+
+    def __init__(self, template: str, special: dict[str, str] | None = None, /, **kwargs: Any) -> None:
         import jinja2
 
+        check_template_variables(kwargs, "a chat template variable")
         try:
             self.compiled = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as exc:
             raise DataError(f"the chat template does not parse (line {exc.lineno}): {exc.message}") from None
+        except RecursionError:
+            raise DataError("the chat template nests too deeply to parse: it is not a template loratune will run"
+                            ) from None
         self.variables = {**(special or {}), **kwargs}
         self.has_generation_tag = "generation" in template and "endgeneration" in template
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+    def render(self, messages: list[dict[str, Any]], /, add_generation_prompt: bool = False,
                **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
         """(text, generation spans as (start, end) characters) of ``messages``, as transformers renders it.
 
-        A template error or a sandbox refusal is a DataError saying so.
+        A template error, a sandbox refusal or a crossed bound (time, size, nesting) is a DataError
+        of one line saying so; no template stalls the caller for more than about RENDER_SECONDS.
         """
         import jinja2
 
+        check_template_variables(kwargs, "a chat template variable")
         spans: list[tuple[int, int]] = []
         output: list[str] = []
-        tokens = _SPANS.set(spans), _OUTPUT.set(output)
+        budget = RenderBudget(RENDER_SECONDS)
+        tokens = _SPANS.set(spans), _OUTPUT.set(output), BUDGET.set(budget)
+        size = 0
         try:
             for block in self.compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 **{**self.variables, **kwargs}):
+                size += len(block)
+                if size > MAX_OUTPUT_CHARS:
+                    raise refuse(f"produced more than {MAX_OUTPUT_CHARS:,} characters (the bound on one render)")
                 output.append(block)
+                if time.monotonic() > budget.deadline:
+                    raise refuse(f"ran for more than {RENDER_SECONDS:g} s, the bound on one render (a loop "
+                                 "without end?)")
+        except DataError as exc:  # a crossed bound (TemplateBound)
+            raise type(exc)(str(exc)) from None
         except jinja2.exceptions.SecurityError as exc:
-            raise DataError(f"the chat template tried something the sandbox refuses ({exc}): it is not a "
+            raise DataError(f"the chat template tried something the sandbox refuses ({_line(exc)}): it is not a "
                             "template loratune will run") from None
         except jinja2.TemplateError as exc:
-            raise DataError(f"the chat template raised an error for this conversation: {exc}") from None
+            raise DataError(f"the chat template raised an error for this conversation: {_line(exc)}") from None
+        except RecursionError:
+            raise DataError("the chat template nested calls deeper than Python allows (a macro that calls itself "
+                            "without end?): it is not a template loratune will run") from None
+        except MemoryError:
+            raise DataError("the chat template ran out of memory: it is not a template loratune will run") from None
+        except Exception as exc:  # the template's own bug (1 / 0, 'a' + 1, int('x')): untrusted code, not ours
+            raise DataError(f"the chat template failed for this conversation: {type(exc).__name__}: "
+                            f"{_line(exc)}") from None
         finally:
             _SPANS.reset(tokens[0])
             _OUTPUT.reset(tokens[1])
+            BUDGET.reset(tokens[2])
         return "".join(output), spans
 
 
-def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+def _line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def render_chat(template: str, messages: list[dict[str, Any]], /, add_generation_prompt: bool = False,
                 special: dict[str, str] | None = None, **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
     """(text, generation spans) of ``messages`` through ``template``, as transformers renders it.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .chat_template import check_template_variables
 
 DEFAULT_SOURCE = "ctr4si/reddit_tifu"
 TASKS = ("causal_lm", "completion", "chat")
@@ -33,9 +34,9 @@ class DataConfig:
     text_field: str = "documents"
     """Record field that causal_lm trains on (a .txt file's records have the single field 'text')."""
     prompt_template: str = "{documents}\nTL;DR: "
-    """str.format over a record: the prompt of the completion task (no loss on it)."""
+    """The prompt of the completion task (no loss on it): text with plain {field} names of a record."""
     completion_template: str = "{tldr}"
-    """str.format over a record: the completion the model learns to write after the prompt."""
+    """The completion the model learns to write after the prompt: text with plain {field} names."""
     packing: bool = False
     """causal_lm: concatenate documents (EOS between) and cut full seq_len blocks instead of truncating each.
     completion, chat: several whole examples per row, positions restarting at each and attention
@@ -84,8 +85,7 @@ class DataConfig:
         unknown = sorted(set(self.fields) - set(FIELD_NAMES))
         if unknown:
             raise ConfigError(f"data.fields: unknown field {unknown[0]!r}; known: {', '.join(FIELD_NAMES)}")
-        if not isinstance(self.template_kwargs, dict):
-            raise ConfigError(f"data.template_kwargs must be a mapping, got {self.template_kwargs!r}")
+        check_template_variables(self.template_kwargs, "data.template_kwargs")
         if not 0.0 <= self.warn_dropped <= 1.0:
             raise ConfigError(f"data.warn_dropped must be in [0, 1], got {self.warn_dropped}")
         if not self.text_field:
@@ -100,12 +100,16 @@ def _template_fields(template: str, what: str = "template") -> list[str]:
     except ValueError as exc:
         raise ConfigError(f"{what} {template!r} does not parse: {exc}") from None
     fields = []
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
-        base = name.split(".")[0].split("[")[0]
-        if not base or base.isdigit():
+        if not name or name.isdigit():
             raise ConfigError(f"{what} {template!r} must use named fields like {{documents}}, not {{{name}}}")
-        fields.append(base)
+        if "." in name or "[" in name or conversion or spec:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(f"{what} {template!r}: {{{shown}}} is not a plain field name; a template may only name "
+                              "record fields, like {documents} (no attribute access, indexing, '!' conversions or "
+                              "':' format specs; write {{ and }} for literal braces)")
+        fields.append(name)
     return fields
 

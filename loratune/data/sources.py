@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -122,15 +123,82 @@ def _read_csv(path: Path) -> list[dict]:
     old_limit = csv.field_size_limit(2**31 - 1)  # long documents exceed the 128 KiB default
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
+            lines = _RowLines(f)
+            reader = csv.DictReader(lines)
             if reader.fieldnames is None:  # an empty file
                 return []
             check_csv_header(path, list(reader.fieldnames))
-            return _placed([dict(row) for row in reader], "row")
+            rows = []
+            lines.kept = []
+            for row in reader:
+                rows.append(dict(row))
+                last, lines.kept = lines.kept, []
+            if rows:
+                check_csv_quotes(path, "".join(last), reader.line_num)
+            return _placed(rows, "row")
     except csv.Error as exc:
         raise DataError(f"{path} is not valid CSV: {exc}") from None
     finally:
         csv.field_size_limit(old_limit)
+
+
+class _RowLines:
+    """The lines of a file, keeping those read since ``kept`` was last emptied (the current CSV row's)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.kept = f, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        self.kept.append(line)
+        return line
+
+
+def check_csv_quotes(path: Path, last_row: str, lines: int) -> None:
+    """Refuse a CSV whose last row opens a quote that is never closed, naming the line where it opens.
+
+    Why: Python's csv reader then takes everything up to the end of the file, line breaks and
+    later rows included, as one field, and a data set silently loses its last rows into one giant
+    text. Only the last row can be unterminated (it runs to the end of the file); ``last_row`` is
+    its text and ``lines`` the file's line count.
+    """
+    try:
+        for _ in csv.reader(io.StringIO(last_row), strict=True):
+            pass
+        return
+    except csv.Error as exc:
+        if "unexpected end of data" not in str(exc):
+            return  # a looser problem (text after a closing quote) that the non-strict reader accepted
+    line = lines - last_row.count("\n", max(_open_quote(last_row), 0)) + last_row.endswith("\n")
+    raise DataError(f"{path}, line {line}: a quoted field opens on this line and is never closed, so the rest of "
+                    "the file would be read as one field; close the quote (a quote inside a quoted field is "
+                    "written twice: \"\")")
+
+
+def _open_quote(text: str) -> int:
+    """Where the quoted field that ``text`` ends inside opens (csv's quoting rules, ',' delimiter)."""
+    at, i, n, start = -1, 0, len(text), True
+    while i < n:
+        c = text[i]
+        if start and c == '"':
+            at = i
+            close = i + 1
+            while True:  # to the closing quote: a '"' not followed by another
+                close = text.find('"', close)
+                if close < 0:
+                    return at
+                if text.startswith('""', close):
+                    close += 2
+                    continue
+                break
+            i, start = close + 1, False
+            continue
+        start = c in ",\r\n"
+        i += 1
+    return at
 
 
 def check_csv_header(path: Path, names: list[str]) -> None:

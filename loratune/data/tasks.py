@@ -14,7 +14,7 @@ from collections import Counter
 
 from ..errors import ConfigError, DataError
 from .chat import ChatEncoder
-from .chat_formats import chat_format, fill_template, to_messages
+from .chat_formats import _kind, chat_format, fill_template, to_messages
 from .chat_template import resolve_chat_template
 from .config import DataConfig, _template_fields
 from .examples import IGNORE_INDEX, Encoded, Example
@@ -28,13 +28,19 @@ __all__ = ["IGNORE_INDEX", "Encoded", "Example", "build_examples", "encode_recor
 
 
 def _usable(records: list[dict], fields: list[str], source: str) -> list[dict]:
-    """Records whose fields are all non-empty; a field that no record has is an error."""
+    """Records whose fields are all non-empty text (missing or empty ones are skipped, with a notice);
+    a field that no record has, or a value that is not text (a number, NaN, a list), is an error."""
     present = set().union(*(r.keys() for r in records))
     missing = [f for f in fields if f not in present]
     if missing:
         raise DataError(f"field {missing[0]!r} is not in the records of {source}; "
                         f"they have: {', '.join(sorted(map(str, present)))}")
-    kept = [r for r in records if all(r.get(f) is not None and str(r[f]).strip() for f in fields)]
+    for i, record in enumerate(records):  # a number or NaN would train as the text "12345" or "NaN"
+        for f in fields:
+            if record.get(f) is not None and not isinstance(record[f], str):
+                raise DataError(f"{source}, {record_place(record, i)}: field {f!r} must be text, got "
+                                f"{_kind(record[f])}; fix the record or name another field")
+    kept = [r for r in records if all(r.get(f) is not None and r[f].strip() for f in fields)]
     if len(kept) < len(records):
         log.warning("skipped %d of %d records of %s with an empty or missing %s",
                     len(records) - len(kept), len(records), source, " or ".join(repr(f) for f in fields))
@@ -57,7 +63,7 @@ def encode_records(records: list[dict], cfg: DataConfig, tokenizer: Tokenizer, s
         return _chat(records, cfg, tokenizer, seq_len, source)
     if cfg.task == "causal_lm":
         records = _usable(records, [cfg.text_field], source)
-        docs = [bos + ids + [eos] for ids in tokenizer.encode_batch([str(r[cfg.text_field]) for r in records])]
+        docs = [bos + ids + [eos] for ids in tokenizer.encode_batch([r[cfg.text_field] for r in records])]
         if cfg.packing:
             return [Encoded(_all_trained(b)) for b in pack_documents(docs, seq_len)]
         return [Encoded(_all_trained(d[:seq_len + 1]), cut=_cut(len(d), seq_len), cut_inside=len(d) > seq_len + 1)
