@@ -13,6 +13,10 @@ class CheckpointError(LoratuneError):
     """A model checkpoint is missing, corrupt, or of an architecture we do not support."""
 
 
+class NonFiniteOutput(CheckpointError):
+    """The model (with its adapter) computes NaN or Inf for this input: its weights are finite but overflow."""
+
+
 class ConfigError(LoratuneError):
     """A configuration value (LoRA, recipe, CLI) is invalid."""
 

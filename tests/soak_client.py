@@ -1,5 +1,7 @@
 """Mixed load on a running ``loratune serve``: concurrent clients over a mix of adapters and the base, streamed
-and whole answers, clients that disconnect mid-answer, and adapters unloaded and loaded while requests run.
+and whole answers, clients that disconnect mid-answer, adapters unloaded and loaded while requests run, and (a
+share of the requests) hostile ones: bad types, huge prompts and bodies, bad roles, lone surrogates, fields the
+server refuses, and logit_bias at its extremes.
 
 Every completed greedy answer is compared with its reference (what ``generate`` gives the prompt with that
 adapter alone). Shared by tests/serve/test_soak.py (a bounded run in the suite) and benchmarks/serve_soak.py
@@ -34,6 +36,35 @@ class SoakPlan:
     churn_every_s: float = 2.0
     seed: int = 0
     timeout_s: float = 120.0
+    hostile_share: float = 0.0
+    """Share of requests taken from :data:`HOSTILE` (each must be refused with a 4xx, or answered as listed)."""
+
+
+HOSTILE = [  # (what, path, JSON body or raw bytes, the statuses it may get)
+    ("top_k 2.5", "/v1/completions", {"prompt": "the cat", "top_k": 2.5, "temperature": 1}, {400}),
+    ("top_k true", "/v1/completions", {"prompt": "the cat", "top_k": True, "temperature": 1}, {400}),
+    ("temperature a string", "/v1/completions", {"prompt": "the cat", "temperature": "hot"}, {400}),
+    ("model a list", "/v1/completions", {"model": ["x"], "prompt": "the cat"}, {400}),
+    ("stream_options a string", "/v1/completions", {"prompt": "the cat", "stream": True, "stream_options": "x"},
+     {400}),
+    ("an unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, {400}),
+    ("a role that is an object", "/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, {400}),
+    ("a text part without text", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, {400}),
+    ("a lone surrogate", "/v1/completions", b'{"prompt": "\\ud800 cat"}', {400}),
+    ("a prompt of 300,000 characters", "/v1/completions", {"prompt": "the cat " * 37_500}, {400}),
+    ("a body of 3 MB", "/v1/completions", {"prompt": "x" * 3 * 2**20}, {413}),
+    ("echo", "/v1/completions", {"prompt": "the cat", "echo": True}, {400}),
+    ("best_of 3", "/v1/completions", {"prompt": "the cat", "best_of": 3}, {400}),
+    ("logit_bias 1000", "/v1/completions", {"prompt": "the cat", "logit_bias": {"3": 1000}}, {400}),
+    ("logit_bias +100", "/v1/completions", {"prompt": "the cat", "logit_bias": {"3": 100}, "max_tokens": 4,
+                                            "temperature": 0}, {200}),
+    ("logit_bias -100 on 200 tokens", "/v1/completions",
+     {"prompt": "the cat", "logit_bias": {str(i): -100 for i in range(200)}, "max_tokens": 4, "logprobs": 5,
+      "temperature": 1, "seed": 1, "presence_penalty": 2, "frequency_penalty": -2}, {200}),
+    ("a NUL byte in lora_path", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "a\x00b"}, {400}),
+]
+"""Requests no client should be able to harm another with (tests/serve/test_bad_requests.py has the full table)."""
 
 
 @dataclass
@@ -68,7 +99,9 @@ class Soak:
             body = {"model": model, "prompt": self.plan.prompts[index], "max_tokens": self.plan.max_tokens,
                     "temperature": 0}
             try:
-                if rng.random() < self.plan.disconnect_share:
+                if rng.random() < self.plan.hostile_share:
+                    await self._hostile(client, rng.choice(HOSTILE))
+                elif rng.random() < self.plan.disconnect_share:
                     await self._disconnect(client, body, rng.randrange(4))
                 elif rng.random() < 0.5:
                     await self._streamed(client, body, index, model)
@@ -77,6 +110,28 @@ class Soak:
             except Exception as exc:  # the server went away, or answered out of protocol
                 self.result.outcomes[f"client error: {type(exc).__name__}"] += 1
                 self.result.wrong.append({"model": model, "prompt": index, "error": repr(exc)[:300]})
+
+    async def _hostile(self, client, case: tuple) -> None:
+        what, path, body, allowed = case
+        import httpx
+
+        try:
+            if isinstance(body, bytes):
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
+            else:
+                model = {} if "lora_name" in body else {"model": self.plan.base}  # the body's own model wins
+                r = await client.post(path, json={**model, **body})
+        except (httpx.WriteError, httpx.ReadError, httpx.RemoteProtocolError):
+            if 413 not in allowed:
+                raise
+            self.result.outcomes["hostile, closed while sending a body past the limit"] += 1  # refused unread
+            return
+        line = r.json().get("error", {}).get("message", "") if r.status_code >= 400 else ""
+        if r.status_code in allowed and "\n" not in line and "Traceback" not in line:
+            self.result.outcomes[f"hostile, HTTP {r.status_code} as due"] += 1
+        else:
+            self.result.outcomes[f"hostile, HTTP {r.status_code} NOT as due"] += 1
+            self.result.wrong.append({"hostile": what, "status": r.status_code, "body": r.text[:300]})
 
     async def _whole(self, client, body: dict, index: int, model: str) -> None:
         r = await client.post("/v1/completions", json=body)

@@ -10,7 +10,8 @@ import math
 import torch
 
 from ..data import Batches, DataConfig, build_examples, load_records
-from ..errors import CheckpointError
+from ..errors import NonFiniteOutput
+from ..generate.sampling import NON_FINITE_ADVICE
 from ..train import evaluate
 from ..train.metrics import perplexity
 from .common import add_model_args, load_for_inference, log
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         loss = evaluate(model, batches, device, contextlib.nullcontext())
     if not math.isfinite(loss):
-        raise CheckpointError(f"the loss on {args.data} is {loss}: the model's outputs are NaN/Inf on this data "
-                              "(with --dtype float16, try float32 or bfloat16)")
+        raise NonFiniteOutput(f"the loss on {args.data} is {loss}: {NON_FINITE_ADVICE}")
     ppl = perplexity(loss)
     result = {"loss": round(loss, 6), "perplexity": round(ppl, 4) if math.isfinite(ppl) else None,
               "examples": len(examples), "tokens": sum(sum(1 for t in e.labels if t != -100) for e in examples)}

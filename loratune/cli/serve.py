@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
+import socket
 import threading
 import time
 
@@ -20,22 +22,70 @@ def add_parser(sub) -> None:
                    help="an adapter to serve (repeatable)")
     p.add_argument("--adapter-dir", help="the only directory /v1/load_lora_adapter may load adapters from")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters held at once; least recently used go")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: half the model's context")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-batch", type=_positive, default=16,
+                   help="sequences decoded together (default 16; their KV cache must fit the device's free memory)")
+    p.add_argument("--max-adapters", type=_positive, default=8, help="adapters held at once; least recently used go")
+    p.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before HTTP 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=_positive, default=None, help="default: half the model's context")
+    p.add_argument("--max-body-bytes", type=_positive, default=None,
+                   help="request bodies past this are refused with HTTP 413 unread (default: 1 MiB + 768 bytes per "
+                        "--max-prompt-tokens)")
+    p.add_argument("--max-tokens", type=_positive, default=None,
                    help="the largest max_tokens a request may ask for (default: 512, or what the context leaves after "
                         "--max-prompt-tokens where that is less)")
     p.add_argument("--prefill-tokens", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps (at least one request; default 512)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", type=_positive, default=None,
                    help="positions per sequence in the KV cache (default: the model's context; it sizes the cache)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (HTTP 504 after)")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a request may take (HTTP 504 after)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (HTTP 401 otherwise)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
     p.set_defaults(run=run)
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 (0 or a negative would silently become a default, or refuse every request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [1, 65535], got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Bind once before loading the model, so that a port in use or a host that is not this machine's is one
+    clear line at once (uvicorn would log its errno and exit after the model had loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError(f"could not serve on {host}:{port}: {why}; give another --port (or --host)") from None
 
 
 def build(args: argparse.Namespace):
@@ -64,9 +114,10 @@ def build(args: argparse.Namespace):
         registry.load(adapter, path, set(), trusted=True)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_model_len, prefill_tokens=args.prefill_tokens)
     context = engine.max_len
-    prompt = args.max_prompt_tokens or context // 2
+    prompt = args.max_prompt_tokens or max(1, context // 2)
     tokens = min(512, max(1, context - prompt)) if args.max_tokens is None else args.max_tokens
-    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key, prompt, tokens, args.timeout)
+    cfg = ServeConfig(name, context, model.lm_head.weight.shape[0], args.api_key, prompt, tokens, args.timeout,
+                      getattr(args, "max_body_bytes", None))
     if cfg.max_prompt_tokens + cfg.max_tokens > context:
         raise ConfigError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} exceed the "
                           f"model's context of {context}")
@@ -79,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ConfigError("loratune serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    _check_bind(args.host, args.port)
     app, server = build(args)
     web = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                         timeout_graceful_shutdown=30))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteOutput
 from .cpu_prepack import packed_linears
 
 log = logging.getLogger("loratune")
@@ -56,9 +57,28 @@ class SamplingConfig:
             check_seed(self.seed)
 
 
+NON_FINITE_ADVICE = ("the model or its adapter computes NaN or Inf although its weights are finite (an adapter "
+                     "with an extreme alpha or weights, or a model that overflows in this dtype: with --dtype "
+                     "float16, try float32 or bfloat16)")
+"""What every command says when a model's outputs are not finite (generate, serve, eval)."""
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """One rule for every command that picks tokens: NaN/Inf scores are refused, never sampled from (greedy
+    argmax over NaN would print a token, '!!!!' in GPT-2's vocabulary, as if nothing were wrong)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutput(f"the next-token scores are NaN or Inf: {NON_FINITE_ADVICE}")
+
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily (vLLM's rule): dividing by 1e-300 would overflow the logits to
+infinities, whose softmax is NaN."""
+
+
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from last-position logits (B, V) -> (B,)."""
-    if cfg.temperature == 0:
+    """Pick one token per row from last-position logits (B, V) -> (B,); NaN/Inf logits raise NonFiniteOutput."""
+    check_finite_logits(logits)
+    if cfg.temperature < GREEDY_BELOW:
         return logits.max(dim=-1).indices  # first maximum, as argmax; ~4x faster than argmax on CPU bf16
     logits = logits.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
@@ -68,10 +88,64 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses p
+        drop_sorted[..., 0] = False  # and always the most likely one: top_p 1e-300 is 0.0 in float32
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class LogitsProcessing:
+    """OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` (the server's requests; ``generate``
+    has no flags for them). Applied to a row's logits before sampling, as vLLM does: the bias is added; each
+    token already generated in this answer loses ``presence_penalty`` once and ``frequency_penalty`` per time
+    it was generated (the prompt's tokens do not count, as in OpenAI's definition)."""
+
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> a number in [-100, 100] added to its logit (+100: chosen whenever greedy)."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted from a token's logit once per time it was already generated."""
+
+    def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and -2 <= value <= 2):
+                raise ConfigError(f"{name} must be a number in [-2, 2], got {value!r}")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(bias, (int, float)) and math.isfinite(bias) and -100 <= bias <= 100):
+                raise ConfigError(f"logit_bias for token {token} must be a number in [-100, 100], got {bias!r}")
+
+    def active(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    def apply(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+        """One row's logits (1, V) -> adjusted float32 logits (1, V) (a new tensor)."""
+        logits = logits.float().clone()
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), dtype=torch.long, device=logits.device)
+            logits[0, ids] += torch.tensor(list(self.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        if generated and (self.presence_penalty or self.frequency_penalty):
+            counts = torch.bincount(torch.tensor(list(generated), device=logits.device),
+                                    minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+            logits[0] -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+
+LOGPROB_FLOOR = -9999.0
+"""What a logprob of -inf is reported as (JSON has no infinity; vLLM's value)."""
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under one row's logits (1, V), and the ``top`` most likely (id, logprob)
+    pairs: what OpenAI's ``logprobs`` reports."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[0]
+    floor = lambda x: max(float(x), LOGPROB_FLOOR)  # noqa: E731
+    best = torch.topk(logprobs, min(top, logprobs.shape[-1])) if top else None
+    pairs = [(int(i), floor(v)) for v, i in zip(best.values, best.indices)] if best is not None else []
+    return floor(logprobs[token]), pairs
 
 
 @torch.no_grad()

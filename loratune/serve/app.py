@@ -1,17 +1,21 @@
 """The OpenAI-compatible HTTP API (FastAPI): completions, chat completions (both streamed by server-sent
 events on request), models, health, and vLLM's adapter loading. The request's ``model`` field picks the
 adapter (the base model's name: no adapter), as in vLLM.
+
+No request can hold up another: a body past --max-body-bytes is refused (413) before it is read, a prompt is
+checked by its length in characters before it is tokenized, and tokenizing and chat-template rendering (the
+model's template is untrusted code) run in threads of their own, never on the event loop or the engine's
+thread. Every field is checked in :mod:`.params` before the request reaches the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
-import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
@@ -20,11 +24,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..errors import ConfigError, LoratuneError
 from ..generate.chat import messages_prompt
 from ..generate.sampling import SamplingConfig
+from . import answers
+from . import params as checks
 from .adapters import AdapterRegistry
 from .engine import AdapterNotLoaded, Request
 from .metrics import prometheus_text
+from .params import BadRequest, Params
 from .worker import QueueFull, Worker
-
 
 @dataclass
 class ServeConfig:
@@ -37,6 +43,15 @@ class ServeConfig:
     max_prompt_tokens: int = 1024
     max_tokens: int = 512
     timeout_s: float = 300.0
+    max_body_bytes: int | None = None
+    """Request bodies past this are refused (413) unread; None: :func:`default_body_limit`."""
+
+    def __post_init__(self) -> None:
+        self.max_body_bytes = self.max_body_bytes or checks.default_body_limit(self.max_prompt_tokens)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return checks.CHARS_PER_TOKEN * self.max_prompt_tokens
 
 
 class APIError(Exception):
@@ -50,10 +65,31 @@ class OpenAIServer:
 
     def __init__(self, worker: Worker, registry: AdapterRegistry, tokenizer, cfg: ServeConfig) -> None:
         self.worker, self.registry, self.tokenizer, self.cfg = worker, registry, tokenizer, cfg
+        # tokenizing and template rendering: threads of their own, so that a slow one (a hostile template runs
+        # until the renderer's bounds stop it) holds neither the event loop nor the default pool (adapter reads)
+        self.prompts = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loratune-prompt")
 
     async def api_error(self, _, exc: APIError):
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
                             status_code=exc.status)
+
+    async def bad_request(self, _, exc: BadRequest):
+        kind = "request_too_large" if exc.status == 413 else "invalid_request_error"
+        return JSONResponse({"error": {"message": exc.message, "type": kind, "code": exc.status}},
+                            status_code=exc.status)
+
+    async def _json(self, request: HTTPRequest) -> dict:
+        return await checks.read_body(request, self.cfg.max_body_bytes, self._off_loop)
+
+    async def _off_loop(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in the prompt threads (never on the event loop), within the request timeout."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.prompts, lambda: fn(*args, **kwargs))
+        try:
+            return await asyncio.wait_for(future, timeout=self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"preparing the prompt took longer than {self.cfg.timeout_s:g} s",
+                           "timeout_error") from None
 
     async def auth(self, request: HTTPRequest) -> None:
         """Bearer-token auth on /v1/ when --api-key is set (a dependency, not a middleware: Starlette's
@@ -79,10 +115,13 @@ class OpenAIServer:
                  for n, p in self.registry.serving().items()]
         return {"object": "list", "data": data}
 
-    async def load(self, body: dict):
+    async def load(self, request: HTTPRequest):
+        body = await self._json(request)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "give lora_name and lora_path (strings)")
+        if "\0" in path or len(path) > 4096:
+            raise APIError(400, "lora_path must be a directory path (no NUL character, at most 4096 characters)")
 
         def attach():  # on the engine's thread, between two steps
             return self.registry.attach(name, files, self.worker.adapters_in_use())
@@ -90,14 +129,15 @@ class OpenAIServer:
         try:
             files = await asyncio.to_thread(self.registry.read, name, path)  # the disk, off the engine's thread
             evicted = await self.worker.between_steps(attach)
-        except (LoratuneError, OSError) as exc:
-            raise APIError(400, str(exc)) from None
+        except (LoratuneError, OSError, ValueError) as exc:
+            raise APIError(400, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         note = f" (evicted {', '.join(evicted)})" if evicted else ""
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully{note}.")
 
-    async def unload(self, body: dict):
+    async def unload(self, request: HTTPRequest):
         """Unload an adapter: new requests for it are refused (404) at once, and it is removed as soon as its
         requests in flight have finished (409 if they take longer than --timeout)."""
+        body = await self._json(request)
         name = body.get("lora_name")
         if not isinstance(name, str):
             raise APIError(400, "give lora_name (a string)")
@@ -124,7 +164,9 @@ class OpenAIServer:
             self.registry.draining.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    async def completions(self, body: dict, request: HTTPRequest):
+    async def completions(self, request: HTTPRequest):
+        body = await self._json(request)
+        checks.check_unsupported(body, False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -133,32 +175,39 @@ class OpenAIServer:
             if max(ids) >= self.cfg.vocab or min(ids) < 0:
                 raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab})")
         elif isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            self._check_chars(len(prompt))
+            ids = await self._off_loop(self.tokenizer.encode, prompt)
         else:
             raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)")
         return await self._answer(body, request, ids, list(self.tokenizer.eos_ids), False)
 
-    async def chat(self, body: dict, request: HTTPRequest):
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise APIError(400, "messages must be a non-empty list of {role, content} objects")
-        variables = body.get("chat_template_kwargs") or {}
-        if not isinstance(variables, dict) or not all(
-                isinstance(k, str) and k.isidentifier() and k not in RESERVED and isinstance(v, (str, bool, int, float))
-                for k, v in variables.items()):
-            raise APIError(400, "chat_template_kwargs must map names to plain values (and may not set "
-                                f"{', '.join(sorted(RESERVED))})")
-        try:
-            ids, stops = messages_prompt(self.tokenizer, [_plain(m) for m in messages], None, **variables)
+    async def chat(self, request: HTTPRequest):
+        body = await self._json(request)
+        checks.check_unsupported(body, True)
+        messages = checks.messages(body)
+        variables = checks.chat_variables(body)
+        self._check_chars(sum(len(m["content"]) for m in messages))
+        try:  # the model's template is untrusted code: off the event loop, its failures are this request's
+            ids, stops = await self._off_loop(messages_prompt, self.tokenizer, messages, None, **variables)
         except LoratuneError as exc:
             raise APIError(400, str(exc)) from None
+        except (RecursionError, MemoryError, OverflowError, TypeError, ValueError) as exc:
+            raise APIError(400, f"the model's chat template failed on this conversation: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}") from None
         return await self._answer(body, request, ids, stops, True)
+
+    def _check_chars(self, chars: int) -> None:
+        if chars > self.cfg.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars:,} characters; this server takes at most "
+                                f"{self.cfg.max_prompt_tokens} tokens, so at most {self.cfg.max_prompt_chars:,} "
+                                "characters")
 
     async def _answer(self, body: dict, request: HTTPRequest, ids: list[int], stop_ids: list[int], chat: bool):
         adapter = self._adapter_of(body)
-        sampling, n, stops = self._sampling(body, len(ids), chat)
+        p = self._params(body, len(ids), chat)
         loop = asyncio.get_running_loop()
-        requests = [Request(ids, adapter, _nth(sampling, i), stop_ids) for i in range(n)]
+        requests = [Request(ids, adapter, _nth(p.sampling, i), stop_ids, p.processing, p.logprobs)
+                    for i in range(p.n)]
         queues = []
         try:
             for r in requests:
@@ -176,10 +225,11 @@ class OpenAIServer:
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": body.get("model") or self.cfg.model_name}
         deadline = time.monotonic() + self.cfg.timeout_s
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._stream(requests, queues, stops, meta, chat, len(ids) if usage else None,
-                                                  request, deadline), media_type="text/event-stream")
+        stops = p.stops
+        if p.stream:
+            return StreamingResponse(self._stream(requests, queues, stops, meta, chat,
+                                                  len(ids) if p.include_usage else None, request, deadline),
+                                     media_type="text/event-stream")
         tasks = [asyncio.ensure_future(self._collect(r, q, stops, request, deadline)) for r, q in zip(requests, queues)]
         try:
             outs = await asyncio.gather(*tasks)
@@ -188,12 +238,20 @@ class OpenAIServer:
                 task.cancel()
             for r in requests:
                 self.worker.cancel(r.id)
-        choices = [_choice(i, text, reason, chat, False) for i, (text, reason, _) in enumerate(outs)]
+        choices = [answers.choice(i, text, reason, chat, False, self._logprobs(r, tokens, infos, chat))
+                   for i, (r, (text, reason, tokens, infos)) in enumerate(zip(requests, outs))]
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": _usage(len(ids), sum(k for _, _, k in outs))}
+                "usage": answers.usage(len(ids), sum(len(tokens) for _, _, tokens, _ in outs))}
+
+    def _logprobs(self, r: Request, tokens: list[int], infos: list, chat: bool, offset: int = 0) -> dict | None:
+        if r.logprobs is None:
+            return None
+        if chat:
+            return answers.chat_logprobs(self.tokenizer, tokens, infos)
+        return answers.completion_logprobs(self.tokenizer, tokens, infos, offset)
 
     def _adapter_of(self, body: dict) -> str | None:
-        name = body.get("model") or self.cfg.model_name
+        name = checks.model_name(body, self.cfg.model_name)
         if name == self.cfg.model_name:
             return None
         if name not in self.registry.serving():
@@ -201,30 +259,12 @@ class OpenAIServer:
                                 f"{', '.join(self.registry.serving()) or 'none'}", "not_found_error")
         return name
 
-    def _sampling(self, body: dict, prompt_len: int, chat: bool) -> tuple[SamplingConfig, int, list[str]]:
+    def _params(self, body: dict, prompt_len: int, chat: bool) -> Params:
         cfg = self.cfg
         if prompt_len > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this server takes at most "
                                 f"{cfg.max_prompt_tokens}")
-        max_tokens = _given(body, "max_completion_tokens", _given(body, "max_tokens", None))
-        if max_tokens is None:  # OpenAI's defaults: 16 for completions; chat runs until it ends (here: our limits)
-            max_tokens = min(cfg.max_tokens, cfg.context - prompt_len) if chat else 16
-        n, stop = _given(body, "n", 1), _given(body, "stop", [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= cfg.max_tokens:
-            raise APIError(400, f"max_tokens must be an integer in [1, {cfg.max_tokens}], got {max_tokens!r}")
-        if not isinstance(n, int) or not 1 <= n <= 8:
-            raise APIError(400, f"n must be an integer in [1, 8], got {n!r}")
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings")
-        try:
-            top_k = _given(body, "top_k", None)
-            sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=float(_given(body, "temperature", 1.0)),
-                                      top_k=None if top_k in (-1, 0) else top_k, top_p=_given(body, "top_p", None),
-                                      seed=_given(body, "seed", None))
-        except (LoratuneError, TypeError, ValueError) as exc:
-            raise APIError(400, str(exc)) from None
-        return sampling, n, stop
+        return checks.params(body, prompt_len, chat, cfg.max_tokens, cfg.context, cfg.vocab)
 
     async def _events(self, r: Request, queue: asyncio.Queue, request: HTTPRequest, deadline: float):
         """(token, None) as they come, then (None, finish reason). The client's connection is looked at every
@@ -256,26 +296,28 @@ class OpenAIServer:
 
     async def _texts(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
                      deadline: float):
-        """(text so far, tokens, finish reason or None) after each token; the text is cut at a stop string."""
-        tokens = []
-        async for token, end in self._events(r, queue, request, deadline):
+        """(text so far, tokens, their logprobs, finish reason or None) after each token; the text is cut at a
+        stop string."""
+        tokens, infos = [], []
+        async for item, end in self._events(r, queue, request, deadline):
             if end is not None:
-                yield self.tokenizer.decode(tokens), tokens, end
+                yield self.tokenizer.decode(tokens), tokens, infos, end
                 return
-            tokens.append(token)
+            tokens.append(item[0])
+            infos.append(item[1])
             text = self.tokenizer.decode(tokens)
-            hit = _stop_at(text, stops)
+            hit = answers.stop_at(text, stops)
             if hit is not None:
-                yield text[:hit], tokens, "stop"
+                yield text[:hit], tokens, infos, "stop"
                 return
-            yield text, tokens, None
+            yield text, tokens, infos, None
 
     async def _collect(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
                        deadline: float):
-        text, tokens, reason = "", [], None
-        async for text, tokens, reason in self._texts(r, queue, stops, request, deadline):
+        text, tokens, infos, reason = "", [], [], None
+        async for text, tokens, infos, reason in self._texts(r, queue, stops, request, deadline):
             pass
-        return text, reason, len(tokens)
+        return text, reason, tokens, infos
 
     async def _stream(self, requests, queues, stops, meta, chat, prompt_len, request, deadline):
         """Server-sent events: the choices one after another, each as text deltas. A stop string's possible
@@ -285,25 +327,28 @@ class OpenAIServer:
         try:
             for index, (r, q) in enumerate(zip(requests, queues)):
                 if chat:
-                    yield _sse({**meta, "object": obj, "choices": [{"index": index, "finish_reason": None,
+                    yield answers.sse({**meta, "object": obj, "choices": [{"index": index, "finish_reason": None,
                                                                      "delta": {"role": "assistant", "content": ""}}]})
-                sent, reason, count = 0, None, 0
-                async for text, tokens, reason in self._texts(r, q, stops, request, deadline):
+                sent, reason, count, told = 0, None, 0, 0  # characters sent, tokens, tokens whose logprobs went
+                tokens, infos = [], []
+                async for text, tokens, infos, reason in self._texts(r, q, stops, request, deadline):
                     count = len(tokens)
-                    safe = len(text) if reason else len(text) - _held_back(text, stops)
+                    safe = len(text) if reason else len(text) - answers.held_back(text, stops)
                     if safe > sent:
-                        yield _sse({**meta, "object": obj, "choices": [_choice(index, text[sent:safe], None, chat,
-                                                                               True)]})
-                        sent = safe
+                        logprobs = self._logprobs(r, tokens[told:], infos[told:], chat, sent)
+                        yield answers.sse({**meta, "object": obj, "choices": [answers.choice(index, text[sent:safe], None, chat,
+                                                                               True, logprobs)]})
+                        sent, told = safe, len(tokens)
                 total += count
-                yield _sse({**meta, "object": obj, "choices": [_choice(index, "", reason, chat, True)]})
+                last = self._logprobs(r, tokens[told:], infos[told:], chat, sent) if len(tokens) > told else None
+                yield answers.sse({**meta, "object": obj, "choices": [answers.choice(index, "", reason, chat, True, last)]})
         except APIError as exc:
-            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+            yield answers.sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
         finally:
             for r in requests:
                 self.worker.cancel(r.id)
         if prompt_len is not None:  # stream_options.include_usage
-            yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(prompt_len, total)})
+            yield answers.sse({**meta, "object": obj, "choices": [], "usage": answers.usage(prompt_len, total)})
         yield "data: [DONE]\n\n"
 
 
@@ -311,6 +356,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI application of ``server``'s handlers."""
     app = FastAPI(title="loratune serve")
     app.add_exception_handler(APIError, server.api_error)
+    app.add_exception_handler(BadRequest, server.bad_request)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics)
     keyed = {"dependencies": [Depends(server.auth)]}
@@ -327,56 +373,3 @@ def _nth(sampling: SamplingConfig, i: int) -> SamplingConfig:
     if i == 0 or sampling.seed is None:
         return sampling
     return SamplingConfig(**{**sampling.__dict__, "seed": (sampling.seed + i) % 2**64})
-
-
-RESERVED = frozenset({"messages", "template", "tokenizer", "add_generation_prompt"})
-"""chat_template_kwargs that may not be set: they would reach other parameters (a template path on disk)."""
-
-
-def _given(body: dict, key: str, default):
-    """``body[key]`` unless absent or null (0 and "" are values, not absences)."""
-    value = body.get(key)
-    return default if value is None else value
-
-
-def _plain(message: dict) -> dict:
-    """A message whose content is a list of parts (OpenAI's format) with its text parts joined."""
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) != len(content):
-            raise APIError(400, "only text content parts are supported")
-        return {**message, "content": "".join(texts)}
-    return message
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of ``text`` could begin a stop string (or are a split character)."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s in text]
-    return min(found) if found else None
-
-
-def _choice(index: int, text: str, reason: str | None, chat: bool, delta: bool) -> dict[str, Any]:
-    if chat:
-        key = "delta" if delta else "message"
-        body = {"content": text} if delta else {"role": "assistant", "content": text}
-        return {"index": index, key: body, "finish_reason": reason}
-    return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"

@@ -37,8 +37,8 @@ from torch import nn
 
 from ..adapters.lora import lora_layers
 from ..adapters.rows import rows_applying
-from ..errors import ConfigError
-from ..generate.sampling import SamplingConfig, next_token
+from ..errors import ConfigError, ResourceError
+from ..generate.sampling import LogitsProcessing, SamplingConfig, next_token, token_logprobs
 from ..models.kv_cache import KVCache
 
 
@@ -54,7 +54,15 @@ class Request:
     adapter: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop_ids: Sequence[int] = ()
+    processing: LogitsProcessing | None = None
+    """logit_bias and penalties (None: the logits as the model gives them)."""
+    logprobs: int | None = None
+    """Report each token's logprob and this many most likely alternatives (None: no logprobs)."""
     id: int = field(default_factory=itertools.count().__next__)
+
+
+Logprob = tuple[float, list[tuple[int, float]]]
+"""A token's logprob and the top alternatives as (id, logprob): see :func:`token_logprobs`."""
 
 
 @dataclass
@@ -103,12 +111,27 @@ class Engine:
                               "(longrope or dynamic scaling), which rows of one batch cannot do apart: serve it "
                               f"with --max-model-len {switch} or less")
         self.device = next(model.parameters()).device
+        self._check_memory()
         self.cache = self._new_cache(max_batch, self.max_len)
         self.mask = torch.zeros((max_batch, self.max_len), dtype=torch.long, device=self.device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.partial: _Partial | None = None
         self.adapters_changed()
+
+    def _check_memory(self) -> None:
+        """Refuse a cache the device cannot hold, with the estimate, before allocating it (--max-batch 10**9
+        would otherwise ask for terabytes and die in the allocator)."""
+        from ..train.guards import available_memory
+
+        one = self._new_cache(1, 1)  # per slot and position: every layer's keys and values, its token, the mask
+        per = sum(t.numel() * t.element_size() for t in [*one.k, *one.v]) + 2 * 8
+        need = per * self.max_batch * self.max_len
+        free = available_memory(self.device)
+        if free is not None and need > free:
+            raise ResourceError(f"the KV cache for --max-batch {self.max_batch} x {self.max_len} positions needs "
+                                f"{need / 2**30:,.1f} GiB ({per:,} bytes per slot and position) but {self.device} has "
+                                f"{free / 2**30:,.1f} GiB free: lower --max-batch or --max-model-len")
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
         """A cache whose sliding-window layers keep every position too (the engine shifts caches in time)."""
@@ -184,12 +207,13 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def step(self) -> tuple[list[tuple[Request, int]], list[Finished]]:
+    def step(self) -> tuple[list[tuple[Request, int, Logprob | None]], list[Finished]]:
         """Prefill waiting requests (within the step's prompt-token budget), then decode one token for every
         running row.
 
-        Returns the tokens produced this step, as (request, token), and the requests that finished."""
-        produced: list[tuple[Request, int]] = []
+        Returns the tokens produced this step, as (request, token, its logprobs or None), and the requests that
+        finished."""
+        produced: list[tuple[Request, int, Logprob | None]] = []
         finished: list[Finished] = []
         if self.running() == 0 and self.partial is None:  # idle: the time axis starts over
             self.cache.length = 0
@@ -296,26 +320,32 @@ class Engine:
             self._emit(i, tokens[i], produced, finished)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, row: _Row) -> int | str:
-        """The row's next token, or what went wrong (non-finite logits make sampling fail: that row alone)."""
+    def _sample(logits: torch.Tensor, row: _Row) -> tuple[int, Logprob | None] | str:
+        """The row's next token and its logprobs (as asked), or what went wrong: any failure here (non-finite
+        logits, a setting that slipped past the checks) ends that row alone, never the step."""
+        request = row.request
         try:
-            return int(next_token(logits, row.request.sampling, row.generator)[0])
-        except RuntimeError as exc:
+            if request.processing is not None and request.processing.active():
+                logits = request.processing.apply(logits, row.tokens)
+            token = int(next_token(logits, request.sampling, row.generator)[0])
+            return token, (None if request.logprobs is None else token_logprobs(logits, token, request.logprobs))
+        except Exception as exc:  # NonFiniteOutput, RuntimeError, a TypeError from a bad setting: this row's
             return f"sampling failed: {exc}"
 
-    def _emit(self, slot: int, token: int | str, produced: list, finished: list) -> None:
+    def _emit(self, slot: int, sampled: tuple[int, Logprob | None] | str, produced: list, finished: list) -> None:
         row = self.rows[slot]
-        if isinstance(token, str):
-            finished.append(Finished(row.request, row.tokens, "error", token))
+        if isinstance(sampled, str):
+            finished.append(Finished(row.request, row.tokens, "error", sampled))
             self._free(slot)
             return
+        token, logprob = sampled
         cfg, stops = row.request.sampling, row.request.stop_ids
         if cfg.stop_at_eos and token in stops:
             finished.append(Finished(row.request, row.tokens, "stop"))
             self._free(slot)
             return
         row.tokens.append(token)
-        produced.append((row.request, token))
+        produced.append((row.request, token, logprob))
         if len(row.tokens) >= cfg.max_new_tokens:
             finished.append(Finished(row.request, row.tokens, "length"))
             self._free(slot)

@@ -4,8 +4,9 @@ One thread runs :meth:`Engine.step` while there is work and sleeps otherwise. Th
 waits for it: submitting, cancelling and changing adapters only append to thread-safe queues that the
 thread drains between steps (adapter changes first, as jobs whose results the event loop awaits; their
 files are read before, outside the engine's thread). Each request's tokens reach its event-loop queue
-as ``("token", id)``, then one ``("done", reason)``; or ``("refused", message)`` when its adapter was
-unloaded before it reached the engine, or ``("error", message)`` when its row or a whole step failed.
+as ``("token", (id, logprobs or None))``, then one ``("done", reason)``; or ``("refused", message)`` when
+its adapter was unloaded before it reached the engine, or ``("error", message)`` when its row or a whole step
+failed.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class Worker:
 
     def _step(self) -> None:
         produced, finished = self.engine.step()
-        items = [(request.id, ("token", token)) for request, token in produced]
+        items = [(request.id, ("token", (token, logprob))) for request, token, logprob in produced]
         items += [(f.request.id, ("error", f.error) if f.reason == "error" else ("done", f.reason))
                   for f in finished]
         self._send(items)
@@ -140,16 +141,20 @@ class Worker:
             self._streams.pop(f.request.id, None)
 
     def _drain(self) -> None:
-        jobs = bool(self._jobs)
         while self._jobs:
             job, done = self._jobs.popleft()
             if done.set_running_or_notify_cancel():
                 try:
-                    done.set_result(job())
+                    result, failure = job(), None
                 except Exception as exc:  # the job's own failure (a bad adapter): its caller hears of it
-                    done.set_exception(exc)
-        if jobs:  # the jobs change adapters: the engine looks at its banks again
-            self.engine.adapters_changed()
+                    result, failure = None, exc
+                # the job changed adapters: the engine looks at its banks again before the caller hears back
+                # (a request sent on the answer must find the adapter)
+                self.engine.adapters_changed()
+                if failure is None:
+                    done.set_result(result)
+                else:
+                    done.set_exception(failure)
         cancelled = set()
         while self._cancels:
             cancelled.add(self._cancels.popleft())

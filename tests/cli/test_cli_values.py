@@ -161,7 +161,7 @@ def test_eval_json_with_an_overflowing_perplexity_prints_null(tiny_ckpt, data_fi
 def test_eval_with_a_non_finite_loss_is_an_error_not_nan_json(tiny_ckpt, data_file, capsys, monkeypatch, loss):
     monkeypatch.setattr(loratune.cli.evaluate, "evaluate", lambda *args, **kwargs: loss)
     err = _error(capsys, _eval_args(tiny_ckpt, data_file, "--json"))
-    assert f"the loss on {data_file} is {loss}: the model's outputs are NaN/Inf" in err
+    assert f"the loss on {data_file} is {loss}: the model or its adapter computes NaN or Inf" in err
 
 
 @pytest.mark.parametrize("flag, value", [("--max-examples", "-3"), ("--max-examples", "0"), ("--seq-len", "0"),

@@ -154,3 +154,39 @@ def test_sampling_config_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SamplingConfig(**kwargs)
 
+
+
+def test_a_vanishing_top_p_or_temperature_keeps_the_most_likely_token():
+    """top_p 1e-300 is 0.0 in float32, which used to drop every token (NaN probabilities); a temperature of
+    1e-300 overflows the logits to infinities. Both now pick the most likely token, as transformers/vLLM do."""
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9]])
+    gen = torch.Generator().manual_seed(0)
+    assert next_token(logits, SamplingConfig(temperature=1.0, top_p=1e-300), gen).tolist() == [1]
+    assert next_token(logits, SamplingConfig(temperature=1e-300), gen).tolist() == [1]
+    assert next_token(logits.repeat(500, 1), SamplingConfig(temperature=1e-4), gen).unique().tolist() == [1]
+
+
+def test_logit_bias_and_penalties_follow_openais_definition():
+    from loratune.generate.sampling import LogitsProcessing, token_logprobs
+
+    logits = torch.zeros(1, 6)
+    out = LogitsProcessing({2: 100.0, 4: -5.0}, presence_penalty=0.5, frequency_penalty=0.25).apply(logits, [1, 1, 3])
+    assert out.tolist() == [[0.0, -1.0, 100.0, -0.75, -5.0, 0.0]]  # 1: 0.5 + 2 * 0.25; 3: 0.5 + 0.25
+    assert logits.tolist() == [[0.0] * 6], "the model's logits are left as they were"
+    assert not LogitsProcessing().active() and LogitsProcessing(frequency_penalty=0.1).active()
+    lp, top = token_logprobs(out, 2, 2)
+    assert lp > -1e-6 and [t for t, _ in top] == [2, 0] and top[0][1] == lp
+    assert token_logprobs(torch.tensor([[0.0, float("-inf")]]), 1, 0) == (-9999.0, [])  # JSON has no -inf
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(logit_bias={3: 101.0}), "logit_bias"),
+    (dict(logit_bias={3: float("inf")}), "logit_bias"),
+], ids=repr)
+def test_logits_processing_validation(kwargs, message):
+    from loratune.generate.sampling import LogitsProcessing
+
+    with pytest.raises(ConfigError, match=message):
+        LogitsProcessing(**kwargs)

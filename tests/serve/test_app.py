@@ -108,6 +108,7 @@ def test_limits_and_refusals(files, server):
         assert r.status_code == 200, r.text
         r = client.post("/v1/completions", json={"model": "qonly", "prompt": "the red cat", "max_tokens": 6,
                                                  "temperature": 0})
+        assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected(files, "the red cat", "qonly", 6)
 
 
@@ -282,7 +283,7 @@ def test_metrics_show_the_slots_and_the_tokens(server):
 
 
 def test_stop_strings_are_never_half_sent():
-    from loratune.serve.app import _held_back, _stop_at
+    from loratune.serve.answers import held_back as _held_back, stop_at as _stop_at
 
     assert _held_back("the cat sa", ["sat down"]) == 2 and _held_back("the cat", ["dog"]) == 0
     assert _held_back("caf\ufffd", []) == 1 and _stop_at("a b STOP c", ["STOP", "b"]) == 2

@@ -193,3 +193,22 @@ def test_a_row_that_fails_ends_alone(served):
     for r in requests[:2] + requests[3:]:
         assert done[r.id].reason != "error" and done[r.id].tokens == alone(served, r)
     assert engine.free_slots() == 5
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "5"], ids=repr)
+def test_a_rows_sampling_failure_stays_that_rows(served, bad):
+    """A setting that slipped past the server's checks (top_k 2.5 makes torch.topk raise a TypeError) ends its
+    own row with an error; the greedy neighbour in the same steps still equals generate alone."""
+    broken = Request([5, 6, 7], None, SamplingConfig(max_new_tokens=6, temperature=1.0))
+    broken.sampling.top_k = bad  # past SamplingConfig's own check, as a value the old server let through
+    good = _requests(3, seed=7)
+    engine = Engine(served, max_batch=4)
+    finished = {}
+    for r in [broken, *good]:
+        engine.submit(r)
+    while engine.busy():
+        finished.update({f.request.id: f for f in engine.step()[1]})
+    assert finished[broken.id].reason == "error" and "sampling failed" in finished[broken.id].error
+    for r in good:
+        assert finished[r.id].tokens == alone(served, r)[:len(finished[r.id].tokens)]
+        assert finished[r.id].reason in ("stop", "length")
