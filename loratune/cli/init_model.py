@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..data.tokenizer import load_tokenizer
-from ..hub.export import save_hf_model
-from ..hub.outdir import prepare_output_dir
+from ..hub.export import write_hf_model
+from ..hub.fsutil import atomic_dir, full_disk_is_a_resource_error
+from ..hub.outdir import prepare_output_dir, refuse_inputs_inside
 from ..models.registry import DEFAULT_FAMILY, FAMILIES
 
 
@@ -42,12 +43,16 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tokenizer {args.tokenizer} is not a directory: pass the directory that holds "
                               "tokenizer.json, or vocab.json and merges.txt")
         load_tokenizer(args.tokenizer)  # a directory without a usable tokenizer is refused before anything is written
-    out = prepare_output_dir(args.out)
+    out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")  # new or empty: so no input there
+    refuse_inputs_inside(out, [("the tokenizer", args.tokenizer)])  # nor is it one
     config = family.config_from_hf({"model_type": family.model_type, **family.presets[args.preset]})
     model = family.build(config).init_weights(args.seed)
-    save_hf_model(model, out, tokenizer_dir=args.tokenizer)
-    if args.tokenizer is None:
-        family.offline_tokenizer(out)
+    with full_disk_is_a_resource_error(f"the model to {out}", "the unfinished write was removed. Free some space, or "
+                                       "choose an --out on another disk, and run the command again"):
+        with atomic_dir(out) as tmp:  # everything under a temporary name, then renamed: complete or absent
+            write_hf_model(model, tmp, tokenizer_dir=args.tokenizer, shown_as=out)
+            if args.tokenizer is None:
+                family.offline_tokenizer(tmp)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote a random {family.display_name} ({args.preset}, {n:,} parameters) to {out}")
     return 0

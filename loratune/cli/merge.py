@@ -20,7 +20,8 @@ from ..hub.export import (
     with_merged_adapter,
 )
 from ..hub.files import read_config, sha256_file
-from ..hub.outdir import prepare_output_dir
+from ..hub.fsutil import full_disk_is_a_resource_error
+from ..hub.outdir import prepare_output_dir, refuse_inputs_inside
 from ..hub.resolve import resolve_model_dir
 from ..models import load_model
 from ..quant.merge import MergePlan, merge_qlora, trained_quantization
@@ -55,7 +56,8 @@ def add_parser(sub) -> None:
                    "(default: the base model's, as its config.json states it; else --dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--allow-repeat", action="store_true", help="merge even if the model's config.json records "
-                   "that an adapter is already merged into it (its update is then applied twice)")
+                   "that an adapter is already merged into it, or the same adapter is given twice (its update is "
+                   "then applied twice)")
     p.set_defaults(run=run)
 
 
@@ -82,15 +84,29 @@ def refuse_repeat(base_config: dict[str, Any], record: dict[str, Any], model: st
                          "merging it again applies it twice: pass --allow-repeat to do that anyway")
 
 
+def refuse_twice(records: list[dict[str, Any]]) -> None:
+    """MergeError if two --adapter name the same adapter weights (by sha256: copies and renames too)."""
+    first: dict[str, str] = {}
+    for record in records:
+        if record["sha256"] in first:
+            raise MergeError(f"adapter {record['path']} is given twice (its weights, sha256 "
+                             f"{record['sha256'][:12]}..., are those of {first[record['sha256']]}): merging it twice "
+                             "applies its update twice; give it once (--weights 2 doubles its update), or pass "
+                             "--allow-repeat to do that anyway")
+        first[record["sha256"]] = record["path"]
+
+
 def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
-    out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")
+    out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")  # new or empty: so no input there
+    refuse_inputs_inside(out, [("the model", args.model), *(("the adapter", a) for a in args.adapter)])  # nor is one
     model_dir = resolve_model_dir(args.model)
     base_config = read_config(model_dir)
     adapter_dirs = [resolve_adapter_dir(a) for a in args.adapter]
     weights = _weights(args.weights, len(adapter_dirs))
     records = [merge_record(a, d, args.model) for a, d in zip(args.adapter, adapter_dirs)]
     if not args.allow_repeat:
+        refuse_twice(records)
         for record in records:
             refuse_repeat(base_config, record, args.model)
     quant = trained_quantization(adapter_dirs)
@@ -106,8 +122,10 @@ def run(args: argparse.Namespace) -> int:
     config = base_config
     for record in records:
         config = with_merged_adapter(config, record)
-    save_hf_model(model, out, tokenizer_dir=model_dir, dtype=out_dtype, max_shard_size=args.max_shard_size,
-                  base_config=config, base_dir=model_dir)
+    with full_disk_is_a_resource_error(f"the merged model to {out}", "the unfinished write was removed. Free some "
+                                       "space, or choose an --out on another disk, and run the command again"):
+        save_hf_model(model, out, tokenizer_dir=model_dir, dtype=out_dtype, max_shard_size=args.max_shard_size,
+                      base_config=config, base_dir=model_dir)
     log.info(f"merged {len(adapter_dirs)} adapter(s) into {merged} layers of {args.model}")
     print(f"wrote {out}")
     return 0

@@ -7,9 +7,15 @@ import sys
 
 from ..dist.world import join_world, leave_world
 from ..errors import ConfigError
+from ..hub.fsutil import full_disk_is_a_resource_error
 from ..recipe import load_recipe
 from ..train.metrics import human_bytes
 from ..train import train
+
+
+_FULL_DISK_ADVICE = ("every checkpoint on disk is complete. Free some space (or lower keep_checkpoints), then continue "
+                     "with --resume, or start over with --overwrite if no checkpoint was saved yet")
+"""For a write outside the checkpoint and result writers, which give their own advice (train/guards.py)."""
 
 
 def add_parser(sub) -> None:
@@ -20,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (recipe key max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output directory")
     p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out that holds an earlier one (its checkpoints are removed)")
+                   help="start a new run in an --out that holds an earlier one: what loratune wrote there (its "
+                        ".loratune-manifest.json) is removed once the new run is set up; your own files are kept")
     p.add_argument("--force-resume", action="store_true",
                    help="with --resume: continue even though result-changing recipe fields differ from the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--overwrite starts over and --resume continues: pass one of them")
     world = join_world(recipe.device)  # one process, or this rank of a torchrun launch
     try:
-        result = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume,
-                       overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(), world=world)
+        with full_disk_is_a_resource_error(f"the run's outputs in {recipe.out_dir}", _FULL_DISK_ADVICE):
+            result = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume,
+                           overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                           world=world, recipe_file=args.recipe)
     finally:
         leave_world(world)
     if not world.main:

@@ -135,25 +135,34 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
     ``base_dir`` is that checkpoint's directory: its generation_config.json (several eos ids,
     sampling defaults) is copied unchanged; without one, bos and eos come from the model's config.
     LoRA layers must be merged first (their update would otherwise be lost). The directory is
-    written under a temporary name and renamed, so it is complete or absent.
+    written under a temporary name and renamed, so it is complete or absent (a full disk raises
+    the ``OSError`` it is, whatever the writer called it: see ``fsutil.write_os_error``).
     """
-    if any(not m.merged for _, m in lora_layers(model)):
-        raise CheckpointError("the model has unmerged LoRA layers: merge them before exporting")
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
-                 for k, v in model.to_hf_state_dict().items()}
-        check_finite(state, f"the model to write to {out}", "nothing was written")  # also a bf16/fp16 overflow
-        _write_weights(state, tmp, parse_size(max_shard_size) if max_shard_size else None)
-        config = export_config(model, base_config, next(iter(state.values())).dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _write_generation_config(model, tmp, base_dir)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file() and name != GENERATION_CONFIG:
-                    shutil.copyfile(src, tmp / name)
+        write_hf_model(model, tmp, tokenizer_dir, dtype, max_shard_size, base_config, base_dir, shown_as=out)
     return out
+
+
+def write_hf_model(model, directory: Path, tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                   max_shard_size: str | int | None = None, base_config: dict[str, Any] | None = None,
+                   base_dir: str | Path | None = None, shown_as: Path | None = None) -> None:
+    """What :func:`save_hf_model` writes, into an existing (temporary) ``directory``: for a caller that
+    adds files of its own before the whole directory is renamed into place (``init-model``'s tokenizer).
+    ``shown_as`` is the final path, for messages."""
+    if any(not m.merged for _, m in lora_layers(model)):
+        raise CheckpointError("the model has unmerged LoRA layers: merge them before exporting")
+    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.to_hf_state_dict().items()}
+    check_finite(state, f"the model to write to {shown_as or directory}", "nothing was written")  # also a bf16 overflow
+    _write_weights(state, directory, parse_size(max_shard_size) if max_shard_size else None)
+    config = export_config(model, base_config, next(iter(state.values())).dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_generation_config(model, directory, base_dir)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and name != GENERATION_CONFIG:
+                shutil.copyfile(src, directory / name)
 
 
 def _write_generation_config(model, out: Path, base_dir: str | Path | None) -> None:

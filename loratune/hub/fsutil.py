@@ -1,12 +1,28 @@
-"""Directories that are complete or absent: write under a temporary name, then swap into place."""
+"""Directories that are complete or absent: write under a temporary name, then swap into place.
+
+Also the one place that recognises a failed write for what it is: the safetensors writer (Rust)
+reports a full disk as ``SafetensorError("... I/O error: No space left on device (os error 28)")``
+and ``torch.save`` as a ``RuntimeError`` whose context is the ``OSError``; :func:`write_os_error`
+turns both back into the ``OSError`` they are, so every caller handles one kind of failure.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..errors import LoratuneError, ResourceError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""errno values that mean the device (or the user's quota, or the file size limit) has no room left."""
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error names the errno
+_OS_WORDS = ((errno.ENOSPC, "No space left"), (errno.EDQUOT, "quota exceeded"), (errno.EFBIG, "File too large"))
 
 
 def fsync_tree(path: Path) -> None:
@@ -56,6 +72,50 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = write_os_error(exc) if isinstance(exc, Exception) else None
+        if cause is not None and cause is not exc:
+            raise cause from exc
         raise
+
+
+def write_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write, or None when ``exc`` is not one.
+
+    Why: only an ``OSError`` says which errno it was (a full disk needs other advice than a
+    permission problem), but the writers we use hide it: safetensors raises its own
+    ``SafetensorError`` whose message ends in ``(os error 28)``, and ``torch.save`` into a file
+    object raises a ``RuntimeError`` with the ``OSError`` as its context.
+    """
+    for _ in range(8):  # the exception, then what it was raised from or during
+        if exc is None or isinstance(exc, LoratuneError):  # ours already say what happened
+            return None
+        if isinstance(exc, OSError):
+            return exc
+        if type(exc).__name__ == "SafetensorError":
+            text = str(exc)
+            match = _OS_ERROR.search(text)
+            code = int(match.group(1)) if match else next((c for c, words in _OS_WORDS if words in text), None)
+            return OSError(code, os.strerror(code)) if code is not None else None
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    return None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed for want of space (see :data:`DISK_FULL`)."""
+    found = write_os_error(exc)
+    return found is not None and found.errno in DISK_FULL
+
+
+@contextlib.contextmanager
+def full_disk_is_a_resource_error(what: str, advice: str) -> Iterator[None]:
+    """Inside the block, a write that fails for want of space becomes a :class:`ResourceError` naming
+    ``what`` and ending in ``advice`` (what was kept, what to do); other errors go on unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        reason = write_os_error(exc).strerror or str(exc)
+        raise ResourceError(f"no space left on the device while writing {what} ({reason}); {advice}") from None

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
 from ..hub.finite import check_finite, first_non_finite
-from ..hub.fsutil import atomic_dir, fsync_dir, fsync_tree, replace_dir
+from ..hub.fsutil import atomic_dir, fsync_dir, fsync_tree, replace_dir, write_os_error
 from ..dist.checkpoint import is_sharded, load_sharded, save_sharded
 from ..dist.world import SINGLE, World
 from ..recipe import default_result_fields, fingerprint
@@ -108,13 +108,14 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, state: T
         # puts back if we die between the two renames
         with atomic_dir(final) as tmp:
             save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                       tmp / "optimizer.pt")
+            with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk keeps its OSError as context
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": rng_state()}, f)
             info = {"step": state.step, "best_val_loss": state.best_val_loss}
             if recipe_fields is not None:
                 info.update(recipe_hash=fingerprint(recipe_fields), recipe_fields=recipe_fields)
             (tmp / "state.json").write_text(json.dumps(info, default=str))
-    except OSError as exc:  # atomic_dir has removed the unfinished directory
+    except OSError as exc:  # atomic_dir has removed the unfinished directory (and found the OSError a writer hid)
         raise disk_error(exc, f"checkpoint {final}", _last_complete(root)) from None
     for stale in list_checkpoints(root)[:-keep]:
         _remove(stale)
@@ -135,8 +136,10 @@ def _save_sharded(final: Path, model: nn.Module, optimizer, scheduler, info: dic
     error = None
     try:
         info["param_groups"] = save_sharded(tmp, model, optimizer, world)
-    except OSError as exc:
-        error = exc
+    except Exception as exc:  # the safetensors writer hides a full disk in its own error
+        error = write_os_error(exc)
+        if error is None:
+            raise
     if world.any(error is not None):
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -153,13 +156,6 @@ def _save_sharded(final: Path, model: nn.Module, optimizer, scheduler, info: dic
 def _last_complete(root: Path) -> str:
     kept = list_checkpoints(root)
     return f"the last complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
-
-
-def remove_checkpoints(root: Path) -> None:
-    """Every complete checkpoint under ``root`` goes (a run started over with --overwrite), so a
-    later --resume cannot pick up one of the earlier run's."""
-    for path in list_checkpoints(root):
-        _remove(path)
 
 
 def _remove(path: Path) -> None:

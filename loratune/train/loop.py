@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -28,19 +29,18 @@ from ..dist.world import SINGLE, World, agree, rank_failures
 from ..errors import ConfigError
 from ..hub.export import save_hf_model
 from ..hub.files import read_config
-from ..hub.outdir import prepare_output_dir, run_lock
 from ..models import check_tokenizer_fits, load_model
 from ..models.checkpointing import set_activation_checkpointing
-from ..recipe import Recipe, dump_recipe, result_fields
+from ..recipe import Recipe, result_fields
 from ..quant.model import cast_base, load_dtype, quantize_model, recipe_quantization
 from .allocator import prefer_memory
-from .checkpoint import (TrainState, clean_checkpoint_dir, list_checkpoints, load_checkpoint, remove_checkpoints,
-                         save_checkpoint)
+from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .guards import check_resources, disk_error
 from .loss import CausalLMLoss
-from .metrics import MetricsLog, Throughput, human_bytes, peak_memory_bytes, perplexity, plot_losses
+from .metrics import MetricsLog, Throughput, human_bytes, peak_memory_bytes, perplexity, plot_losses, read_metrics
 from .optim import make_optimizer, make_scheduler
 from .precision import autocast_for, pick_device, resolve_precision, store_in_bf16
+from .run_dir import claim_run_dir, open_run_dir, refuse_going_back
 from .samples import read_samples, sample_text
 from .step import NonFiniteStep, StepResult, TrainingStopped, evaluate, train_step
 from .stop import StopRequest
@@ -144,11 +144,12 @@ class _Run:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_resume: bool = False,
-          overwrite: bool = False, world: World = SINGLE) -> TrainResult:
+          overwrite: bool = False, world: World = SINGLE, recipe_file: str | Path | None = None) -> TrainResult:
     """Run the recipe; see the module docstring. Raises TrainingStopped on a NaN loss.
 
     The output directory must be new or empty unless ``resume`` (continue the run there) or
-    ``overwrite`` (start over: its checkpoints are removed once the new run is set up). The run
+    ``overwrite`` (start over: what loratune wrote there is removed once the new run is set up; see
+    ``run_dir.py``), and never is or holds an input (the model, the data, ``recipe_file``). The run
     holds a lock there while it runs. ``force_resume`` continues from a checkpoint even when the
     recipe's result-changing fields differ from the ones the checkpoint was made with. Nothing
     in the directory changes before the recipe, model, data and resources have been checked.
@@ -160,12 +161,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
     torch.manual_seed(recipe.seed)
     out = Path(recipe.out_dir).expanduser()
     with contextlib.ExitStack() as held, rank_failures(world):
-        agree(world, lambda: _claim(out, resume, overwrite, held), "preparing the output directory", main_only=True)
-        run = _start(recipe, device, out, resume, force_resume, world)
-        if world.main:
-            if overwrite and not resume:
-                remove_checkpoints(run.ckpt_root)
-            (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")  # once the run is validated
+        owned = agree(world, lambda: claim_run_dir(out, recipe, recipe_file, resume, overwrite, held),
+                      "preparing the output directory", main_only=True)
+        run = _start(recipe, device, out, resume, force_resume, world,
+                     functools.partial(open_run_dir, out, recipe, owned, overwrite and not resume))
         run.samples = read_samples(out / "samples.json", recipe.sample_prompt) if resume else _first_sample(run)
         start_time = time.perf_counter()
         status, last = _loop(run, progress and world.main)
@@ -177,23 +176,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
         return _finish(run, path, last, elapsed)
 
 
-def _claim(out: Path, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:
-    """Rank 0's (or the only process's) part: the output directory made ready and locked."""
-    clean_checkpoint_dir(out / "checkpoints")  # unfinished writes go, swapped-out checkpoints return
-    if not resume and not overwrite and list_checkpoints(out / "checkpoints"):
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to start over, "
-                          "or choose another --out")
-    held.enter_context(run_lock(prepare_output_dir(out, resume=resume, overwrite=overwrite)))
-
-
 def _save(run: "_Run") -> Path:
     return save_checkpoint(run.ckpt_root, run.model, run.optimizer, run.scheduler, run.state,
                            run.recipe.keep_checkpoints, run.recipe_fields, run.world, run.recipe.strategy)
 
 
 def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_resume: bool,
-           world: World) -> _Run:
-    """Model, data, optimizer and (on resume) the last checkpoint's state."""
+           world: World, open_dir) -> _Run:
+    """Model, data, optimizer and (on resume) the last checkpoint's state; then (rank 0) ``open_dir``:
+    the first change to the output directory, once all of that is known to be good."""
     model, tokenizer, model_dir, batches, val_batches, total_steps = agree(
         world, lambda: _load(recipe, device, out, world), "loading the model and data")
     trainer = wrap(CausalLMLoss(model), recipe.strategy, world, device) if world.distributed else model
@@ -208,7 +199,9 @@ def _start(recipe: Recipe, device: torch.device, out: Path, resume: bool, force_
         if not found:
             raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
         state = load_checkpoint(found[-1], model, optimizer, scheduler, fields, force=force_resume, world=world)
+        refuse_going_back(out, state.step, total_steps, found[-1])
         log.info(f"resumed from {found[-1]} (step {state.step})")
+    agree(world, open_dir, "writing the run's first files", main_only=True)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None, enabled=world.main)
     return _Run(recipe, device, out, model, trainer, world, tokenizer, model_dir, batches, val_batches, total_steps,
                 optimizer, scheduler, state, metrics, autocast_for(recipe.precision, device), {}, fields)
@@ -318,7 +311,8 @@ def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> T
     val_loss = None
     if run.val_batches:
         val_loss = _evaluate(run)
-        _write_val(run.metrics, run.state.step, val_loss)
+        if not _val_logged(run.metrics, run.state.step):  # a resume of a finished run has its line already
+            _write_val(run.metrics, run.state.step, val_loss)
     run.samples["after"] = _sample(run)
     saved = _model_to_save(run)  # the last collective: what follows is rank 0's alone
     if run.world.main:
@@ -360,6 +354,11 @@ def _result(run: _Run, status: str, last: StepResult | None, val_loss: float | N
 
 def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
+
+
+def _val_logged(metrics: MetricsLog, step: int) -> bool:
+    return metrics.enabled and metrics.path.is_file() and any(
+        r.get("step") == step and "val_loss" in r for r in read_metrics(metrics.path))
 
 
 def _write_val(metrics: MetricsLog, step: int, loss: float) -> None:

@@ -422,3 +422,36 @@ def test_a_checkpoint_from_before_the_new_fields_resumes(ckpt, data_file, tmp_pa
     with pytest.raises(ConfigError, match=r"quantize: 'none' -> 'nf4'"):
         train(quantized, resume=True, progress=False)
     assert train(recipe, resume=True, progress=False).steps == 4
+
+
+# --- a run cannot go back ------------------------------------------------------------------------
+
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_fewer_steps_than_the_run_reached_is_refused_and_changes_nothing(ckpt, data_file, tmp_path,
+                                                                                       capsys):
+    """It used to exit 0 ("done: 6 steps"), rewrite recipe.yaml with max_steps: 3 and log a second
+    val_loss line for step 6."""
+    out = tmp_path / "run"
+    recipe_path = tmp_path / "recipe.yaml"  # a constant schedule: max_steps does not change what a step computes
+    recipe_path.write_text(f"model: {ckpt}\nout_dir: {out}\ndata:\n  source: {data_file}\n  text_field: text\n"
+                           "seq_len: 16\nbatch_size: 4\nlog_every: 1\nprecision: fp32\nsample_tokens: 0\n"
+                           "max_steps: 6\neval_every: 3\nsave_every: 3\n", encoding="utf-8")
+    assert main(["train", str(recipe_path), "--no-progress"]) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["train", str(recipe_path), "--resume", "--max-steps", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert len(line) == 1 and "is at step 6" in line[0] and "cannot go back" in line[0] \
+        and "max_steps >= 6" in line[0], err
+    assert _tree(out) == before, "a refused resume changed a file"
+    # its own recipe.yaml (written by loratune in the run's directory) may be read back to resume it
+    assert main(["train", str(out / "recipe.yaml"), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert steps == [0, 3, 6], "a resume of a finished run logs its last validation once"
+    assert main(["train", str(out / "recipe.yaml"), "--resume", "--max-steps", "7", "--no-progress"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r] == [0, 3, 6, 7]
