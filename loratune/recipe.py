@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .adapters.lora import LoRAConfig
+from .bounded_yaml import safe_yaml, yaml_value
 from .data.config import DataConfig
 from .errors import ConfigError
 from .hub.files import sha256_file
@@ -32,10 +33,6 @@ SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZE = ("none", "nf4", "int8")
 STRATEGIES = ("ddp", "fsdp")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-YAML_MAX_NODES = 100_000
-"""The most values a recipe (or a ``--set`` value) may expand to, aliases counted as often as they are used:
-a real recipe has a few hundred; a YAML alias bomb ("billion laughs") has billions and would exhaust
-memory in anything that walks it, an error message included."""
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
 larger one is a typo (and past float32's range it would crash the update)."""
@@ -305,52 +302,6 @@ def _is_text(hint: Any) -> bool:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return [a for a in typing.get_args(hint) if a is not type(None)] == [str]
     return hint is str
-
-
-def safe_yaml(text: str, what: str) -> Any:
-    """``text`` read as YAML with safe types only, refused (ConfigError naming ``what``) where its
-    aliases expand past :data:`YAML_MAX_NODES` values; YAMLError/ValueError/RecursionError pass through."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        size = _expanded_size(node, {})
-        if size > YAML_MAX_NODES:
-            raise ConfigError(f"{what} expands to more than {YAML_MAX_NODES:,} values through its YAML aliases "
-                              "(&name / *name): a recipe that large is not a recipe; write its values out")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
-    """How many values ``node`` stands for with every alias expanded; each distinct node counted once
-    (``seen``), so a bomb is measured without being expanded. Stops counting past the limit."""
-    if id(node) in seen:
-        return seen[id(node)]
-    seen[id(node)] = YAML_MAX_NODES + 1  # a node that contains itself (a recursive alias) counts as too many
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        for child in node.value:
-            size += _expanded_size(child, seen)
-            if size > YAML_MAX_NODES:
-                break
-    elif isinstance(node, yaml.MappingNode):
-        for key, child in node.value:
-            size += _expanded_size(key, seen) + _expanded_size(child, seen)
-            if size > YAML_MAX_NODES:
-                break
-    seen[id(node)] = size
-    return size
-
-
-def yaml_value(text: str) -> Any:
-    """``text`` as YAML reads a value (``false`` -> False, ``8`` -> 8), or the text itself where it is no YAML."""
-    try:
-        return safe_yaml(text, f"the value {text[:40]!r}") if text.strip() else None
-    except (yaml.YAMLError, ValueError, RecursionError):  # YAML's constructors raise ValueError (2001-13-45)
-        return text
 
 
 def apply_override(values: dict[str, Any], assignment: str) -> None:
