@@ -94,7 +94,45 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     w["file"].write_text("a file, not a directory")
     _family_world(w, root)
     _chat_world(w, root)
+    _settings_world(w, root)
+    _writes_world(w, root)
+    _data_world(w, root)
+    # -- issue 24: world additions (one call per helper function) --
     return w
+
+
+def _settings_world(w: dict[str, Path], root: Path) -> None:
+    """An adapter whose alpha (1e38) makes finite weights give Inf logits, and a recipe that is a YAML alias bomb
+    (9**10 values)."""
+    w["huge_alpha"] = root / "huge-alpha"
+    shutil.copytree(w["adapter"], w["huge_alpha"])
+    config = json.loads((w["huge_alpha"] / "adapter_config.json").read_text())
+    (w["huge_alpha"] / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e38}))
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    w["alias_bomb"] = root / "bomb.yaml"
+    w["alias_bomb"].write_text("\n".join(lines) + "\n")
+
+
+def _writes_world(w: dict[str, Path], root: Path) -> None:
+    """Outputs pointed at inputs: a directory holding a model (a full fine-tune's RUN/model), one holding a
+    hand-written recipe, one holding a data file beside a user's own metrics.jsonl (and a symlink to it), and
+    one whose loratune manifest is damaged."""
+    w["model_run"] = root / "model-run"
+    shutil.copytree(w["model"], w["model_run"] / "model")
+    w["own_recipe_dir"] = root / "own-recipe"
+    w["own_recipe_dir"].mkdir()
+    (w["own_recipe_dir"] / "recipe.yaml").write_text(f"# my recipe\nmodel: {w['model']}\ndata:\n  source: {w['data']}\n")
+    w["user_dir"] = root / "user-dir"
+    w["user_dir"].mkdir()
+    shutil.copyfile(w["data"], w["user_dir"] / "train.jsonl")
+    (w["user_dir"] / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "note": "my own evaluation"}\n')
+    w["user_link"] = root / "user-link"
+    w["user_link"].symlink_to(w["user_dir"], target_is_directory=True)
+    w["bad_manifest"] = root / "bad-manifest"
+    w["bad_manifest"].mkdir()
+    (w["bad_manifest"] / ".loratune-manifest.json").write_text('{"outputs": ["../model"]}')
+    (w["bad_manifest"] / "samples.json").write_text("{}")
 
 
 def _half_adapter(src: Path, dst: Path) -> Path:
@@ -108,6 +146,27 @@ def _half_adapter(src: Path, dst: Path) -> Path:
     extra["slices"] = {k: v for k, v in extra["slices"].items() if ".h.0." in k}
     (dst / "loratune_adapter.json").write_text(json.dumps(extra))
     return dst
+
+
+def _data_world(w: dict[str, Path], root: Path) -> None:
+    """Hostile chat templates and variables, a prompt template reaching past its fields, a CSV with an
+    unterminated quote on line 3, and texts that are NaN or a number on line 3 of their files."""
+    w["loop_template"] = root / "loop.jinja"
+    w["loop_template"].write_text("{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}"
+                                  "{% endfor %}")
+    w["attr_recipe"] = root / "attr-recipe.yaml"
+    w["attr_recipe"].write_text(f"model: {w['model']}\ndata:\n  source: {w['data']}\n  task: completion\n"
+                                "  prompt_template: '{text.__class__.__mro__[1].__subclasses__}'\n"
+                                "  completion_template: '{text}'\n")
+    w["open_quote_csv"] = root / "open-quote.csv"
+    w["open_quote_csv"].write_text("text\n" + "".join(f"the dog number {i} ran home.\n" for i in range(1, 2)) +
+                                   '"the cat ran to the red house.\n' +
+                                   "".join(f"the dog number {i} ran home.\n" for i in range(3, 24)), encoding="utf-8")
+    good = "".join(json.dumps({"text": f"the dog number {i} ran to the red house."}) + "\n" for i in range(2))
+    w["nan_text"] = root / "nan-text.jsonl"
+    w["nan_text"].write_text(good + '{"text": NaN}\n' + good * 10, encoding="utf-8")
+    w["number_text"] = root / "number-text.jsonl"
+    w["number_text"].write_text(good + '{"text": 12345}\n' + good * 10, encoding="utf-8")
 
 
 def _chat_world(w: dict[str, Path], root: Path) -> None:
@@ -284,6 +343,81 @@ ROWS = [
      2, "has no chat template"),
     ("generate with an adapter of another family", ["generate", "--model", "{qwen3}", "--adapter", "{adapter}",
                                                     "--prompt", "the cat"], 2, "is an adapter for a GPT-2"),
+    ("generate --chat with a template that never ends", ["generate", "--chat", "--model", "{qwen3}", "--chat-template",
+                                                          "{loop_template}", "--prompt", "hi"], 2,
+     "the chat template ran for more than 2 s"),
+    ("train chat: data.template_kwargs sets messages", ["train", "{chat_recipe}", *WORLD_TRAIN[:8], "--out", "{new}",
+                                                        "--set", "data.template_kwargs.messages=[]"], 2,
+     "data.template_kwargs: 'messages' is set by loratune itself"),
+    ("generate --template-var add_generation_prompt", ["generate", "--chat", "--model", "{qwen3}", "--chat-template",
+                                                       "{chat_template}", "--prompt", "hi", "--template-var",
+                                                       "add_generation_prompt=1"], 2,
+     "--template-var: 'add_generation_prompt' is set by loratune itself"),
+    ("train a prompt_template with attribute access", ["train", "{attr_recipe}", *WORLD_TRAIN, "--out", "{new}"], 2,
+     "is not a plain field name"),
+    ("train a CSV with an unterminated quote", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--data",
+                                                "{open_quote_csv}"], 2,
+     "open-quote.csv, line 3: a quoted field opens on this line and is never closed"),
+    ("train a NaN text", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--data", "{nan_text}"], 2,
+     "nan-text.jsonl, line 3: field 'text' must be text, got float nan"),
+    ("train a number as the text", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--data", "{number_text}"],
+     2, "number-text.jsonl, line 3: field 'text' must be text, got int 12345"),
+    ("data: a chat template that never ends", ["data", "{chat_recipe}", "--set", "data.chat_template={loop_template}"],
+     2, "the chat template ran for more than 2 s"),
+    # -- issue 24: templates and data sources --
+    ("train --overwrite where --out holds the base model", ["train", "{recipe}", *WORLD_TRAIN, "--model",
+                                                            "{model_run}/model", "--out", "{model_run}",
+                                                            "--overwrite", "--set", "finetune=full"], 2,
+     "holds the model"),
+    ("train --overwrite where --out holds the recipe", ["train", "{own_recipe_dir}/recipe.yaml", *WORLD_TRAIN, "--out",
+                                                        "{own_recipe_dir}", "--overwrite"], 2, "holds the recipe"),
+    ("train --overwrite where --out holds the data", ["train", "{recipe}", *WORLD_TRAIN, "--data",
+                                                      "{user_dir}/train.jsonl", "--out", "{user_dir}", "--overwrite"],
+     2, "holds the data"),
+    ("train --out onto the data through a symlink and ..", ["train", "{recipe}", *WORLD_TRAIN, "--data",
+                                                            "{user_link}/train.jsonl", "--out",
+                                                            "{user_dir}/../user-dir", "--resume"], 2,
+     "holds the data"),
+    ("train --overwrite over a user's metrics.jsonl", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{user_dir}",
+                                                       "--overwrite"], 2, "which loratune did not write there"),
+    ("train --overwrite with a damaged manifest", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{bad_manifest}",
+                                                   "--overwrite"], 2, "is not a loratune manifest"),
+    ("train --resume with fewer steps than the run reached", ["train", "{run}/recipe.yaml", "--resume", "--max-steps",
+                                                              "1", "--no-progress"], 2, "a run cannot go back"),
+    ("init-model --out that is the tokenizer", ["init-model", "--tokenizer", "{model}", "--out", "{model}"], 2,
+     "exists and is not empty"),
+    # -- issue 24: outputs never touch inputs --
+    ("train lora.alpha=yes", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set", "lora.alpha=yes"], 2,
+     "lora.alpha: expected a number, got the boolean true"),
+    ("train data.max_examples=true", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set",
+                                      "data.max_examples=true"], 2, "data.max_examples: expected a number"),
+    ("train a YAML alias bomb", ["train", "{alias_bomb}", "--out", "{new}"], 2,
+     "expands to more than 100,000 values through its YAML aliases"),
+    ("generate with an adapter whose logits overflow", ["generate", "--model", "{model}", "--adapter", "{huge_alpha}",
+                                                        "--prompt", "hello"], 2, "next-token scores are NaN or Inf"),
+    ("eval with an adapter whose logits overflow", ["eval", "--model", "{model}", "--adapter", "{huge_alpha}",
+                                                    "--data", "{data}", "--text-field", "text"], 2,
+     "computes NaN or Inf although its weights are finite"),
+    ("generate an empty prompt", ["generate", "--model", "{model}", "--prompt", ""], 2, "--prompt is empty"),
+    ("merge the same adapter twice", ["merge", "--model", "{model}", "--adapter", "{adapter}", "--adapter",
+                                      "{run}/adapter/", "--out", "{new}"], 2, "is given twice"),
+    ("merge with negative weights", ["merge", "--model", "{model}", "--adapter", "{adapter}", "--adapter",
+                                     "{half_adapter}", "--weights", "-1,-0.5", "--out", "{new}"], 0,
+     "merged 2 adapter(s)"),
+    ("serve --port 70000", ["serve", "--model", "{model}", "--port", "70000"], 2, "must be a TCP port"),
+    ("serve --max-batch 10**9", ["serve", "--model", "{model}", "--max-batch", "1000000000"], 2,
+     "lower --max-batch or --max-model-len"),
+    ("serve --max-queue -1", ["serve", "--model", "{model}", "--max-queue", "-1"], 2, "--max-queue: must be"),
+    ("serve --max-tokens -5", ["serve", "--model", "{model}", "--max-tokens", "-5"], 2, "--max-tokens: must be"),
+    ("serve --timeout 0", ["serve", "--model", "{model}", "--timeout", "0"], 2, "--timeout: must be"),
+    ("serve --timeout -1", ["serve", "--model", "{model}", "--timeout", "-1"], 2, "--timeout: must be"),
+    ("serve --timeout nan", ["serve", "--model", "{model}", "--timeout", "nan"], 2, "--timeout: must be"),
+    ("serve --max-model-len 0", ["serve", "--model", "{model}", "--max-model-len", "0"], 2, "--max-model-len: must be"),
+    ("serve --max-prompt-tokens 0", ["serve", "--model", "{model}", "--max-prompt-tokens", "0"], 2,
+     "--max-prompt-tokens: must be"),
+    ("serve --max-body-bytes 0", ["serve", "--model", "{model}", "--max-body-bytes", "0"], 2,
+     "--max-body-bytes: must be"),
+    # -- issue 24: recipes, generate, merge, launch settings --
 ]
 
 
