@@ -3,6 +3,19 @@
 Every mistake a user can make ends in one line on stderr and exit status 2 (a ``LoratuneError``
 or an ``OSError`` such as a missing file); anything else is a bug in loratune, reported in one
 line with exit status 1, and the full traceback appears only with ``-v``.
+
+- ``train``: run a training recipe, resumable.
+- ``data``: the first examples as the model will see them, trained tokens marked.
+- ``evaluate``: ``loratune eval``, loss and perplexity on a data file.
+- ``compare``: LoRA against full fine-tuning on one recipe.
+- ``generate``: continue a prompt (or a chat) with a model and an optional adapter.
+- ``merge``: fold adapters into the base and write a Hugging Face model.
+- ``serve``: the OpenAI-compatible server.
+- ``info``: a model's architecture and what LoRA would train.
+- ``init_model``: ``loratune init-model``, a random model in Hugging Face format.
+- ``common``: the arguments and loading steps several commands share.
+
+Adding a command: a module with ``add_parser(sub)`` (which sets ``run``) and one entry in ``COMMANDS``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..train.precision import pick_device
+from ..runtime.device import pick_device
 
 log = logging.getLogger("loratune")
 
@@ -58,7 +58,7 @@ def warn_if_trained_quantized(adapter: str) -> None:
     rounding it learned around is gone): say so, and what keeps it (``loratune merge``, which merges into
     the quantized base it was trained against)."""
     from ..adapters.peft_format import resolve_adapter_dir
-    from ..quant.merge import trained_quantization
+    from ..merge.qlora import trained_quantization
 
     quant = trained_quantization([resolve_adapter_dir(adapter)])
     if quant is not None:

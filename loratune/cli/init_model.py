@@ -13,8 +13,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..data.tokenizer import load_tokenizer
 from ..hub.export import write_hf_model
-from ..hub.fsutil import atomic_dir, full_disk_is_a_resource_error
-from ..hub.outdir import prepare_output_dir, refuse_inputs_inside
+from ..runtime.fsutil import atomic_dir, full_disk_is_a_resource_error
+from ..runtime.outdir import prepare_output_dir, refuse_inputs_inside
 from ..models.registry import DEFAULT_FAMILY, FAMILIES
 
 

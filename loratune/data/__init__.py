@@ -1,10 +1,19 @@
 """Data: records -> token sequences -> deterministic, resumable batches.
 
-``sources`` reads records (local files or hub data sets), ``tokenizer`` turns text into ids,
-``chat_formats`` reads conversations, ``chat_template`` renders them, ``chat`` labels the
-assistant turns, ``tasks`` makes training examples (causal LM, prompt -> completion, chat),
-``packing`` joins documents into full blocks or whole examples into rows, ``batches`` orders them
-resumably, and ``prepare`` puts it together for a training run.
+- ``config``: :class:`DataConfig`, where the text comes from and how it becomes sequences.
+- ``sources``: records from local files or hub data sets.
+- ``jsonfiles``: a model directory's small JSON side files (tokenizer_config.json, generation_config.json).
+- ``tokenizer``: text -> ids, read from a model directory as transformers reads it.
+- ``chat_formats``: records -> conversations (messages, ShareGPT, Alpaca, templates).
+- ``chat_template``: a model's chat template rendered as transformers renders it.
+- ``template_sandbox``: the jinja2 sandbox the template runs in.
+- ``template_bounds``: the render's bounds in time, size and nesting.
+- ``chat``: conversations -> examples, loss on the assistant turns.
+- ``examples``: :class:`Example`, ids and aligned labels.
+- ``tasks``: records -> examples for causal_lm, completion and chat.
+- ``packing``: sequence packing, documents into blocks or whole examples into rows.
+- ``batches``: deterministic, resumable batches.
+- ``prepare``: the (train, validation) examples a run uses, put together.
 """
 
 from .batches import Batches

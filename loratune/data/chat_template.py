@@ -233,13 +233,3 @@ def _line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, at most ``limit`` characters."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def render_chat(template: str, messages: list[dict[str, Any]], /, add_generation_prompt: bool = False,
-                special: dict[str, str] | None = None, **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
-    """(text, generation spans) of ``messages`` through ``template``, as transformers renders it.
-
-    ``special`` are the tokenizer's special tokens as text (``bos_token`` ...); ``kwargs`` reach the
-    template as variables (e.g. Qwen3's ``enable_thinking``). See :class:`ChatTemplate`.
-    """
-    return ChatTemplate(template, special, **kwargs).render(messages, add_generation_prompt)

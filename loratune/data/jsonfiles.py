@@ -1,4 +1,4 @@
-"""Small readers for a checkpoint's JSON side files (tokenizer_config.json, generation_config.json)."""
+"""Small readers for a model directory's JSON side files (tokenizer_config.json, generation_config.json)."""
 
 from __future__ import annotations
 

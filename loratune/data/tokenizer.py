@@ -1,4 +1,4 @@
-"""Tokenizers through the ``tokenizers`` library, read from a checkpoint directory's files as
+"""Tokenizers through the ``tokenizers`` library, read from a model directory's files as
 transformers' ``AutoTokenizer`` reads them.
 
 ``tokenizer.json`` is read, then adjusted as transformers 5 adjusts it when it loads it:
@@ -56,7 +56,7 @@ class Tokenizer:
         self.id_limit: int | None = None
         """Ids from here on have no embedding row (see :meth:`limit_ids`); text producing one is refused."""
         self.chat_template: str | None = None
-        """The checkpoint's chat template (chat_template.jinja or tokenizer_config.json), if it has one."""
+        """The model directory's chat template (chat_template.jinja or tokenizer_config.json), if it has one."""
         self.source = "the model"
         """Where the tokenizer was read from, for messages."""
         self.special_texts: dict[str, str] = {}
@@ -300,7 +300,7 @@ def _read_backend(model_dir: Path, tok_config: dict[str, Any], as_saved: bool = 
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The checkpoint's tokenizer, as transformers' AutoTokenizer reads it (tokenizer.json), or a
+    """The model directory's tokenizer, as transformers' AutoTokenizer reads it (tokenizer.json), or a
     byte-level BPE from vocab.json + merges.txt."""
     model_dir = Path(model_dir)
     tok_config = _json_or_empty(model_dir / "tokenizer_config.json")

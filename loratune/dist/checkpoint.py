@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..hub.files import read_safetensors
-from ..hub.finite import first_non_finite
+from ..runtime.finite import first_non_finite
 from .world import World
 
 SHARDS_DIR = "dcp"

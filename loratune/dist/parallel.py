@@ -26,8 +26,11 @@ from torch import nn
 
 from ..data.examples import IGNORE_INDEX
 from ..errors import ConfigError
-from ..recipe import STRATEGIES
 from .world import World
+
+STRATEGIES = ("ddp", "fsdp")
+"""How the ranks share the model: DDP (each holds it whole) or FSDP2 (each holds 1/N of every parameter)."""
+
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer blocks (its longest ModuleList)."""
@@ -105,12 +108,3 @@ def shard_batch(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch
         filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
         mine = {k: torch.cat([mine[k], filler[k]]) for k in batch}
     return mine
-
-
-def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors, whole, on rank 0's CPU (empty on the other ranks); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return {k: v for k, v in get_model_state_dict(model, options=options).items() if k in names}

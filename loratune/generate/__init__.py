@@ -1,5 +1,9 @@
-"""Generation: sampling with the KV cache (``sampling``) and oneDNN weight pre-packing for CPU
-decoding (``cpu_prepack``)."""
+"""Generation: text from a model, token by token.
+
+- ``sampling``: greedy, temperature, top-k and top-p sampling with the KV cache, seeded.
+- ``cpu_prepack``: oneDNN weight pre-packing for CPU decoding (weight layouts, not sequence packing).
+- ``chat``: chat prompts (the template's generation prompt) and end-of-turn stops.
+"""
 
 from .sampling import SamplingConfig, generate, next_token
 

@@ -7,24 +7,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..errors import ConfigError, NonFiniteOutput
-from .cpu_prepack import packed_linears
+from ..runtime.seed import check_seed
+from .cpu_prepack import prepacked_linears
 
 log = logging.getLogger("loratune")
-
-
-SEED_LIMIT = 2 ** 64
-"""Seeds are 0 <= seed < 2**64: what torch.Generator.manual_seed takes (an unsigned 64-bit integer)."""
-
-
-def check_seed(seed: Any, name: str = "seed") -> None:
-    """Refuse a seed torch cannot take, here rather than as a traceback from manual_seed."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
 
 
 @dataclass
@@ -79,7 +69,7 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     """Pick one token per row from last-position logits (B, V) -> (B,); NaN/Inf logits raise NonFiniteOutput."""
     check_finite_logits(logits)
     if cfg.temperature < GREEDY_BELOW:
-        return logits.max(dim=-1).indices  # first maximum, as argmax; ~4x faster than argmax on CPU bf16
+        return logits.max(dim=-1).indices  # first maximum, as argmax; faster than argmax on CPU bf16
     logits = logits.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
@@ -150,7 +140,7 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
 
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequence[int] | None = None,
-             attention_mask: torch.Tensor | None = None, use_cache: bool = True, pack: bool = True,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True, prepack: bool = True,
              inference_mode: bool = True) -> torch.Tensor:
     """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
 
@@ -158,7 +148,7 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequenc
     ``<|eot_id|>`` and a text with ``<|end_of_text|>``: ``Tokenizer.eos_ids`` lists both); finished
     rows are padded with ``eos_ids[0]``. None or empty: no stop ids, every row runs all steps.
     Left-padded batches pass ``attention_mask`` (B, T).
-    ``pack`` runs the linear layers on oneDNN-packed weights where that applies (CPU; see
+    ``prepack`` runs the linear layers on oneDNN-prepacked weights where that applies (CPU; see
     :mod:`loratune.generate.cpu_prepack`). ``inference_mode`` False (a model sharded by FSDP2, whose
     gathering buffers must stay usable by training afterwards) runs under ``no_grad`` only.
     """
@@ -180,7 +170,7 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequenc
         done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
         seq, out = prompts, []
         step_input = prompts
-        with packed_linears(model, rows=B) if pack else contextlib.nullcontext():
+        with prepacked_linears(model, rows=B) if prepack else contextlib.nullcontext():
             for _ in range(steps):
                 if cache is not None:
                     hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)

@@ -1,2 +1,6 @@
-"""Hugging Face model files: resolving names (``resolve``), reading checkpoints (``files``), writing
-exported models (``export``), and directories that are complete or absent (``fsutil``)."""
+"""Hugging Face model files, and nothing else (it imports only ``runtime`` and ``errors``).
+
+- ``resolve``: a name -> a local model directory (hub ids downloaded into the HF cache).
+- ``files``: config.json, safetensors (single or sharded), pickles only with weights_only.
+- ``export``: a model written as a complete Hugging Face model directory.
+"""

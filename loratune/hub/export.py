@@ -1,4 +1,9 @@
-"""Write a model as a complete Hugging Face checkpoint directory that transformers loads unchanged."""
+"""Write a model as a complete Hugging Face model directory that transformers loads unchanged.
+
+The writer knows a model only by what it offers: ``to_hf_state_dict()`` for the weights under
+transformers' keys, ``family.config_to_hf`` for config.json, and ``merged`` on a layer that holds an
+update outside its weight (an adapter layer). So ``hub`` imports nothing from the packages above it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.lora import lora_layers
 from ..errors import CheckpointError, ConfigError
+from ..runtime.finite import check_finite
+from ..runtime.fsutil import atomic_dir
 from .files import TOKENIZER_FILES
-from .finite import check_finite
-from .fsutil import atomic_dir
 
 LORATUNE_KEY = "loratune"
 """config.json key of loratune's own record (transformers keeps unknown keys as plain attributes)."""
@@ -71,7 +75,7 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
 
 
 def merged_adapters(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The adapters already merged into a checkpoint, oldest first, as its config.json records them.
+    """The adapters already merged into a model directory, oldest first, as its config.json records them.
 
     Why: merged weights carry no trace of the adapter, so without this record merging the same
     adapter again would silently apply its update twice.
@@ -91,7 +95,7 @@ def with_merged_adapter(config: dict[str, Any], entry: dict[str, Any]) -> dict[s
 
 
 def export_config(model, base_config: dict[str, Any] | None, dtype: torch.dtype) -> dict[str, Any]:
-    """The exported config.json: the base checkpoint's own, changed only where the export changed it.
+    """The exported config.json: the base model's own, changed only where the export changed it.
 
     Why: our typed config knows only the fields our model uses; rebuilding config.json from it
     would reset the rest (GPT-2's attn/resid/embd dropout go to 0.0) and drop keys other tools
@@ -99,7 +103,7 @@ def export_config(model, base_config: dict[str, Any] | None, dtype: torch.dtype)
     transformers read, and ``dtype`` where the base has it) and ``architectures`` filled in if
     missing. Without a base (``init-model``) the model's own config is written.
     """
-    fresh = model.config.to_hf()
+    fresh = model.family.config_to_hf(model.config)
     config = fresh if base_config is None else copy.deepcopy(base_config)
     if not config.get("architectures"):
         config["architectures"] = fresh["architectures"]
@@ -110,7 +114,7 @@ def export_config(model, base_config: dict[str, Any] | None, dtype: torch.dtype)
     return config
 
 
-def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype | None:
+def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The floating-point dtype a config.json states for its weights (``dtype``, or the older
     ``torch_dtype``), or None where it states none we know.
 
@@ -130,9 +134,9 @@ def save_hf_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None =
     """Save config.json, model.safetensors (sharded with an index past ``max_shard_size``),
     generation_config.json and the tokenizer files.
 
-    ``base_config`` is the config.json dict of the checkpoint the model was loaded from: it is
+    ``base_config`` is the config.json dict of the model directory the model was loaded from: it is
     written back with only the fields the export changes (see :func:`export_config`).
-    ``base_dir`` is that checkpoint's directory: its generation_config.json (several eos ids,
+    ``base_dir`` is that directory: its generation_config.json (several eos ids,
     sampling defaults) is copied unchanged; without one, bos and eos come from the model's config.
     LoRA layers must be merged first (their update would otherwise be lost). The directory is
     written under a temporary name and renamed, so it is complete or absent (a full disk raises
@@ -150,7 +154,7 @@ def write_hf_model(model, directory: Path, tokenizer_dir: str | Path | None = No
     """What :func:`save_hf_model` writes, into an existing (temporary) ``directory``: for a caller that
     adds files of its own before the whole directory is renamed into place (``init-model``'s tokenizer).
     ``shown_as`` is the final path, for messages."""
-    if any(not m.merged for _, m in lora_layers(model)):
+    if _unmerged_layers(model):
         raise CheckpointError("the model has unmerged LoRA layers: merge them before exporting")
     state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.to_hf_state_dict().items()}
     check_finite(state, f"the model to write to {shown_as or directory}", "nothing was written")  # also a bf16 overflow
@@ -163,6 +167,12 @@ def write_hf_model(model, directory: Path, tokenizer_dir: str | Path | None = No
             src = Path(tokenizer_dir) / name
             if src.is_file() and name != GENERATION_CONFIG:
                 shutil.copyfile(src, directory / name)
+
+
+def _unmerged_layers(model) -> list[str]:
+    """Layers whose update lives outside their weight (an adapter layer with ``merged`` False): their
+    update is not in ``to_hf_state_dict()``, so exporting them would silently drop it."""
+    return [name for name, m in model.named_modules() if getattr(m, "merged", None) is False]
 
 
 def _write_generation_config(model, out: Path, base_dir: str | Path | None) -> None:

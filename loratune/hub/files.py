@@ -1,9 +1,9 @@
-"""Read Hugging Face checkpoint files: JSON, safetensors (single or sharded), and pickles safely.
+"""Read Hugging Face model files: JSON, safetensors (single or sharded), and pickles safely.
 
 Pickled weights (``pytorch_model.bin``) are only read with ``torch.load(weights_only=True)``,
 which refuses to run code hidden in the file. Safetensors files are parsed here (header checked as
 safetensors checks it) and read tensor by tensor into the tensors themselves: no memory map, no
-second copy, and a dtype conversion per tensor, so a multi-GB checkpoint loads in about its size.
+second copy, and a dtype conversion per tensor, so a multi-GB model loads in about its size.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    """The checkpoint's config.json as a dict."""
+    """The model directory's config.json as a dict."""
     return read_json(model_dir / "config.json", "config.json")
 
 
@@ -215,13 +215,13 @@ def sha256_file(path: Path) -> str:
 
 
 def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights: model.safetensors, a sharded index, or (safely) pytorch_model.bin.
+    """The model directory's weights: model.safetensors, a sharded index, or (safely) pytorch_model.bin.
 
     Where a directory holds several of them (hub repos often ship both safetensors and a pickle),
     the first of :data:`WEIGHT_FILES` wins, and a log line says which file was read and which
     were ignored, so that a user who edited the other file learns why it had no effect.
     With ``dtype``, floating tensors are converted as they are read (integer ones are kept), so
-    a multi-GB checkpoint costs about its converted size in memory, not two copies.
+    a multi-GB model costs about its converted size in memory, not two copies.
     """
     dtype = _check_dtype(dtype)
     present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
@@ -258,7 +258,7 @@ def _shard_paths(model_dir: Path, index: Path) -> tuple[dict[str, str], dict[str
 
 def _read_sharded(model_dir: Path, index: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Every shard is checked (present, a valid header holding the tensors the index puts there)
-    before any tensor is read, so a broken checkpoint fails in seconds, not after minutes of reading.
+    before any tensor is read, so a broken model directory fails in seconds, not after minutes of reading.
 
     The index decides what is read: a shard's tensors the index does not list are skipped, with a
     warning (they are stale copies or belong to another revision).

@@ -11,7 +11,7 @@ from .files import TOKENIZER_FILES, WEIGHT_FILES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 MODEL_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-"""What a model download fetches first; a sharded checkpoint's shards follow, by the names its index lists
+"""What a model download fetches first; a sharded model's shards follow, by the names its index lists
 (not '*.safetensors': Mistral's repos also hold a consolidated.safetensors of the same weights)."""
 
 
@@ -21,7 +21,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local directory holding the checkpoint, downloading a hub id into the HF cache if needed."""
+    """A local directory holding the model, downloading a hub id into the HF cache if needed."""
     path = _local_or_hub_id(name_or_path, "model directory", file_hint="pass the checkpoint directory that "
                                                                         "holds config.json")
     if isinstance(path, Path):
@@ -39,7 +39,7 @@ def shard_names(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, ValueError, AttributeError):
-        return []  # reading the checkpoint later reports what is wrong with the index
+        return []  # reading the weights later reports what is wrong with the index
     return sorted({v for v in weight_map.values() if isinstance(v, str)}) if isinstance(weight_map, dict) else []
 
 

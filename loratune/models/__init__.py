@@ -1,6 +1,21 @@
 """Model families. Each lives in its own file with its :class:`~loratune.models.spec.FamilySpec`;
 :mod:`loratune.models.registry` maps config.json's ``model_type`` to it, and :func:`load_model`
-loads any registered family."""
+loads any registered family.
+
+- ``spec``: :class:`FamilySpec`, what the rest of loratune may know about a family.
+- ``registry``: model_type -> spec; adding a family is one line here.
+- ``gpt2``: GPT-2 and its spec.
+- ``decoder``: the Llama-style decoder the other families share.
+- ``decoder_config``: its typed config, one named field per difference between families.
+- ``decoder_family``: what a Llama-style family's spec shares (weight loading, aliases, memory).
+- ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma3``, ``smollm3``: each family's config
+  reader and writer, name and presets.
+- ``rope``: rotary embeddings with the published scalings.
+- ``attention``: SDPA, or batched matmuls where those train faster.
+- ``kv_cache``: the preallocated KV cache.
+- ``recompute``: activation recompute of the blocks (``activation_checkpointing``), and CUDA offload of their inputs.
+- ``weight_map``: a transformers state dict onto our parameters, every key and shape checked.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hub.files import read_config, read_state_dict
-from ..hub.finite import check_finite
+from ..runtime.finite import check_finite
 from ..hub.resolve import resolve_model_dir
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache

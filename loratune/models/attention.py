@@ -1,11 +1,11 @@
 """Causal self-attention kernels: PyTorch's SDPA, or plain batched matmuls where those win.
 
-On CPU, SDPA's flash kernel is slow in the backward pass at short sequences: for GPT-2-124M
-shapes (8 x 12 heads, 64 wide) at 128 tokens, scores + softmax + weighted sum as two batched
-matmuls with a float32 softmax trains the attention ~2-3x faster; at 256 the gain is ~1.4x
-for T x T probabilities that cost memory, and from ~512 tokens flash wins (it never holds
-them). :func:`attend` picks per call; results agree with SDPA within float rounding
-(tests/models/test_attention.py).
+On CPU, SDPA's flash kernel is slow in the backward pass at short sequences: there, scores +
+softmax + weighted sum as two batched matmuls with a float32 softmax trains the attention faster,
+at the price of T x T probabilities held for the backward pass; at longer sequences flash wins
+(it never holds them), hence the cut at ``MATMUL_MAX_T``. The training speed this gives is in
+benchmarks/results/cpu.json (benchmarks/bench_train.py). :func:`attend` picks per call; results
+agree with SDPA within float rounding (tests/models/test_attention.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend, segment_mask
-from .checkpointing import block_policy, run_layers
+from .recompute import block_policy, run_layers
 from .decoder_config import DecoderConfig
 from .kv_cache import KVCache, cache_dtype
 from .rope import apply_rope, rope_cos_sin
@@ -185,7 +185,7 @@ class DecoderLM(nn.Module):
     """A Llama-style causal language model with transformers-compatible parameter names."""
 
     activation_checkpointing = False
-    """Recompute each layer in the backward pass while training (models/checkpointing.py)."""
+    """Recompute each layer in the backward pass while training (models/recompute.py)."""
     activation_offload = False
     """With checkpointing on CUDA: keep each layer's saved input in pinned host memory."""
 

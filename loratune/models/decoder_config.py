@@ -147,12 +147,6 @@ class DecoderConfig:
     def kv_width(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def to_hf(self) -> dict[str, Any]:
-        """A transformers-compatible config.json dict, written by this config's family."""
-        from .decoder_family import HF_WRITERS  # the family files register their writers there
-
-        return HF_WRITERS[self.model_type](self)
-
     def window(self, layer: int) -> int | None:
         """The sliding window of layer ``layer``, or None where it attends to every earlier position."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

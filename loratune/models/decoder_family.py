@@ -21,9 +21,6 @@ from .weight_map import map_weights
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
 
-HF_WRITERS: dict[str, Callable[[DecoderConfig], dict[str, Any]]] = {}
-"""model_type -> config.json writer, filled in by each family's file (DecoderConfig.to_hf looks here)."""
-
 _NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
           "down": "down_proj"}
 _MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -131,14 +128,13 @@ def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, A
                  write: Callable[[DecoderConfig], dict[str, Any]], presets: dict[str, dict[str, Any]],
                  fused: bool = False, tokenizer_as_saved: bool = False) -> FamilySpec:
     """A Llama-style family's spec from its config reader/writer, name and presets."""
-    HF_WRITERS[model_type] = write
     spec: FamilySpec
 
     def build(config: DecoderConfig) -> DecoderLM:
         return DecoderLM(config, spec)
 
     spec = FamilySpec(
-        model_type=model_type, display_name=display_name, config_from_hf=read,
+        model_type=model_type, display_name=display_name, config_from_hf=read, config_to_hf=write,
         from_hf_state_dict=lambda config, state, dtype: load_decoder(config, state, dtype, spec),
         build=build, aliases=_aliases(fused, fused), fused_slices=_fused_slices, memory_profile=_memory_profile,
         eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None,

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .attention import attend, segment_mask
-from .checkpointing import block_policy, run_layers
+from .recompute import block_policy, run_layers
 from .kv_cache import KVCache, cache_dtype
 from .spec import Alias, FamilySpec, MemoryProfile
 from .weight_map import map_weights
@@ -175,7 +175,7 @@ class GPT2(nn.Module):
     """GPT-2 language model with transformers-compatible parameter names."""
 
     activation_checkpointing = False
-    """Recompute each block in the backward pass while training (models/checkpointing.py)."""
+    """Recompute each block in the backward pass while training (models/recompute.py)."""
     activation_offload = False
     """With checkpointing on CUDA: keep each block's saved input in pinned host memory."""
 
@@ -349,6 +349,7 @@ GPT2_SPEC = FamilySpec(
     model_type="gpt2",
     display_name="GPT-2",
     config_from_hf=GPT2Config.from_hf,
+    config_to_hf=GPT2Config.to_hf,
     from_hf_state_dict=lambda config, state, dtype: GPT2.from_hf_state_dict(config, state, dtype=dtype),
     build=GPT2,
     aliases={

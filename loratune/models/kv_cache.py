@@ -9,6 +9,8 @@ layer 512 slots, not the whole sequence.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -80,11 +82,67 @@ class KVCache:
             index[new % size] = new
         self.length += T
 
+    # ------------------------------------------------------------------ rows and positions (the server's engine)
+    # The engine keeps many sequences in one cache as a left-padded batch and moves them about: these methods
+    # are those moves, so that no caller reaches into the layers' tensors. They need every layer to keep every
+    # position (a cache made with ``rings=False``): a ring buffer's slots cannot be moved in time.
+
+    def nbytes(self) -> int:
+        """Bytes of every layer's keys and values (what the cache takes on its device, its token ids aside)."""
+        return sum(t.numel() * t.element_size() for t in [*self.k, *self.v])
+
+    def first_rows(self, n: int) -> KVCache:
+        """This cache's rows 0 .. n-1 as a cache of their own whose tensors are views of this one's (a forward
+        through it writes here). Its ``length`` moves on its own: copy it back after the forward."""
+        view = copy.copy(self)
+        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        view.tokens = self.tokens[:n]
+        return view
+
+    def copy_row(self, row: int, source: KVCache, source_row: int, start: int, n: int, at: int) -> None:
+        """Write ``n`` positions of ``source``'s row ``source_row``, from position ``start``, into this cache's
+        row ``row`` at positions ``at`` .. at + n (a prompt prefilled elsewhere, moved into its slot)."""
+        self._check_linear()
+        for store, other in ((self.k, source.k), (self.v, source.v)):
+            for layer, theirs in zip(store, other):
+                layer[row, :, at:at + n] = theirs[source_row, :, start:start + n]
+        self.tokens[row, at:at + n] = source.tokens[source_row, start:start + n]
+
+    def move_row(self, source_row: int, row: int) -> None:
+        """Copy row ``source_row``'s positions in use (0 .. length) into row ``row`` (only those: a whole-row
+        copy would cost every position of every layer)."""
+        self._check_linear()
+        t = self.length
+        for store in (self.k, self.v):
+            for layer in store:
+                layer[row, :, :t] = layer[source_row, :, :t]
+        self.tokens[row, :t] = self.tokens[source_row, :t]
+
+    def shift(self, by: int, rows: int) -> None:
+        """Move the positions in use of rows 0 .. rows-1 ``by`` positions (right if > 0, left if < 0: the first
+        -by positions are dropped) and the length with them. Keys keep their rotary phase (it is applied before
+        they are cached)."""
+        self._check_linear()
+        t = self.length
+        keep = t - max(0, -by)  # positions that survive a left shift
+        src = slice(max(0, -by), t)
+        dst = slice(max(0, by), max(0, by) + keep)
+        for store in (self.k, self.v):
+            for layer in store:
+                layer[:rows, :, dst] = layer[:rows, :, src].clone()
+        self.tokens[:rows, dst] = self.tokens[:rows, src].clone()
+        self.length = t + by
+
+    def _check_linear(self) -> None:
+        if any(self.ring):
+            raise ValueError("rows of a cache with ring-buffer layers cannot be moved in time: make it with "
+                             "rings=False")
+
 
 def cache_dtype(weight: torch.Tensor) -> torch.dtype:
     """The cache's dtype for a model whose weights look like ``weight``.
 
     On CPU a bf16 model keeps its keys and values in float32: CPU attention over one query runs
-    ~5x faster in float32 than in bf16 (and rounds less); elsewhere the cache takes the weights' dtype.
+    several times faster in float32 than in bf16 (and rounds less); elsewhere the cache takes the weights' dtype.
     """
     return torch.float32 if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else weight.dtype

@@ -57,6 +57,8 @@ class FamilySpec:
     """How people write the family's name ('GPT-2')."""
     config_from_hf: Callable[[dict[str, Any]], Any]
     """config.json dict -> our typed config (raises CheckpointError naming a bad field)."""
+    config_to_hf: Callable[[Any], dict[str, Any]]
+    """our typed config -> a config.json dict transformers reads (the family's writer: what export writes)."""
     from_hf_state_dict: Callable[[Any, dict, Any], Any]
     """(config, HF state dict, dtype or None) -> our model, every key and shape checked."""
     build: Callable[[Any], Any]

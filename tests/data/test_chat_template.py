@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loratune.data.chat_template import read_chat_template, render_chat, special_tokens
+from loratune.data.chat_template import ChatTemplate, read_chat_template, special_tokens
 from loratune.data.tokenizer import load_tokenizer
 from loratune.errors import DataError
 
@@ -40,7 +40,7 @@ def test_text_and_ids_equal_apply_chat_template(tmp_path, name, generation_promp
     assert template
     for messages in CONVERSATIONS:
         expected = auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        text, _ = render_chat(template, messages, add_generation_prompt=generation_prompt, special=special)
+        text, _ = ChatTemplate(template, special).render(messages, add_generation_prompt=generation_prompt)
         assert text == expected
         ids = auto.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -55,17 +55,17 @@ def test_text_and_ids_equal_apply_chat_template(tmp_path, name, generation_promp
 ])
 def test_bad_or_hostile_templates_are_refused(template, message):
     with pytest.raises(DataError, match=message):
-        render_chat(template, [{"role": "user", "content": "hi"}])
+        ChatTemplate(template).render([{"role": "user", "content": "hi"}])
 
 
 def test_generation_spans_are_recorded():
     template = ("{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}"
                 "{{ m.content }}</s>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
-    text, spans = render_chat(template, CONVERSATIONS[1])
+    text, spans = ChatTemplate(template).render(CONVERSATIONS[1])
     assert text == "<system>You are terse.<user>Summarise: I burnt the toast.<assistant>Toast burnt.</s>"
     assert [text[a:b] for a, b in spans] == ["Toast burnt.</s>"] and spans[0][1] == len(text)
     two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    text, spans = render_chat(template, two)
+    text, spans = ChatTemplate(template).render(two)
     assert text == "<user>a<assistant>b</s><user>c<assistant>d</s>"
     assert spans == [(text.index("b</s>"), text.index("b</s>") + 5), (len(text) - 5, len(text))]

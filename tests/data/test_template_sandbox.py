@@ -15,7 +15,6 @@ from loratune.data.chat_template import (
     RESERVED_TEMPLATE_VARIABLES,
     ChatTemplate,
     check_template_variables,
-    render_chat,
 )
 from loratune.data.template_bounds import MAX_OUTPUT_CHARS, RENDER_SECONDS
 from loratune.errors import ConfigError, DataError
@@ -79,7 +78,7 @@ HOSTILE = [
 def test_a_hostile_template_is_refused_in_bounded_time(template, needle):
     start = time.monotonic()
     with pytest.raises(DataError) as caught:
-        render_chat(template, HI)
+        ChatTemplate(template).render(HI)
     took = time.monotonic() - start
     message = str(caught.value)
     assert took < WALL, f"{took:.1f} s"
@@ -89,7 +88,7 @@ def test_a_hostile_template_is_refused_in_bounded_time(template, needle):
 
 def test_the_time_bound_lets_a_render_finish_that_fits_it():
     # 200 x 200 loop steps: a fraction of a second, well inside RENDER_SECONDS
-    text, _ = render_chat("{% for i in range(200) %}{% for j in range(200) %}{% endfor %}{% endfor %}ok", HI)
+    text, _ = ChatTemplate("{% for i in range(200) %}{% for j in range(200) %}{% endfor %}{% endfor %}ok").render(HI)
     assert text == "ok"
 
 
@@ -115,12 +114,12 @@ def test_the_time_bound_lets_a_render_finish_that_fits_it():
     ("{{ 'abc'|wordwrap(2) }}|{{ 'a\nb'|indent(2, true) }}|{{ 'xyz'|truncate(3) }}", "ab\nc|  a\n  b|xyz"),
 ])
 def test_ordinary_template_code_renders_as_before(template, expected):
-    assert render_chat(template, HI)[0] == expected
+    assert ChatTemplate(template).render(HI)[0] == expected
 
 
 def test_an_output_just_under_the_bound_renders():
     n = MAX_OUTPUT_CHARS // 1000
-    text, _ = render_chat("{% for i in range(N) %}{{ 'x' * 1000 }}{% endfor %}".replace("N", str(n)), HI)
+    text, _ = ChatTemplate("{% for i in range(N) %}{{ 'x' * 1000 }}{% endfor %}".replace("N", str(n))).render(HI)
     assert len(text) == n * 1000
 
 

@@ -106,6 +106,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process(job, tmp_path):
     """Batches of 8 in micro-batches of 2: each rank takes 4 rows as 2 micro-batches and all-reduces once."""
     in_process(job, tmp_path / "one", SETTINGS)
@@ -123,6 +124,7 @@ def test_ddp_on_two_processes_equals_one_process(job, tmp_path):
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fsdp_lora_resumes_after_a_kill_on_two_processes_and_on_one(job, tmp_path):
     """Batches of 7 (one made-up row on rank 1), a kill of the whole launch mid-run, resumed on 2 processes
     (FSDP2) and in one process: both equal an uninterrupted run; the adapter loads in PEFT."""
@@ -160,6 +162,7 @@ def _assert_peft_matches(model_dir: Path, adapter: Path) -> None:
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_on_the_same_world_restores_each_ranks_rng_and_ddp_resumes_as_fsdp(job, tmp_path):
     """With LoRA dropout: a DDP run stopped at a checkpoint and resumed on 2 processes is bit-identical to the
     uninterrupted run (each rank's generator restored); resumed with FSDP2 instead it is equal within 1e-5."""
@@ -181,6 +184,7 @@ def test_resume_on_the_same_world_restores_each_ranks_rng_and_ddp_resumes_as_fsd
     assert max(float((straight[k] - alone[k]).abs().max()) for k in straight) > TOL
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetuning_equals_one_process_resumes_and_loads_in_transformers(job, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -232,6 +236,7 @@ def kill_launch(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_a_clear_error(job, tmp_path):
     settings = [*SETTINGS, "max_steps=100000", "save_every=5", "eval_every=0", "sample_tokens=0"]
     out = tmp_path / "run"
@@ -248,6 +253,7 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(job, tmp_path):
     assert result.status == "done" and result.steps == last + 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(job, tmp_path):
     settings = [*SETTINGS, "max_steps=100000", "save_every=5", "eval_every=0", "sample_tokens=0"]
     out = tmp_path / "run"

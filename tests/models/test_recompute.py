@@ -1,4 +1,4 @@
-"""loratune/models/checkpointing.py: recomputing each block in backward changes memory, not results.
+"""loratune/models/recompute.py: recomputing each block in backward changes memory, not results.
 
 With a fully frozen base and only LoRA trainable, the loss and every LoRA gradient with
 checkpointing equal those without (GPT-2 with dropout, so the recomputation must draw the same
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import loratune.models.checkpointing as ckpt_module
+import loratune.models.recompute as recompute_module
 from conftest import randomize_lora_, reinit_
 from family_models import BASE, CASES, reinit_decoder_
 from loratune.adapters.lora import LoRAConfig, lora_layers
@@ -24,7 +24,7 @@ from loratune.adapters.trainable import set_trainable
 from loratune.errors import ConfigError
 from loratune.generate.sampling import SamplingConfig, generate
 from loratune.models import GPT2, GPT2Config
-from loratune.models.checkpointing import block_policy, run_layers, set_activation_checkpointing
+from loratune.models.recompute import block_policy, run_layers, set_activation_checkpointing
 from loratune.models.registry import family_for_config
 from loratune.recipe import load_recipe
 from loratune.train.loss import lm_loss_sum
@@ -140,7 +140,7 @@ def test_the_reentrant_variant_loses_the_adapter_gradients_and_ours_does_not():
         lost = checkpoint(block, x, None, None, use_reentrant=True)
     assert not lost.requires_grad  # backward cannot even start: the adapter would get nothing
 
-    ours = run_layers([block], x, None, None, checkpoint=True)
+    ours = run_layers([block], x, None, None, recompute=True)
     ours.square().sum().backward()
     b = block.attn.c_attn.lora_B["q"]
     assert b.grad is not None and b.grad.abs().max() > 0
@@ -168,19 +168,19 @@ def test_lora_B_gets_gradients_from_the_first_step():
 
 # --- only while training -----------------------------------------------------------------------
 
-def _count_checkpoints(monkeypatch) -> list:
+def _count_recomputes(monkeypatch) -> list:
     calls = []
-    real = ckpt_module._checkpoint
+    real = recompute_module._recompute_in_backward
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("use_reentrant"))
         return real(*args, **kwargs)
-    monkeypatch.setattr(ckpt_module, "_checkpoint", counting)
+    monkeypatch.setattr(recompute_module, "_recompute_in_backward", counting)
     return calls
 
 
-def test_checkpointing_only_in_training_with_grad_and_no_cache(monkeypatch):
-    calls = _count_checkpoints(monkeypatch)
+def test_recompute_only_in_training_with_grad_and_no_cache(monkeypatch):
+    calls = _count_recomputes(monkeypatch)
     model = _gpt2()
     set_activation_checkpointing(model, True)
     ids, _ = _data(T=16)
@@ -194,8 +194,8 @@ def test_checkpointing_only_in_training_with_grad_and_no_cache(monkeypatch):
     model.train()
     model(ids, cache=model.new_cache(2, 32))  # a cache: generation's path, even in train mode
     assert calls == []
-    assert block_policy(model, None) == {"checkpoint": True, "offload": False}
-    assert block_policy(model.eval(), None) == {"checkpoint": False, "offload": False}
+    assert block_policy(model, None) == {"recompute": True, "offload": False}
+    assert block_policy(model.eval(), None) == {"recompute": False, "offload": False}
 
 
 def test_generation_is_unaffected(monkeypatch):
@@ -203,7 +203,7 @@ def test_generation_is_unaffected(monkeypatch):
     prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(3))
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
     before = generate(model, prompt, cfg)
-    calls = _count_checkpoints(monkeypatch)
+    calls = _count_recomputes(monkeypatch)
     set_activation_checkpointing(model, True)
     assert torch.equal(generate(model, prompt, cfg), before) and calls == []
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from loratune.cli import main
 from loratune.errors import ResourceError
-from loratune.hub.fsutil import atomic_dir, write_os_error
+from loratune.runtime.fsutil import atomic_dir, write_os_error
 from loratune.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 
 SIZE = "2m"

@@ -1,4 +1,4 @@
-"""loratune/hub/finite.py: the one finite-weights check, for every floating dtype a file can hold."""
+"""loratune/runtime/finite.py: the one finite-weights check, for every floating dtype a file can hold."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loratune.errors import CheckpointError
-from loratune.hub.finite import check_finite, first_non_finite
+from loratune.runtime.finite import check_finite, first_non_finite
 
 FLOATS = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]

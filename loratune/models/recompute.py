@@ -1,12 +1,12 @@
-"""Activation checkpointing: recompute each transformer block in the backward pass instead of keeping
-its activations, and optionally keep the blocks' inputs in CPU memory (CUDA only).
+"""Activation recompute (the recipe's ``activation_checkpointing``): recompute each transformer block in
+the backward pass instead of keeping its activations, and optionally keep the blocks' inputs in CPU
+memory (CUDA only). Named "recompute" in the code: a "checkpoint" in loratune is a training snapshot.
 
 A training step normally keeps, per block and token, every tensor autograd saves (tens of hidden
-widths, see the families' memory profiles); with checkpointing it keeps only each block's input
-and recomputes one block at a time while backpropagating through it: less activation memory for
-about one more forward pass through the blocks (~30% more compute). Measured on CPU at seq 1024
-with LoRA on q,v (benchmarks/results/checkpointing.json): the step's peak memory 0.43-0.51x, its
-CPU time 1.06-1.23x, for GPT-2 124M and a SmolLM2-135M-shaped Llama, fp32 and bf16.
+widths, see the families' memory profiles); with recompute it keeps only each block's input and
+recomputes one block at a time while backpropagating through it: less activation memory for about
+one more forward pass through the blocks. The peak memory and time it gives, measured with and
+without it, are in benchmarks/results/checkpointing.json (benchmarks/bench_checkpointing.py).
 
 Why ``use_reentrant=False``: with LoRA the base is frozen, so the embedding output that enters the
 first block does not require grad. The reentrant checkpoint runs the block under ``no_grad`` and
@@ -14,10 +14,10 @@ hooks its backward to the *inputs'* autograd graph; when no input requires grad 
 not either, so nothing flows back and the LoRA weights inside get no gradient (transformers works
 around it with ``enable_input_require_grads``). The non-reentrant variant records the block's
 graph as usual and only swaps what it saves for a recomputation, so parameters inside get their
-gradients whatever the inputs (tests/models/test_checkpointing.py shows both). The CPU and CUDA
+gradients whatever the inputs (tests/models/test_recompute.py shows both). The CPU and CUDA
 RNG states are restored for the recomputation, so dropout (GPT-2's, LoRA's) draws the same masks.
 
-Checkpointing applies only while training with gradients on and without a KV cache: evaluation,
+Recompute applies only while training with gradients on and without a KV cache: evaluation,
 ``no_grad`` and generation run the plain loop.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
+from torch.utils.checkpoint import checkpoint as _recompute_in_backward  # torch's name for it
 
 from ..errors import ConfigError
 
@@ -50,7 +50,7 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True, offload
         raise ConfigError(f"{type(model).__name__} does not support activation checkpointing: use a model loaded "
                           "by loratune (load_model)")
     if offload and not enabled:
-        raise ConfigError("activation_offload moves the checkpointed blocks' inputs to CPU memory: set "
+        raise ConfigError("activation_offload moves the recomputed blocks' inputs to CPU memory: set "
                           "activation_checkpointing: true too")
     where = torch.device(device) if device is not None else next(model.parameters()).device
     if offload and where.type != "cuda":
@@ -63,25 +63,25 @@ def block_policy(model: nn.Module, cache: Any | None) -> dict[str, bool]:
     """``run_layers``' flags for this forward: the model's settings while training with gradients
     enabled and no KV cache, all off otherwise (evaluation, ``no_grad``, generation)."""
     on = model.training and torch.is_grad_enabled() and cache is None
-    return dict(checkpoint=on and model.activation_checkpointing, offload=on and model.activation_offload)
+    return dict(recompute=on and model.activation_checkpointing, offload=on and model.activation_offload)
 
 
-def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpoint: bool = False,
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, *args: Any, recompute: bool = False,
                offload: bool = False) -> torch.Tensor:
-    """``x = layer(x, *args)`` for each layer; with ``checkpoint``, each call recomputed in backward.
+    """``x = layer(x, *args)`` for each layer; with ``recompute``, each call recomputed in backward.
 
     ``args`` (rotary tables, masks, the cache) are the same for every layer. ``offload`` (CUDA
-    tensors only, with ``checkpoint``) keeps each block's saved input in pinned host memory until
+    tensors only, with ``recompute``) keeps each block's saved input in pinned host memory until
     its recomputation copies it back.
     """
-    if not checkpoint:
+    if not recompute:
         for layer in layers:
             x = layer(x, *args)
         return x
     hooks = torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device) if offload and x.is_cuda else nullcontext()
-    with hooks:  # outside the checkpoints, it sees exactly what they save: each block's tensor arguments
+    with hooks:  # outside the recomputed calls, it sees exactly what they save: each block's tensor arguments
         for layer in layers:
-            x = _checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=True)  # (B, T, C)
+            x = _recompute_in_backward(layer, x, *args, use_reentrant=False, preserve_rng_state=True)  # (B, T, C)
     return x
 
 
@@ -93,8 +93,8 @@ def _to_host(tensor: torch.Tensor) -> Any:
     return tensor.device, host
 
 
-def _to_device(packed: Any) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    device, host = packed
+def _to_device(saved: Any) -> torch.Tensor:
+    if isinstance(saved, torch.Tensor):
+        return saved
+    device, host = saved
     return host.to(device, non_blocking=True)
