@@ -7,14 +7,94 @@ update but gets no gradient. The layer's output is then the base output rescaled
 rescaled LoRA output, so the full adapted weight is never built:
 
     y = (m/||V|| - 1) * (x W^T) + m/||V|| * scale * B A x  (+ the base output, added by the caller)
+
+All of DoRA is here: :class:`DoRAUpdate` is the variant (see :mod:`.update` for the seam) that the
+layer, the PEFT format and the serving banks call; the functions below are its math.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..errors import CheckpointError
 from .update import LoRAUpdate
+
+
+class DoRAUpdate(LoRAUpdate):
+    """A LoRA update plus DoRA's trainable magnitude per output row (``lora_magnitude``, set from the base
+    weight by :meth:`start`, so a fresh adapter changes nothing)."""
+
+    variant: ClassVar[str] = "dora"
+    title: ClassVar[str] = "DoRA"
+    peft_flag: ClassVar[str | None] = "use_dora"
+    peft_extra: ClassVar[dict[str, str]] = {"lora_magnitude_vector": "lora_magnitude"}
+    peft_extra_named: ClassVar[str] = "a DoRA magnitude"
+    save_note: ClassVar[str | None] = ("vLLM (and other servers that batch LoRA adapters) cannot serve DoRA "
+                                       "adapters; merge it (loratune merge) to serve it there")
+    fingerprint_key: ClassVar[str | None] = "dora_base_norms"
+    combine_refusal: ClassVar[str | None] = ("its magnitudes do not add up like LoRA updates, so it cannot be "
+                                             "combined (as in PEFT); merge it into the base instead")
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, slices: dict[str, tuple[int, int]] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, r, alpha, dropout, rslora, slices, device)
+        self.lora_magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32))
+
+    @property
+    def use_dora(self) -> bool:
+        return True
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [*super().trainable(), self.lora_magnitude]
+
+    def start(self, layer: Any) -> None:
+        init_magnitude(self, layer.base_weight())
+
+    def added(self, layer: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        dtype = out.dtype
+        dropped = layer.training and not isinstance(self.dropout, nn.Identity)
+        bias = layer.base_bias()
+        base = None if dropped else (out if bias is None else out - bias.to(dtype))
+        return dora_extra(self, self.dropout(x), base, layer.base_weight(dtype), dtype)
+
+    def finite(self, delta: torch.Tensor) -> bool:
+        return super().finite(delta) and bool(torch.isfinite(self.lora_magnitude).all())
+
+    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return merged_weight(self, weight)
+
+    def unmerged_weight(self, weight: torch.Tensor, undo: Any) -> torch.Tensor:
+        return weight / undo.to(weight.device) - self.delta_weight().to(weight.device)
+
+    @torch.no_grad()
+    def bank_scale(self, layer: Any) -> torch.Tensor | None:
+        """g = m / ||W + s B A|| per output row: a constant at inference (PEFT's DoRA forward, dropout off)."""
+        a, b = self.stacked_A().float(), self.stacked_B().float()
+        return self.lora_magnitude.float() / row_norms(layer.base_weight(), b @ a)
+
+    def load_peft_extra(self, tensors: dict[str, torch.Tensor], module: str) -> None:
+        magnitude = tensors["lora_magnitude_vector"]
+        if tuple(magnitude.shape) != (self.out_features,):
+            raise CheckpointError(f"the DoRA magnitude for {module} has shape {tuple(magnitude.shape)}; this model's "
+                                  f"layer has {self.out_features} outputs: load it onto the model it was trained on")
+        self.lora_magnitude = nn.Parameter(magnitude.float().to(self.lora_magnitude.device))
+
+    def base_fingerprint(self, weight: torch.Tensor) -> list[float] | None:
+        return norm_fingerprint(weight)
+
+    def base_fit(self, weight: torch.Tensor, saved: list[float] | None) -> tuple[float, str, float] | None:
+        """Ours carry a fingerprint of the base's row norms (1% tolerance: a bf16 copy of the same weights
+        passes); for others the magnitudes must be within 25% of the rows' norms (median; training keeps them
+        close, see :func:`magnitude_fit`). DoRA rescales every row to its trained magnitude, so on other
+        weights it distorts the model."""
+        if saved is not None:
+            return fingerprint_gap(saved, weight), "row norms differ from the base it was saved with by", 0.01
+        return magnitude_fit(self, weight), "magnitudes differ from this base's row norms by", 0.25
 
 
 def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""How a LoRA adapter's A and B start: PEFT's ``init_lora_weights`` choices, as pure tensor functions.
+"""How a LoRA adapter's A and B start: PEFT's ``init_lora_weights`` choices, as tensor functions and on layers.
 
 - ``default``: A Kaiming-uniform (a=sqrt(5), as nn.Linear), B = 0: the update starts at zero.
 - ``gaussian``: A ~ N(0, (1/r)^2) (std 1/r, PEFT's choice), B = 0.
@@ -13,7 +13,12 @@ PiSSA and OLoRA change the base weight, so their trained adapter only works on t
 :func:`to_plain_lora` turns it into an ordinary LoRA adapter of rank 2r on the *original* base, as
 PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does.
 
-Every function takes the weight as ``(out, in)``. For a transposed (fan_in_fan_out, GPT-2 Conv1D
+:func:`initialise` applies a start to the layers of a freshly injected adapter. Each slice of a fused
+projection (GPT-2's q and v of ``c_attn``) is decomposed on its own rows. The starting A and B are
+kept as buffers (``lora_init_A``, ``lora_init_B``) for :func:`to_plain_lora` at save time. Under QLoRA
+the residual is what gets quantized (the model is quantized after injection).
+
+Every tensor function takes the weight as ``(out, in)``. For a transposed (fan_in_fan_out, GPT-2 Conv1D
 ``(in, out)``) weight the caller passes ``weight.t()`` and transposes the residual back, as PEFT does.
 The arithmetic is float32 (the weight is upcast); A and B come back float32 (the trainable masters),
 the residual in the weight's dtype.
@@ -21,8 +26,8 @@ the residual in the weight's dtype.
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -74,14 +79,6 @@ def gaussian_init(r: int, in_features: int, out_features: int,
     return a, torch.zeros(out_features, r, dtype=torch.float32)
 
 
-def default_init(r: int, in_features: int, out_features: int,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's default (``True``): A (r, in) Kaiming-uniform(a=sqrt(5)) as nn.Linear, B (out, r) = 0, float32."""
-    a = torch.empty(r, in_features, dtype=torch.float32)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-    return a, torch.zeros(out_features, r, dtype=torch.float32)
-
-
 def _float_weight(weight: torch.Tensor, r: int, method: str) -> torch.Tensor:
     if weight.dim() != 2:
         raise ConfigError(f"{method} needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
@@ -126,24 +123,6 @@ def olora_init(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor
     return a, b, residual.to(weight.dtype)
 
 
-def initial_lora(init: str | LoRAInit, weight: torch.Tensor, r: int, scale: float,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A (r, in), B (out, r) and the new base weight (None when the base stays) for init ``init``.
-
-    ``weight`` is (out, in); ``generator`` feeds default and gaussian (PiSSA's randomized SVD uses
-    torch's global RNG, which svd_lowrank offers no way around).
-    """
-    spec = init if isinstance(init, LoRAInit) else parse_init(init)
-    out_features, in_features = weight.shape
-    if spec.kind == "pissa":
-        return pissa_init(weight, r, scale, spec.niter)
-    if spec.kind == "olora":
-        return olora_init(weight, r, scale)
-    make = gaussian_init if spec.kind == "gaussian" else default_init
-    a, b = make(r, in_features, out_features, generator)
-    return a.to(weight.device), b.to(weight.device), None
-
-
 def to_plain_lora(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, r: int, alpha: float,
                   rslora: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Convert a trained PiSSA/OLoRA adapter into a plain LoRA adapter on the original base weight.
@@ -163,3 +142,42 @@ def to_plain_lora(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.
     alpha_plain = alpha * 2 ** 0.5 if rslora else 2 * alpha  # PEFT's arithmetic, bit for bit
     return a_plain, b_plain, 2 * r, alpha_plain
 
+
+def initialise(layers: Iterable[nn.Module], init: str, adapter: str) -> None:
+    """Set adapter ``adapter``'s starting A and B for init ``init`` (and the residual base) on every layer
+    that has it: :class:`~.lora.LoRALinear` layers (:func:`~.targets.inject_lora` passes a model's; lora.py
+    imports this module, so the type is not imported back)."""
+    if init == "default":
+        return
+    for layer in layers:
+        if adapter in layer.lora:
+            _initialise_layer(layer, init, adapter)
+
+
+@torch.no_grad()
+def _initialise_layer(layer: nn.Module, init: str, adapter: str) -> None:
+    u = layer.lora[adapter]
+    if init == "gaussian":
+        for name, (start, stop) in u.slices.items():
+            a, _ = gaussian_init(u.r, u.in_features, stop - start)
+            u.lora_A[name].copy_(a)
+        return
+    if layer.quant is not None:
+        raise ConfigError(f"lora.init={init} needs the full-precision base weight: inject the adapter before "
+                          "quantizing (loratune does so when the recipe sets both)")
+    weight = layer.base_weight()  # (out, in) float32
+    residual = weight.clone()
+    how = parse_init(init)
+    for name, (start, stop) in u.slices.items():
+        part = weight[start:stop]
+        if how.kind == "olora":
+            a, b, res = olora_init(part, u.r, u.scale)
+        else:
+            a, b, res = pissa_init(part, u.r, u.scale, niter=how.niter)
+        u.lora_A[name].copy_(a)
+        u.lora_B[name].copy_(b)
+        residual[start:stop] = res.float()
+    layer._set_weight(residual)
+    u.register_buffer("lora_init_A", u.stacked_A().detach().clone())
+    u.register_buffer("lora_init_B", u.stacked_B(scaled=False).detach().clone())
+    u.start(layer)  # a variant's own state (DoRA's magnitude) from the adapted weight, which still equals the original

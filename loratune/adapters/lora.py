@@ -14,7 +14,10 @@ Several adapters can sit on one base (``lora[name]``, as PEFT's ``lora_A[adapter
 ``scale``, ``lora_A`` ... are that adapter's.
 
 Merging is explicit (:meth:`LoRALinear.merge` / :meth:`LoRALinear.unmerge`), computed in
-float32 and cast back, and refuses non-finite updates.
+float32 and cast back, and refuses non-finite updates. What an adapter adds in forward and how it
+merges and unmerges is its update's to say (:mod:`.update`: plain LoRA, or a variant such as
+:mod:`.dora`), so this layer holds no method-specific branch. Serving many adapters per row is not
+this layer's state either: the banks live beside the model (:mod:`.rows`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, MergeError
-from . import dora
 from .init import parse_init
 from .update import WHOLE, LoRAUpdate, lora_scale
+from .variants import flagged, variant_class
 
 
 
@@ -83,6 +86,11 @@ class LoRAConfig:
         """The factor applied to B(A(x))."""
         return lora_scale(self.r, self.alpha, self.rslora)
 
+    @property
+    def variant(self) -> str:
+        """The adapter variant its flags name (:mod:`.variants`): ``lora``, or ``dora`` with use_dora."""
+        return flagged(vars(self))
+
 
 class LoRALinear(nn.Module):
     """A frozen linear projection with LoRA updates (one per named adapter) on its output or named slices.
@@ -91,8 +99,9 @@ class LoRALinear(nn.Module):
         weight: the frozen base weight, ``(out, in)``; ``(in, out)`` when ``fan_in_fan_out``
             (GPT-2's Conv1D layout in transformers). None when ``quant`` holds the base.
         bias: the frozen base bias or None.
-        r, alpha, dropout, rslora, use_dora: the first adapter's settings, see :class:`LoRAConfig`
+        r, alpha, dropout, rslora: the first adapter's settings, see :class:`LoRAConfig`
             (``r`` None: start without an adapter).
+        variant: the first adapter's variant (:mod:`.variants`: ``lora``, ``dora``).
         slices: output slices to adapt, ``{name: (start, stop)}``; None adapts the whole output.
         fan_in_fan_out: whether ``weight`` is stored transposed.
         adapter: the first adapter's name.
@@ -101,7 +110,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, r: int | None, alpha: float = 1.0,
                  dropout: float = 0.0, rslora: bool = False, slices: dict[str, tuple[int, int]] | None = None,
-                 fan_in_fan_out: bool = False, adapter: str = "default", use_dora: bool = False,
+                 fan_in_fan_out: bool = False, adapter: str = "default", variant: str = "lora",
                  quant: nn.Module | None = None) -> None:
         super().__init__()
         self.weight, self.bias, self.quant = weight, bias, quant
@@ -114,12 +123,10 @@ class LoRALinear(nn.Module):
         self.lora = nn.ModuleDict()
         self.active: list[str] = []
         self.merged_names: list[str] = []
-        self._dora_factors: dict[str, torch.Tensor] = {}
+        self._undo: dict[str, object] = {}  # per merged adapter, what its variant needs to unmerge it
         self.enabled = True
-        self.row_bank = None  # per-row serving (adapters/rows.py): the banked adapters and each row's slot
-        self.row_slots: torch.Tensor | None = None
         if r is not None:  # None: no adapter yet (a loaded one is put in ``lora`` by the caller)
-            self.add_adapter(adapter, r, alpha, dropout, rslora, slices, use_dora)
+            self.add_adapter(adapter, r, alpha, dropout, rslora, slices, variant)
             self.active = [adapter]
 
     @classmethod
@@ -127,13 +134,13 @@ class LoRALinear(nn.Module):
              adapter: str = "default") -> "LoRALinear":
         """Build a LoRA layer that takes over ``base``'s weight and bias (no copy), or its quantized storage."""
         if getattr(base, "is_quantized", False):
-            return cls(None, None, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, False, adapter, cfg.use_dora,
+            return cls(None, None, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, False, adapter, cfg.variant,
                        quant=base)
         return cls(base.weight, base.bias, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, fan_in_fan_out,
-                   adapter, cfg.use_dora)
+                   adapter, cfg.variant)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                    slices: dict[str, tuple[int, int]] | None = None, use_dora: bool = False) -> LoRAUpdate:
+                    slices: dict[str, tuple[int, int]] | None = None, variant: str = "lora") -> LoRAUpdate:
         """Add adapter ``name`` (not active until :meth:`set_active` names it); returns its update."""
         if name in self.lora:
             raise ConfigError(f"this layer already has an adapter named {name!r}: pick another name")
@@ -144,9 +151,9 @@ class LoRALinear(nn.Module):
             if not 0 <= start < stop <= self.out_features:
                 raise ConfigError(f"LoRA slice {part!r}=({start}, {stop}) is outside 0..{self.out_features}")
         device = self.quant.device if self.quant is not None else self.weight.device
-        update = LoRAUpdate(self.in_features, self.out_features, r, alpha, dropout, rslora, slices, use_dora, device)
-        if use_dora:
-            dora.init_magnitude(update, self.base_weight())
+        update = variant_class(variant)(self.in_features, self.out_features, r, alpha, dropout, rslora, slices,
+                                        device=device)
+        update.start(self)
         self.lora[name] = update
         return update
 
@@ -213,6 +220,10 @@ class LoRALinear(nn.Module):
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return w.to(dtype)
 
+    def base_bias(self) -> torch.Tensor | None:
+        """The frozen base bias (the quantized base's under QLoRA), or None."""
+        return self.quant.bias if self.quant is not None else self.bias
+
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
             return self.quant(x)
@@ -220,26 +231,12 @@ class LoRALinear(nn.Module):
         return F.linear(x, w, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_slots is not None:  # each row its own adapter (serving)
-            from .rows import row_forward
-
-            return row_forward(self, x)
         out = self._base(x)  # (..., out)
         if not self.enabled:
             return out
-        dtype = out.dtype
         for name in self.present():
-            if name in self.merged_names:
-                continue
-            u = self.lora[name]
-            dx = u.dropout(x)
-            if u.use_dora:
-                dropped = self.training and not isinstance(u.dropout, nn.Identity)
-                bias = self.quant.bias if self.quant is not None else self.bias
-                base = None if dropped else (out if bias is None else out - bias.to(dtype))
-                out = out + dora.dora_extra(u, dx, base, self.base_weight(dtype), dtype)
-            else:
-                out = out + u.lora_out(dx, dtype)
+            if name not in self.merged_names:
+                out = out + self.lora[name].added(self, x, out)  # its variant says what it adds
         return out
 
     @torch.no_grad()
@@ -257,12 +254,9 @@ class LoRALinear(nn.Module):
                 continue
             u = self.lora[name]
             delta = u.delta_weight()
-            if not torch.isfinite(delta).all() or (u.use_dora and not torch.isfinite(u.lora_magnitude).all()):
+            if not u.finite(delta):
                 raise MergeError("refusing to merge: the LoRA update contains NaN or Inf values")
-            if u.use_dora:
-                merged, self._dora_factors[name] = dora.merged_weight(u, self.base_weight())
-            else:
-                merged = self.base_weight() + delta.to(self.weight.device)
+            merged, self._undo[name] = u.merged_weight(self.base_weight(), delta)
             self._set_weight(merged)
             self.merged_names.append(name)
 
@@ -272,10 +266,7 @@ class LoRALinear(nn.Module):
         if not self.merged_names:
             raise MergeError("adapter is not merged")
         for name in reversed(self.merged_names):
-            u, w = self.lora[name], self.base_weight()
-            delta = u.delta_weight().to(w.device)
-            factor = self._dora_factors.pop(name).to(w.device) if u.use_dora else None
-            self._set_weight(w / factor - delta if u.use_dora else w - delta)
+            self._set_weight(self.lora[name].unmerged_weight(self.base_weight(), self._undo.pop(name)))
         self.merged_names = []
 
     def _set_weight(self, weight: torch.Tensor) -> None:

@@ -69,7 +69,7 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     if missing:
         raise ConfigError(f"no adapter named {missing[0]!r}; the model has {', '.join(known) or 'none'}")
     layers = list(lora_layers(model))
-    _refuse_dora(layers, names)
+    _refuse_uncombinable(layers, names)
     check_same_targets({n: {m for m, layer in layers if n in layer.lora} for n in names}, cfg.how)
     ranks = [max(layer.lora[n].stacked_A().shape[0] for _, layer in layers if n in layer.lora) for n in names]
     r, alpha = combined_rank_alpha(cfg.how, ranks, cfg.svd_rank)
@@ -94,11 +94,14 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     return cfg
 
 
-def _refuse_dora(layers: list[tuple[str, LoRALinear]], names: list[str]) -> None:
-    dora = sorted({n for _, layer in layers for n in names if n in layer.lora and layer.lora[n].use_dora})
-    if dora:
-        raise MergeError(f"adapter {dora[0]!r} is a DoRA adapter: its magnitudes do not add up like LoRA updates, "
-                         "so it cannot be combined (as in PEFT); merge it into the base instead")
+def _refuse_uncombinable(layers: list[tuple[str, LoRALinear]], names: list[str]) -> None:
+    """A variant whose state does not add up like LoRA updates (DoRA's magnitudes) cannot be combined."""
+    refused = {n: layer.lora[n] for _, layer in layers for n in names
+               if n in layer.lora and layer.lora[n].combine_refusal}
+    if refused:
+        name = min(refused)
+        u = refused[name]
+        raise MergeError(f"adapter {name!r} is a {u.title} adapter: {u.combine_refusal}")
 
 
 def _layer_update(layer: LoRALinear, name: str) -> LayerUpdate | None:

@@ -31,14 +31,14 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hub.files import read_json, read_pickled_tensors, read_safetensors
-from ..hub.finite import check_finite
-from ..hub.fsutil import atomic_dir
+from ..runtime.finite import check_finite
+from ..runtime.fsutil import atomic_dir
 from ..hub.resolve import resolve_hub_dir
 from ..models.registry import family_of
-from . import dora
 from .init import to_plain_lora
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .update import LoRAUpdate
+from .variants import VARIANTS, flagged, peft_flags, variant_class
 from .peft_config import (
     EXTRA_NAME,
     check_adapter_config,
@@ -54,13 +54,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+_EXTRA_KEYS = sorted({suffix for cls in VARIANTS.values() for suffix in cls.peft_extra})  # the variants' tensors
+_EXTRA = "|".join(map(re.escape, _EXTRA_KEYS)) or "(?!)"  # (?!) matches nothing: no variant has extra tensors
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<which>[AB])(?:\.default)?\.weight"
-                  r"|(?P<magnitude>lora_magnitude_vector)(?:\.default)?(?:\.weight)?)$")
-SERVING_NOTE = ("vLLM (and other servers that batch LoRA adapters) cannot serve DoRA adapters; merge it "
-                "(loratune merge) to serve it there")
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Exactly the LoRA tensors of ``model`` under its own state-dict keys (``...c_attn.lora.default.lora_A.q``)."""
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+                  r"|(?P<extra>" + _EXTRA + r")(?:\.default)?(?:\.weight)?)$")
+_EXTRA_TEXT = "".join(f" and {cls.title} {suffix.removeprefix('lora_').removesuffix('_vector')}s"
+                      for cls in VARIANTS.values() for suffix in cls.peft_extra)  # " and DoRA magnitudes"
 
 
 def _peft_tensors(u: LoRAUpdate) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -120,8 +119,8 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str,
         a, b, alpha = _peft_tensors(u)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.float().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float().contiguous().cpu()
-        if u.use_dora:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = u.lora_magnitude.detach().float().contiguous().cpu()
+        for suffix, tensor in u.peft_extra_tensors().items():  # a variant's own tensors (DoRA's magnitude)
+            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
         ranks[name], alphas[name] = a.shape[0], alpha
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
@@ -130,7 +129,7 @@ def peft_adapter(model: nn.Module, lora: LoRAConfig, base_model: str,
         "r": r, "lora_alpha": alpha, "lora_dropout": _dropout(updates),
         "target_modules": _target_modules(model, list(ranks)),
         "fan_in_fan_out": _hf_transposed(model) or any(m.fan_in_fan_out for _, m in lora_layers(model)),
-        "use_rslora": _rslora(updates), "bias": "none", "use_dora": any(u.use_dora for u in updates.values()),
+        "use_rslora": _rslora(updates), "bias": "none", **peft_flags(list(updates.values())),
         "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
@@ -160,15 +159,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
     config, tensors = peft_adapter(model, lora, base_model, adapter)
     check_finite(tensors, f"refusing to save the adapter to {out_dir}", "its training diverged: lower the lr")
     updates = adapter_updates(model, adapter)
-    if config["use_dora"]:
-        log.warning(f"saving a DoRA adapter to {out_dir}: {SERVING_NOTE}")
+    for note in sorted({(u.title, u.save_note) for u in updates.values() if u.save_note}):
+        log.warning(f"saving a {note[0]} adapter to {out_dir}: {note[1]}")
     converted = any(getattr(u, "lora_init_A", None) is not None for u in updates.values())
     extra = {"format_version": 1, "lora": None if converted else asdict(lora), "base_model": str(base_model),
              "slices": {} if converted else {n: u.slices for n, u in updates.items() if list(u.slices) != [WHOLE]},
              "base_quantization": base_quantization,
-             "residual_start": lora.init if converted else None,  # trained on W - s B0 A0: see quant/merge.py
-             "dora_base_norms": {n: dora.norm_fingerprint(_original_weight(m, updates[n]))
-                                 for n, m in lora_layers(model) if n in updates and updates[n].use_dora} or None,
+             "residual_start": lora.init if converted else None,  # trained on W - s B0 A0: see merge/qlora.py
+             **_fingerprints(model, updates),
              "base_config": _base_config(model)}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -176,6 +174,16 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora: LoRAConfig, base_m
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _fingerprints(model: nn.Module, updates: dict[str, LoRAUpdate]) -> dict[str, Any]:
+    """The base fingerprints the variants record (``dora_base_norms``: {module: numbers}, or None)."""
+    keys = {cls.fingerprint_key: {} for cls in VARIANTS.values() if cls.fingerprint_key}
+    for n, m in lora_layers(model):
+        u = updates.get(n)
+        if u is not None and u.fingerprint_key:
+            keys[u.fingerprint_key][n] = u.base_fingerprint(_original_weight(m, u))
+    return {key: found or None for key, found in keys.items()}
 
 
 def _original_weight(layer: LoRALinear, u: LoRAUpdate) -> torch.Tensor:
@@ -187,7 +195,7 @@ def _original_weight(layer: LoRALinear, u: LoRAUpdate) -> torch.Tensor:
 
 
 def _base_config(model: nn.Module) -> dict[str, Any] | None:
-    return model.config.to_hf() if hasattr(model, "config") and hasattr(model.config, "to_hf") else None
+    return model.family.config_to_hf(model.config) if hasattr(getattr(model, "family", None), "config_to_hf") else None
 
 
 def resolve_adapter_dir(name_or_path: str | Path) -> Path:
@@ -260,7 +268,7 @@ def attach_adapter(model: nn.Module, files: AdapterFiles, name: str, activate: b
             replace_module(model, module_name, _wrap(base, update, name))
     for _, layer in lora_layers(model):
         layer.set_active([name] if activate else before)
-    _check_magnitudes(model, name, files.adapter_dir, extra.get("dora_base_norms"))
+    _check_base_fit(model, name, files.adapter_dir, extra)
     return _loaded_config(config, extra, {n: u for n, (u, _) in built.items()})
 
 
@@ -270,9 +278,9 @@ def _tensor_pairs(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> dict[s
     for key, tensor in tensors.items():
         match = _KEY.match(key.removeprefix(PREFIX))
         if not match:
-            raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B weights and DoRA "
-                                  "magnitudes are supported)")
-        pairs.setdefault(match["module"], {})["M" if match["magnitude"] else match["which"]] = tensor
+            raise CheckpointError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A / lora_B "
+                                  f"weights{_EXTRA_TEXT} are supported)")
+        pairs.setdefault(match["module"], {})[match["extra"] or match["which"]] = tensor
     for name, pair in pairs.items():
         if not {"A", "B"} <= set(pair):
             raise CheckpointError(f"adapter tensors for {name} are incomplete: need lora_A and lora_B")
@@ -315,19 +323,18 @@ def _build_update(config: dict[str, Any], extra: dict[str, Any], name: str, base
                               f"another shape{_base_named(config)}: load it onto that model")
     if a.shape[0] != r:
         raise CheckpointError(f"adapter tensors for {name} have rank {a.shape[0]}, adapter_config says {r}")
-    magnitude = pair.get("M")
-    if bool(config.get("use_dora")) != (magnitude is not None):
-        raise CheckpointError(f"adapter_config says use_dora={bool(config.get('use_dora'))} but the weights "
-                              f"{'hold' if magnitude is not None else 'lack'} a DoRA magnitude for {name}")
-    if magnitude is not None and tuple(magnitude.shape) != (out_f,):
-        raise CheckpointError(f"the DoRA magnitude for {name} has shape {tuple(magnitude.shape)}; this model's "
-                              f"layer has {out_f} outputs: load it onto the model it was trained on")
-    update = _update_from_peft(in_f, out_f, a, b, r, alpha, bool(config.get("use_rslora", False)),
+    for cls in VARIANTS.values():  # each variant's flag and its extra tensors go together
+        if cls.peft_flag:
+            says, held = bool(config.get(cls.peft_flag)), any(k in pair for k in cls.peft_extra)
+            if says != held:
+                raise CheckpointError(f"adapter_config says {cls.peft_flag}={says} but the weights "
+                                      f"{'hold' if held else 'lack'} {cls.peft_extra_named} for {name}")
+    cls = variant_class(flagged(config))
+    update = _update_from_peft(cls, in_f, out_f, a, b, r, alpha, bool(config.get("use_rslora", False)),
                                float(config.get("lora_dropout") or 0.0), extra.get("slices", {}).get(name))
     device = next(itertools.chain(base.parameters(), base.buffers())).device
     update.to(device)
-    if magnitude is not None:
-        update.lora_magnitude = nn.Parameter(magnitude.float().to(device))
+    update.load_peft_extra({k: pair[k] for k in cls.peft_extra}, name)
     return update, base
 
 
@@ -342,10 +349,11 @@ def _loaded_config(config: dict[str, Any], extra: dict[str, Any], updates: dict[
     targets = targets if isinstance(targets, list) else ["re:" + targets]
     return LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                       dropout=float(config.get("lora_dropout") or 0.0), targets=list(targets),
-                      rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)))
+                      rslora=bool(config.get("use_rslora", False)),
+                      **{cls.peft_flag: bool(config.get(cls.peft_flag)) for cls in VARIANTS.values() if cls.peft_flag})
 
 
-def _update_from_peft(in_f, out_f, a, b, r, alpha, rslora, dropout, slices) -> LoRAUpdate:
+def _update_from_peft(cls, in_f, out_f, a, b, r, alpha, rslora, dropout, slices) -> LoRAUpdate:
     """A LoRAUpdate holding PEFT's (A, B); our own sliced layout where the metadata names it and B fits it."""
     if slices:
         spans = {n: tuple(v) for n, v in slices.items()}
@@ -356,13 +364,13 @@ def _update_from_peft(in_f, out_f, a, b, r, alpha, rslora, dropout, slices) -> L
             block[start:stop, i * sub_r:(i + 1) * sub_r] = b[start:stop, i * sub_r:(i + 1) * sub_r]
         if r % s == 0 and torch.equal(block, b):
             sub_alpha = alpha / (math.sqrt(s) if rslora else s)
-            update = LoRAUpdate(in_f, out_f, sub_r, sub_alpha, dropout, rslora, spans)
+            update = cls(in_f, out_f, sub_r, sub_alpha, dropout, rslora, spans)
             with torch.no_grad():
                 for i, (n, (start, stop)) in enumerate(spans.items()):
                     update.lora_A[n].copy_(a[i * sub_r:(i + 1) * sub_r])
                     update.lora_B[n].copy_(b[start:stop, i * sub_r:(i + 1) * sub_r])
             return update
-    update = LoRAUpdate(in_f, out_f, r, alpha, dropout, rslora, None)
+    update = cls(in_f, out_f, r, alpha, dropout, rslora, None)
     with torch.no_grad():
         update.lora_A[WHOLE].copy_(a)
         update.lora_B[WHOLE].copy_(b)
@@ -380,19 +388,22 @@ def _wrap(base: nn.Module, update: LoRAUpdate, name: str) -> LoRALinear:
     return layer
 
 
-def _check_magnitudes(model: nn.Module, name: str, adapter_dir: Path, saved: dict[str, list[float]] | None) -> None:
-    """Warn when a DoRA adapter does not fit this base: DoRA rescales every row to its trained magnitude,
-    so on other weights it distorts the model. Ours carry a fingerprint of the base's row norms (1%
-    tolerance: a bf16 copy of the same weights passes); for others, the magnitudes must be within
-    25% of the rows' norms (median; training keeps them close, see :func:`.dora.magnitude_fit`)."""
-    layers = [(n, m) for n, m in lora_layers(model) if name in m.lora and m.lora[name].use_dora]
-    if saved:
-        gaps = [(dora.fingerprint_gap(saved[n], m.base_weight()), n) for n, m in layers if n in saved]
-        how, tolerance = "row norms differ from the base it was saved with by", 0.01
-    else:
-        gaps = [(dora.magnitude_fit(m.lora[name], m.base_weight()), n) for n, m in layers]
-        how, tolerance = "magnitudes differ from this base's row norms by", 0.25
+def _check_base_fit(model: nn.Module, name: str, adapter_dir: Path, extra: dict[str, Any]) -> None:
+    """Warn when adapter ``name`` does not fit this base, for the variants that distort a base they do not fit
+    (DoRA: see :meth:`~.dora.DoRAUpdate.base_fit`); the fingerprint saved with ours is compared when present."""
+    gaps = []
+    for n, m in lora_layers(model):
+        u = m.lora[name] if name in m.lora else None
+        if u is None or not u.fingerprint_key:
+            continue
+        saved = extra.get(u.fingerprint_key)
+        if saved and n not in saved:
+            continue
+        fit = u.base_fit(m.base_weight(), saved[n] if saved else None)
+        if fit is not None:
+            gaps.append((fit[0], n, fit[1], fit[2], u.title))
     worst = max(gaps, default=None)
-    if worst and worst[0] > tolerance:
-        log.warning(f"DoRA adapter {adapter_dir} does not fit this base: at {worst[1]} the {how} {worst[0]:.0%}; "
-                    "it was trained on another base model or checkpoint and will distort this one's outputs")
+    if worst and worst[0] > worst[3]:
+        log.warning(f"{worst[4]} adapter {adapter_dir} does not fit this base: at {worst[1]} the {worst[2]} "
+                    f"{worst[0]:.0%}; it was trained on another base model or checkpoint and will distort this one's "
+                    "outputs")

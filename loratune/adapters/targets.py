@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError, TargetError
 from ..models.registry import family_of
 from ..models.spec import Alias, Span
-from .init_apply import initialise
+from .init import initialise
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .update import rank_limit
 
@@ -153,10 +153,10 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, adapter: str = "default", act
     for name, slices in layers.items():
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
-            base.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, cfg.use_dora)
+            base.add_adapter(adapter, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, slices, cfg.variant)
         else:
             replace_module(model, name, LoRALinear.wrap(base, cfg, slices, bool(linear_kind(base)), adapter))
-    initialise(model, cfg, adapter)
+    initialise([layer for _, layer in lora_layers(model)], cfg.init, adapter)
     for _, m in lora_layers(model):
         m.set_active([adapter] if activate else before)
     return list(plan)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 from ..adapters.combine import COMBINATIONS
-from ..adapters.peft_format import (
-    PICKLE_WEIGHTS_NAME,
-    WEIGHTS_NAME,
-    resolve_adapter_dir,
-)
-from ..errors import CheckpointError, ConfigError, MergeError
-from ..hub.export import (
-    checkpoint_dtype,
-    merged_adapters,
-    save_hf_model,
-    with_merged_adapter,
-)
-from ..hub.files import read_config, sha256_file
-from ..hub.fsutil import full_disk_is_a_resource_error
-from ..hub.outdir import prepare_output_dir, refuse_inputs_inside
+from ..adapters.peft_format import resolve_adapter_dir
+from ..errors import ConfigError
+from ..hub.export import config_dtype
+from ..hub.files import read_config
+from ..runtime.outdir import prepare_output_dir, refuse_inputs_inside
 from ..hub.resolve import resolve_model_dir
-from ..models import load_model
-from ..quant.merge import MergePlan, merge_qlora, trained_quantization
+from ..merge import MergePlan, merge_record, merged_model, refuse_repeat, refuse_twice, save_merged
 from .common import DTYPES, add_model_args, device_and_dtype, log
 
 
@@ -42,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", default=None, help="comma-separated weight per adapter (default: 1 each)")
     p.add_argument("--combine", default="cat", choices=COMBINATIONS, help="how several adapters combine (default "
                    "cat: exactly the weighted sum of their updates; svd, ties, dare_* ... approximate it at a "
-                   "rank, see the README)")
+                   "rank, see docs/adapters.md)")
     p.add_argument("--density", type=float, default=None, help="fraction of entries kept by ties/dare/"
                    "magnitude_prune")
     p.add_argument("--svd-rank", type=int, default=None, help="rank of the *svd combinations (default: the largest)")
@@ -61,41 +48,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def merge_record(adapter: str, adapter_dir: Path, base_model: str) -> dict[str, Any]:
-    """What config.json records about one merge: the adapter as given, its weights' sha256, the base model.
-
-    The sha256 identifies the adapter wherever it was copied to or renamed.
-    """
-    weights = next((adapter_dir / n for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if (adapter_dir / n).is_file()),
-                   None)
-    if weights is None:
-        raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
-    local = Path(adapter).expanduser()
-    path = str(local.resolve()) if local.is_dir() else adapter
-    return {"path": path, "sha256": sha256_file(weights), "base_model": str(base_model)}
-
-
-def refuse_repeat(base_config: dict[str, Any], record: dict[str, Any], model: str) -> None:
-    """MergeError if the base model's config.json lists these adapter weights as merged already."""
-    earlier = next((e for e in merged_adapters(base_config) if e.get("sha256") == record["sha256"]), None)
-    if earlier is not None:
-        raise MergeError(f"adapter {record['path']} is already merged into {model} (config.json lists its "
-                         f"weights, sha256 {record['sha256'][:12]}..., as merged from {earlier.get('path')}); "
-                         "merging it again applies it twice: pass --allow-repeat to do that anyway")
-
-
-def refuse_twice(records: list[dict[str, Any]]) -> None:
-    """MergeError if two --adapter name the same adapter weights (by sha256: copies and renames too)."""
-    first: dict[str, str] = {}
-    for record in records:
-        if record["sha256"] in first:
-            raise MergeError(f"adapter {record['path']} is given twice (its weights, sha256 "
-                             f"{record['sha256'][:12]}..., are those of {first[record['sha256']]}): merging it twice "
-                             "applies its update twice; give it once (--weights 2 doubles its update), or pass "
-                             "--allow-repeat to do that anyway")
-        first[record["sha256"]] = record["path"]
-
-
 def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")  # new or empty: so no input there
@@ -109,23 +61,11 @@ def run(args: argparse.Namespace) -> int:
         refuse_twice(records)
         for record in records:
             refuse_repeat(base_config, record, args.model)
-    quant = trained_quantization(adapter_dirs)
-    into = "original" if quant is None else ("quantized" if args.into == "auto" else args.into)
     plan = MergePlan(adapter_dirs, weights, args.combine, dict(density=args.density, svd_rank=args.svd_rank,
                      majority_sign_method=args.majority_sign), args.seed, args.model)
-    out_dtype = DTYPES[args.out_dtype] if args.out_dtype else checkpoint_dtype(base_config)
-    if quant is None:
-        model, _ = load_model(model_dir, dtype=dtype, device=device)
-        merged = plan.apply(model)
-    else:
-        model, merged = merge_qlora(plan, model_dir, quant, into, device, out_dtype)
-    config = base_config
-    for record in records:
-        config = with_merged_adapter(config, record)
-    with full_disk_is_a_resource_error(f"the merged model to {out}", "the unfinished write was removed. Free some "
-                                       "space, or choose an --out on another disk, and run the command again"):
-        save_hf_model(model, out, tokenizer_dir=model_dir, dtype=out_dtype, max_shard_size=args.max_shard_size,
-                      base_config=config, base_dir=model_dir)
+    out_dtype = DTYPES[args.out_dtype] if args.out_dtype else config_dtype(base_config)
+    model, merged = merged_model(plan, model_dir, args.into, device, dtype, out_dtype)
+    save_merged(model, out, model_dir, base_config, records, out_dtype, args.max_shard_size)
     log.info(f"merged {len(adapter_dirs)} adapter(s) into {merged} layers of {args.model}")
     print(f"wrote {out}")
     return 0

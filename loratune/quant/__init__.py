@@ -1,6 +1,10 @@
-"""Quantized storage for frozen base weights (QLoRA): NF4 tensors (``nf4``, bitsandbytes' format and
-rounding), int8 weight-only (``int8``, torchao's), and the frozen linear layers that hold them
-(``linear``: :class:`NF4Linear`; ``int8``: :class:`Int8Linear`)."""
+"""Quantized storage for frozen base weights (QLoRA).
+
+- ``nf4``: NF4 tensors, bitsandbytes' format and rounding.
+- ``int8``: int8 weight-only storage (torchao's) and :class:`Int8Linear`.
+- ``linear``: the frozen linear layers that hold quantized weights (:class:`NF4Linear`).
+- ``model``: quantize a model's frozen base, and undo it (merging a QLoRA adapter is in :mod:`loratune.merge`).
+"""
 
 from .int8 import Int8Linear, dequantize_int8, quantize_int8
 from .linear import NF4Linear, QuantizedLinear, frozen_linear, nf4_linear

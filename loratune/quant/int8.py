@@ -1,8 +1,8 @@
 """Int8 weight-only storage for a frozen base: one symmetric scale per output row, as torchao's
 ``Int8WeightOnlyConfig`` computes it (``scale = absmax / 127.5`` in the weight's dtype, then fp32;
 ``q = clamp(round(w * (1 / scale)), -128, 127)``, round half to even, so the row's largest value clips
-half a step). 8 bits plus 32 per row: about twice NF4's storage for ~12x less RMS error on
-Gaussian weights. Dequantized on the fly like :class:`~.linear.NF4Linear`.
+half a step). 8 bits plus 32 per row: about twice NF4's storage for an order of magnitude less RMS
+error on Gaussian weights. Dequantized on the fly like :class:`~.linear.NF4Linear`.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class QuantizedLinear(nn.Module):
     out_features: int
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight in ``dtype``, for merging, DoRA's norms, or export."""
+        """The (out, in) weight in ``dtype``, for merging, a variant's row norms, or export."""
         raise NotImplementedError
 
     @property
@@ -149,7 +149,7 @@ class NF4Linear(QuantizedLinear):
         return bits_per_param(self.nf4)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight in ``dtype``, for merging, DoRA's norms, or export."""
+        """The (out, in) weight in ``dtype``, for merging, a variant's row norms, or export."""
         return dequantize_nf4(self.nf4, dtype)
 
     def extra_repr(self) -> str:

@@ -66,11 +66,11 @@ def load_dtype(model: str, train_dtype: torch.dtype) -> torch.dtype:
     """The dtype to load a checkpoint in before quantizing it: its own 16-bit dtype when it has one
     (lossless, and half the float32 peak while loading), else the training dtype. What stays
     unquantized is cast to the training dtype afterwards."""
-    from ..hub.export import checkpoint_dtype
+    from ..hub.export import config_dtype
     from ..hub.files import read_config
     from ..hub.resolve import resolve_model_dir
 
-    stored = checkpoint_dtype(read_config(resolve_model_dir(model)))
+    stored = config_dtype(read_config(resolve_model_dir(model)))
     return stored if stored in (torch.bfloat16, torch.float16) else train_dtype
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from family_models import hf_family_model
-from loratune.adapters.init import LoRAInit, initial_lora, olora_init, parse_init, pissa_init, to_plain_lora
+from loratune.adapters.init import LoRAInit, initialise, olora_init, parse_init, pissa_init, to_plain_lora
 from loratune.adapters.lora import LoRALinear, lora_scale
 from loratune.errors import ConfigError
 
@@ -35,6 +35,19 @@ def base():
     """The tiny Llama (3 layers, width 64, weights N(0, 0.25)) and a copy of its original weights."""
     model = hf_family_model("llama", seed=0)
     return model, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _started(init: str, weight: torch.Tensor, rslora: bool = False, seed: int | None = None):
+    """(A, B, the layer's new weight) of a LoRALinear over ``weight`` (rank R, alpha ALPHA) given init ``init`` by
+    :func:`initialise`, the path inject_lora takes; ``seed`` seeds torch's RNG before the layer is built (the
+    default init's draws) and again before the init (gaussian's, randomized SVD's)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    layer = LoRALinear(nn.Parameter(weight.clone(), requires_grad=False), None, R, ALPHA, rslora=rslora)
+    if seed is not None:
+        torch.manual_seed(seed)
+    initialise([layer], init, "default")
+    return layer.lora_A["all"].detach(), layer.lora_B["all"].detach(), layer.weight.detach()
 
 
 def _peft(model, init, rslora: bool = False):
@@ -58,7 +71,7 @@ def test_deterministic_inits_equal_peft(base, init):
     model, original = base
     peft_model = _peft(model, init)
     for name, layer in _lora_layers(peft_model):
-        a, b, residual = initial_lora(init, original[name + ".weight"], R, lora_scale(R, ALPHA))
+        a, b, residual = _started(init, original[name + ".weight"])
         _close(a, layer.lora_A["default"].weight.detach())
         _close(b, layer.lora_B["default"].weight.detach())
         _close(residual, layer.base_layer.weight.detach())
@@ -83,9 +96,7 @@ def test_random_inits_equal_peft_under_the_same_seed(base, init):
             layer.reset_lora_parameters("default", init)
         else:
             layer.reset_lora_parameters("default", True)
-        torch.manual_seed(100 + i)
-        a, b, residual = initial_lora(init, weight, R, lora_scale(R, ALPHA),
-                                      generator=torch.Generator().manual_seed(100 + i))
+        a, b, residual = _started(init, weight, seed=100 + i)
         _close(a, layer.lora_A["default"].weight.detach())
         _close(b, layer.lora_B["default"].weight.detach())
         _close(residual if residual is not None else weight, layer.base_layer.weight.detach())
@@ -98,8 +109,7 @@ def test_residual_plus_update_is_the_weight_so_outputs_start_unchanged(base, ini
     _, original = base
     w = original["model.layers.1.mlp.up_proj.weight"]  # (96, 64)
     scale = lora_scale(R, ALPHA)
-    torch.manual_seed(0)
-    a, b, residual = initial_lora(init, w, R, scale)
+    a, b, residual = _started(init, w, seed=0)
     _close(residual + scale * b @ a, w)
     layer = LoRALinear(nn.Parameter(residual.clone()), None, R, ALPHA)
     with torch.no_grad():
@@ -113,7 +123,7 @@ def test_low_precision_weights_get_a_residual_in_their_dtype_and_float32_adapter
     _, original = base
     w = original["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16)
     for init in ("pissa", "olora"):
-        a, b, residual = initial_lora(init, w, R, 2.0)
+        a, b, residual = _started(init, w)  # scale ALPHA / R = 2
         assert residual.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
         _close(residual.float() + 2.0 * b @ a, w.float(), rtol=1e-2)  # bf16 rounding of the residual
 
@@ -143,7 +153,7 @@ def test_conversion_to_plain_lora_equals_peft_and_keeps_the_trained_weights(base
     config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     for name, layer in _lora_layers(peft_model):
         w = original[name + ".weight"]
-        a0, b0, residual = initial_lora(init, w, R, scale)
+        a0, b0, residual = _started(init, w, rslora)
         a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
         a2, b2, r2, alpha2 = to_plain_lora(a, b, a0, b0, R, ALPHA, rslora)
         _close(a2, saved[f"base_model.model.{name}.lora_A.weight"])

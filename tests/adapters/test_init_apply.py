@@ -1,4 +1,4 @@
-"""PiSSA, OLoRA and Gaussian starts on a whole model (loratune/adapters/init_apply.py): the output is
+"""PiSSA, OLoRA and Gaussian starts on a whole model (loratune/adapters/init.py, initialise): the output is
 unchanged at step 0, and the saved adapter is the plain LoRA adapter of the *original* base (PEFT's
 conversion), which PEFT and loratune load onto the unchanged checkpoint with our trained logits."""
 from __future__ import annotations

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import gpt2_124m_config, randomize_lora_, rel_err
-from loratune.adapters.peft_format import adapter_state_dict, load_adapter, save_adapter
+from loratune.adapters.peft_format import load_adapter, save_adapter
 from loratune.errors import ConfigError, MergeError
 from loratune.adapters.lora import LoRAConfig, LoRALinear, adapters_disabled, lora_layers, lora_scale, merge_lora, unmerge_lora
 from loratune.models import GPT2
 from loratune.adapters.trainable import parameter_report, set_trainable
 from loratune.adapters.targets import inject_lora
+from loratune.train.checkpoint import trainable_state
 
 ALL_ALIASES = ["q", "v", "attn.out", "mlp.fc", "mlp.proj"]
 
@@ -64,7 +65,7 @@ def test_base_weights_bit_identical_after_adamw_steps(small_gpt2):
     inject_lora(small_gpt2, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=["q", "v", "mlp.fc"]))
     set_trainable(small_gpt2, "lora")
     base = _base_state(small_gpt2)
-    lora_before = {k: v.clone() for k, v in adapter_state_dict(small_gpt2).items()}
+    lora_before = {k: v.clone() for k, v in trainable_state(small_gpt2).items()}  # what a checkpoint saves
     # all parameters go to AdamW, with weight decay: frozen ones must be skipped because they have no grad
     opt = torch.optim.AdamW(small_gpt2.parameters(), lr=1e-2, weight_decay=0.1)
     small_gpt2.train()
@@ -312,7 +313,8 @@ def test_state_dict_keeps_base_keys_and_adds_lora_keys(small_gpt2):
     lora_keys = {f"transformer.h.{i}.attn.c_attn.lora.default.lora_{m}.{s}" for i in range(2) for m in "AB" for s in "qv"}
     lora_keys |= {f"transformer.h.{i}.mlp.c_fc.lora.default.lora_{m}.all" for i in range(2) for m in "AB"}
     assert keys == base_keys | lora_keys
-    assert set(adapter_state_dict(small_gpt2)) == lora_keys
+    set_trainable(small_gpt2, "lora")
+    assert set(trainable_state(small_gpt2)) == lora_keys  # what a checkpoint saves
     # a base checkpoint loads into the adapted model with no key surgery
     result = small_gpt2.load_state_dict({k: v for k, v in small_gpt2.state_dict().items() if k in base_keys},
                                         strict=False)

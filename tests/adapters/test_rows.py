@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from family_models import banked_family, only_adapter
+from family_models import MIXED_ADAPTERS, banked_family, load_with_peft_adapters, only_adapter, write_decoder
 
-from loratune.adapters.rows import build_banks, rows_applying
+from loratune.adapters.rows import RowBanks, build_banks, row_banks, rows_applying
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig, generate
 
@@ -66,3 +66,45 @@ def test_bad_banks_and_rows_are_clear_errors(served):
     with rows_applying(served, ["a"]):
         pass
     assert all(layer.row_slots is None for layer in served.modules() if hasattr(layer, "row_slots"))
+
+
+def _snapshot(banks):
+    return {layer: (bank.A.data_ptr(), bank.B.data_ptr(), bank.A.clone(), bank.B.clone())
+            for layer, bank in banks.banks.items()}
+
+
+def _only_slot_changed(banks, before, slot):
+    """Every layer's bank kept its storage, and every slot but ``slot`` its values."""
+    others = [s for s in range(banks.capacity + 1) if s != slot]
+    for layer, bank in banks.banks.items():
+        a_ptr, b_ptr, a, b = before[layer]
+        assert (bank.A.data_ptr(), bank.B.data_ptr()) == (a_ptr, b_ptr)
+        assert torch.equal(bank.A[others], a[others]) and torch.equal(bank.B[others], b[others])
+
+
+def test_a_load_writes_one_slot_and_an_evict_empties_it(tmp_path):
+    """Loading an adapter writes its slot in every layer and leaves the other slots' tensors as they were (no
+    restack); evicting empties that slot alone, and the next adapter reuses it. Rows still equal each adapter
+    alone afterwards."""
+    model = load_with_peft_adapters(write_decoder("llama", tmp_path / "base"), tmp_path, MIXED_ADAPTERS).eval()
+    banks = RowBanks(model, slots=3)
+    for name in ["b", "a", "qonly"]:  # rank 8 first: the later ones fit the banks as they are
+        banks.write(name)
+    before = _snapshot(banks)
+    banks.evict("a")
+    _only_slot_changed(banks, before, 2)
+    assert all(not bank.A[2].any() and not bank.B[2].any() for bank in banks.banks.values())
+    before = _snapshot(banks)
+    assert banks.write("dora") == 2  # the freed slot
+    _only_slot_changed(banks, before, 2)
+    assert any(bank.B[2].any() for bank in banks.banks.values())
+    assert row_banks(model) is banks and banks.names == ["b", "dora", "qonly"]
+    rows = ["dora", None, "b", "qonly"]
+    ids = torch.randint(0, 256, (len(rows), 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with banks.applying(rows):
+            mixed = model(ids)
+        for i, name in enumerate(rows):
+            assert rel_err(mixed[i], _alone(model, name, ids[i:i + 1])[0]) <= RTOL, name
+    with pytest.raises(ConfigError, match="not banked"), banks.applying(["a"]):
+        pass

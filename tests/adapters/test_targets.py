@@ -156,7 +156,7 @@ def _gqa_spec():
 
     return FamilySpec(model_type="gqa-test", display_name="GQA test", config_from_hf=dict, from_hf_state_dict=None,
                       build=None, aliases={n: Alias("attn.qkv_proj", n) for n in "qkv"}, fused_slices=spans,
-                      memory_profile=None, eos_token=None)
+                      memory_profile=None, eos_token=None, config_to_hf=None)
 
 
 def test_slices_take_the_widths_the_family_spec_gives():

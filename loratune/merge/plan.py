@@ -1,8 +1,8 @@
 """What ``loratune merge`` folds into a base: one adapter, or several combined with weights first.
 
-One adapter merges as it is (LoRA, or DoRA with its magnitudes). Several are loaded under their
+One adapter merges as it is (plain LoRA, or a variant with its own tensors). Several are loaded under their
 own names and combined into one adapter with PEFT's ``add_weighted_adapter`` rules
-(:func:`~.named.combine_adapters`), which then merges; ``cat`` is the exact weighted sum of the
+(:func:`~loratune.adapters.named.combine_adapters`), which then merges; ``cat`` is the exact weighted sum of the
 updates, the other types approximate it at a rank or sparsify it (TIES, DARE).
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from .lora import merge_lora
-from .named import combine_adapters
-from .peft_format import load_adapter
+from ..adapters.lora import merge_lora
+from ..adapters.named import combine_adapters
+from ..adapters.peft_format import load_adapter
 
 
 def adapter_names_for(dirs: list[Path]) -> list[str]:
@@ -42,7 +42,7 @@ class MergePlan:
     weights: list[float]
     """One weight per adapter (a single adapter's weight scales its update)."""
     how: str = "cat"
-    """Combination type for several adapters (see :data:`~.combine.COMBINATIONS`)."""
+    """Combination type for several adapters (see :data:`~loratune.adapters.combine.COMBINATIONS`)."""
     options: dict[str, Any] = field(default_factory=dict)
     """density, svd_rank, majority_sign_method (None values are dropped)."""
     seed: int = 0

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from ..adapters.lora import lora_layers, merge_lora
-from ..adapters.merge_plan import MergePlan
 from ..adapters.peft_config import EXTRA_NAME
 from ..adapters.update import WHOLE, LoRAUpdate
 from ..errors import ConfigError
 from ..hub.files import read_json
 from ..models import load_model
-from .model import QuantConfig, dequantize_model, quantize_model
+from ..quant.model import QuantConfig, dequantize_model, quantize_model
+from .plan import MergePlan
 
 log = logging.getLogger("loratune")
 
