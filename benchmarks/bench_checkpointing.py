@@ -11,8 +11,8 @@ Models (random weights, loratune's own model code, built as ``init-model`` build
 
 Each made ready as ``setup_model`` makes a loaded model: LoRA on q,v (r=4, alpha=32, no dropout),
 only the adapter trainable, bf16 storage for ``bf16-true``, then
-``set_activation_checkpointing(model, on)``. One training step is ``train_step`` (forward, backward,
-clipping, AdamW) on one sequence of 1,024 seeded random tokens (batch 1).
+``set_activation_checkpointing(model, on)`` (``common.ready_model``). One training step is a
+``TrainingSession`` step (forward, backward, clipping, AdamW: the step ``loratune train`` runs) on one sequence of 1,024 seeded random tokens (batch 1).
 
 Each measurement runs in a fresh subprocess (freed memory stays with the allocator, so two
 measurements in one process would see each other): first one step of a tiny model of the same
@@ -42,14 +42,14 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_families as families  # noqa: E402
-import report_memory  # noqa: E402  (the results table)
+import bench_families as families
+import common
+import report_memory  # the results table
+from common import ready_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "checkpointing.json"
@@ -78,44 +78,19 @@ def _recipe(spec: dict, seq: int):
                               f"activation_checkpointing={str(spec['checkpointing']).lower()}"])
 
 
-def ready_model(model_type: str, preset: dict, recipe):
-    """A random model of ``preset`` made ready as ``setup_model`` makes a loaded one, checkpointing as the
-    recipe says."""
-    from loratune.adapters.targets import inject_lora
-    from loratune.adapters.trainable import set_trainable
-    from loratune.models.checkpointing import set_activation_checkpointing
-    from loratune.models.registry import find_family
-    from loratune.train.precision import store_in_bf16
-
-    family = find_family(model_type)
-    model = family.build(family.config_from_hf({"model_type": model_type, **preset})).init_weights()
-    inject_lora(model, recipe.lora)
-    set_trainable(model, recipe.finetune)
-    if recipe.precision == "bf16-true":
-        store_in_bf16(model, recipe.finetune)
-    set_activation_checkpointing(model, recipe.activation_checkpointing)
-    return model.train()
-
-
 def run_steps(model, recipe, seq: int, n: int, reset_peak: bool = False) -> list[tuple[float, float, float]]:
-    """``n`` calls of ``train_step`` on seeded random tokens; (wall s, CPU s, loss) per step."""
+    """``n`` steps of the model's training session on seeded random tokens; (wall s, CPU s, loss) per step."""
     import torch
 
-    from loratune.train.optim import make_optimizer
-    from loratune.train.precision import autocast_for
-    from loratune.train.step import train_step
-
-    opt = make_optimizer(model, recipe)
-    params = [p for p in model.parameters() if p.requires_grad]
+    session = common.session(model, recipe)
     ids = torch.randint(0, model.config.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    autocast = autocast_for(recipe.precision, torch.device("cpu"))
+    batch = common.lm_batch(ids)
     if reset_peak:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts at the current RSS
     out = []
     for _ in range(n):
         t0, c0 = time.perf_counter(), time.process_time()
-        result = train_step(model, batch, opt, None, recipe, torch.device("cpu"), autocast, params)
+        result = session.step(batch)
         out.append((time.perf_counter() - t0, time.process_time() - c0, result.loss))
     return out
 
@@ -162,13 +137,8 @@ def matmul_job(threads: int) -> dict:
 
 
 def in_subprocess(mode: str, payload: dict) -> dict:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(payload.get("threads", 1))}
-    proc = subprocess.run([sys.executable, __file__, mode, json.dumps(payload)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=1800, check=False, env=env)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()
-        return {**payload, "error": tail[-1] if tail else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.in_subprocess(__file__, payload, flag=mode, timeout=1800,
+                                env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(payload.get("threads", 1))})
 
 
 # --------------------------------------------------------------------------- the grid, the summary, the table

@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_families as families  # noqa: E402
-from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
+import bench_families as families
+from common import DATA, bench_cache, machine, make_checkpoint
 
 SEQ, BATCH, R = 128, 32, 4
 
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.is_file():
         sys.exit(f"no data at {args.data}: pass --data (a JSONL file with a 'documents' field)")
     ckpt = make_checkpoint("124m", bench_cache())
-    result = {"format": "dist", "machine": _machine(args.device), "cpu_flags": families.cpu_flags(),
+    result = {"format": "dist", "machine": machine(args.device), "cpu_flags": families.cpu_flags(),
               "job": {"model": "gpt2 124m (random)", "lora": f"r {R}, q and v", "batch": BATCH, "seq": SEQ,
                       "precision": "fp32", "steps": args.steps}, "rows": []}
     import torch

@@ -42,8 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report_memory  # noqa: E402  (the results table)
+import common
+import report_memory  # the results table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -163,12 +163,10 @@ def set_shares(result: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_families as families
-    import bench_train as bt
 
     torch.set_num_threads(args.threads)
-    machine = bt._machine("cpu")
+    machine = common.machine("cpu")
     machine.update(cpu_flags=families.cpu_flags(), matmul=families.matmul_rate(clock=args.clock))
     versions = {"torch": torch.__version__}
     for pkg in ("bitsandbytes", "torchao"):

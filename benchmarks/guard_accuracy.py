@@ -19,10 +19,10 @@ in one process: first a warm-up step of a tiny model of the same family, precisi
 the code, oneDNN's kernels and the allocator's arenas are resident, and freed), then the
 baseline VmRSS; the model is built (``family.config_from_hf({"model_type": ..., **preset})``,
 ``family.build(config).init_weights()``) and made ready as ``setup_model`` makes a loaded one
-(``inject_lora``, ``set_trainable``, ``store_in_bf16``; no checkpoint is read), the optimizer
-comes from ``make_optimizer``; then /proc/self/clear_refs resets the peak (VmHWM) to the current
-RSS, so building the model in float32 before a bf16 cast does not count, and ``train_step`` runs
-twice: the second step is the steady state, whose backward pass already holds AdamW's moments and
+(``common.ready_model``: ``inject_lora``, ``set_trainable``, ``store_in_bf16``; no checkpoint is
+read), and its ``TrainingSession`` (the loop's optimizer and step) is made; then /proc/self/clear_refs
+resets the peak (VmHWM) to the current RSS, so building the model in float32 before a bf16 cast does
+not count, and the session's step runs twice: the second step is the steady state, whose backward pass already holds AdamW's moments and
 whose allocator already holds the first step's freed blocks (one step measured up to 15% less).
 The row also shows what the ready model held before the steps (``resident``), against the
 estimate's ``weights``.
@@ -45,12 +45,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common
+from common import ready_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "guard_accuracy.json"
@@ -84,43 +85,17 @@ def _recipe(case: str, precision: str, seq: int, batch: int):
     return load_recipe(None, overrides)
 
 
-def ready_model(model_type: str, preset: dict, recipe, init: bool = True):
-    """A random model of ``preset``, made ready for training as ``setup_model`` makes a loaded one
-    (``init=False``: torch's default init, enough for the estimate, which reads only shapes and dtypes)."""
-    from loratune.adapters.targets import inject_lora
-    from loratune.adapters.trainable import set_trainable
-    from loratune.models.registry import find_family
-    from loratune.train.precision import store_in_bf16
-
-    family = find_family(model_type)
-    model = family.build(family.config_from_hf({"model_type": model_type, **preset}))
-    if init:
-        model.init_weights()
-    if recipe.finetune == "lora":
-        inject_lora(model, recipe.lora)
-    set_trainable(model, recipe.finetune)
-    if recipe.precision == "bf16-true":
-        store_in_bf16(model, recipe.finetune)
-    return model.train()
-
-
 def train_steps(model, recipe, seq: int, batch: int, steps: int) -> float:
-    """``steps`` calls of ``train_step`` on seeded random ids, the peak reset before the first; returns seconds per step."""
+    """``steps`` steps of the model's training session on seeded random ids, the peak reset before the first;
+    returns seconds per step."""
     import torch
 
-    from loratune.train.optim import make_optimizer
-    from loratune.train.precision import autocast_for
-    from loratune.train.step import train_step
-
-    opt = make_optimizer(model, recipe)
-    params = [p for p in model.parameters() if p.requires_grad]
+    session = common.session(model, recipe)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    autocast = autocast_for(recipe.precision, torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts at the current RSS
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, opt, None, recipe, torch.device("cpu"),
-                   autocast, params)
+        session.step(common.lm_batch(ids))
     return (time.perf_counter() - t0) / steps
 
 
@@ -161,28 +136,7 @@ def estimate_row(model, row: dict) -> dict:
 
 
 def in_subprocess(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900, check=False, env=env)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()
-        return {**spec, "error": tail[-1] if tail else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# --------------------------------------------------------------------------- the grid and the table
-def _machine() -> dict:
-    from importlib.metadata import version
-
-    cpu = None
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": version("torch"),
-            "python": platform.python_version()}
+    return common.in_subprocess(__file__, spec, timeout=900, env={"PYTHONHASHSEED": "0"})
 
 
 def row_line(r: dict) -> str:
@@ -204,7 +158,7 @@ def format_table(rows: list[dict]) -> str:
 
 def measure(args: argparse.Namespace, out: Path) -> dict:
     """The grid, one fresh subprocess per row; the results are rewritten after each row."""
-    result = {"machine": _machine(), "command": "python benchmarks/guard_accuracy.py " + shlex.join(sys.argv[1:]),
+    result = {"machine": common.machine(), "command": "python benchmarks/guard_accuracy.py " + shlex.join(sys.argv[1:]),
               "tolerance": TOLERANCE, "seconds": 0, "rows": []}
     start = time.perf_counter()
     for label in args.models.split(","):

@@ -4,22 +4,20 @@
     python benchmarks/profile_step.py --side peft --device cuda ...
 
 Builds the job exactly as benchmarks/bench_train.py does (same checkpoint, same data; loratune's
-side through its Recipe, ``setup_model``, ``make_optimizer`` and ``train_step``, the step
-``loratune train`` runs), runs warm-up steps, then profiles ``--steps`` steps and prints the
+side through its Recipe, ``setup_model`` and its ``TrainingSession``, the step ``loratune train``
+runs), runs warm-up steps, then profiles ``--steps`` steps and prints the
 operators by self time (CPU, and CUDA where present) with the wall time per step.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train as bench  # noqa: E402
+import bench_train as bench
+import common
 
 
 def main() -> None:
@@ -37,7 +35,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()
 
-    ckpt = bench.make_checkpoint(args.size, bench.bench_cache())
+    ckpt = common.make_checkpoint(args.size, common.bench_cache())
     device = torch.device(args.device)
     spec = dict(side=args.side, case=args.case, precision=args.precision, seq=args.seq, batch=args.batch,
                 warmup=args.warmup, steps=args.steps, r=4, alpha=32, lr=args.lr, ckpt=str(ckpt))

@@ -1,4 +1,4 @@
-"""The README table of bench_dist.py's results (one process against torchrun's N, and the scaling on paper).
+"""The docs/benchmarks.md table of bench_dist.py's results (one process against torchrun's N, and the scaling on paper).
 Standard library only, so report_tables.py carries it."""
 
 from __future__ import annotations

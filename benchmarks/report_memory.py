@@ -1,5 +1,5 @@
 """Renderers for the memory benchmarks' results (bench_nf4.py, bench_checkpointing.py, bench_qlora.py):
-standard library only, so report_tables.py carries them and the README's blocks come from one place."""
+standard library only, so report_tables.py carries them and docs/benchmarks.md's blocks come from one place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README table of serve_load.py's results. Standard library only, so report_tables.py carries it."""
+"""The docs/benchmarks.md table of serve_load.py's results. Standard library only, so report_tables.py carries it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Markdown tables of a benchmark results file, one row per measured job, for the README.
+"""Markdown tables of a benchmark results file, one row per measured job, for docs/benchmarks.md.
 
     python benchmarks/report_tables.py benchmarks/results/cpu.json [more.json ...]
     python benchmarks/report_tables.py --markers benchmarks/results/*.json   # blocks to paste
@@ -25,9 +25,10 @@ its row. "runs" is the number of successful runs per side: the training rows rec
 command that produced them minus that side's errors. Tokens/s of several runs are their median (the median of 2 is their mean).
 
 With ``--markers`` each file's output is wrapped in ``<!-- table: PATH -->`` ...
-``<!-- end table -->``, which is how README.md holds them (a run timed by CPU time, ``--clock cpu``,
-gets a line saying so under the machine line); ``tests/test_readme_tables.py``
-regenerates every such block and checks the README against it. Standard library only.
+``<!-- end table -->``, which is how docs/benchmarks.md (every results file) and README.md (its
+headline table) hold them (a run timed by CPU time, ``--clock cpu``, gets a line saying so under
+the machine line); ``tests/test_readme_tables.py`` regenerates every such block and checks the
+pages against it. Standard library only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/test_readme_tables.py loads this file by its path
 from report_dist import dist_table  # noqa: E402
 from report_memory import RENDERERS as MEMORY_RENDERERS  # noqa: E402
 from report_serve import serve_table, soak_table  # noqa: E402
@@ -382,7 +383,7 @@ def render_file(path: str | Path) -> str:
 
 
 def block(path: str) -> str:
-    """``render_file`` wrapped in the README's marker comments (``path`` as written in the marker)."""
+    """``render_file`` wrapped in the pages' marker comments (``path`` as written in the marker)."""
     return f"<!-- table: {path} -->\n{render_file(path)}\n<!-- end table -->"
 
 
@@ -396,7 +397,7 @@ def table_rows(markdown: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="results JSON written by benchmarks/bench_train.py")
-    ap.add_argument("--markers", action="store_true", help="wrap each file's tables in the README's marker comments")
+    ap.add_argument("--markers", action="store_true", help="wrap each file's tables in the marker comments docs/benchmarks.md uses")
     args = ap.parse_args(argv)
     outputs = [block(f) if args.markers else render_file(f) for f in args.files]
     print("\n\n".join(outputs))

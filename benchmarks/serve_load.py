@@ -30,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_families as families  # noqa: E402
-from bench_dist import free_port  # noqa: E402
-from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
+import bench_families as families
+from bench_dist import free_port
+from common import DATA, bench_cache, machine, make_checkpoint
 
 ADAPTERS = ["t0", "t1", "t2", "t3"]
 PROMPT_TOKENS = 48
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     single = [(t, ADAPTERS[0]) for t in texts]
     import torch
 
-    result = {"format": "serve", "machine": {**_machine(), "matmul": families.matmul_rate()},
+    result = {"format": "serve", "machine": {**machine(), "matmul": families.matmul_rate()},
               "job": {"model": "gpt2 124m (random)", "adapters": len(ADAPTERS), "adapter": "r 8 on q and v",
                       "prompt_tokens": PROMPT_TOKENS, "max_tokens": args.max_tokens, "requests": args.requests,
                       "threads": torch.get_num_threads()}, "rows": []}

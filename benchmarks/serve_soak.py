@@ -23,17 +23,16 @@ import asyncio
 import json
 import signal
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-import bench_families as families  # noqa: E402
-from bench_train import DATA, _machine, bench_cache, make_checkpoint  # noqa: E402
-from serve_load import Server, make_adapters  # noqa: E402
-from soak_client import Soak, SoakPlan, metrics, settle  # noqa: E402
+import bench_families as families
+from common import DATA, bench_cache, machine, make_checkpoint, tests_module
+from serve_load import Server, make_adapters
+
+_soak = tests_module("soak_client")  # tests/soak_client.py: the soak's clients, shared with its test
+Soak, SoakPlan, metrics, settle = _soak.Soak, _soak.SoakPlan, _soak.metrics, _soak.settle
 
 ADAPTERS = [f"t{i}" for i in range(6)]
 LENGTHS = [8, 16, 24, 32, 48, 64, 160, 220]
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             server.proc.kill()
     import torch
 
-    out = {"format": "soak", "machine": {**_machine(), "matmul": families.matmul_rate()},
+    out = {"format": "soak", "machine": {**machine(), "matmul": families.matmul_rate()},
            "job": {"model": "gpt2 124m (random)", "adapters": len(ADAPTERS), "max_adapters": 4, "clients": args.clients,
                    "max_batch": 16, "prompt_tokens": LENGTHS, "max_tokens": MAX_TOKENS, "seconds": args.seconds,
                    "threads": torch.get_num_threads()},

@@ -23,15 +23,15 @@ import yaml
 from .adapters.lora import LoRAConfig
 from .bounded_yaml import safe_yaml, yaml_value
 from .data.config import DataConfig
+from .dist.parallel import STRATEGIES
 from .errors import ConfigError
 from .hub.files import sha256_file
-from .generate.sampling import check_seed
 from .models.registry import DEFAULT_MODEL
+from .runtime.seed import check_seed
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZE = ("none", "nf4", "int8")
-STRATEGIES = ("ddp", "fsdp")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
@@ -133,6 +133,11 @@ class Recipe:
     """Prompt for the sample generations before and after training ('' = none)."""
     sample_tokens: int = 48
     """New tokens in each sample."""
+    objective: str = "sft"
+    """The loss a step minimises: sft (causal-LM / completion cross-entropy); see train/objective.py."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go besides metrics.jsonl (always written): tensorboard, wandb (offline unless
+    WANDB_MODE says otherwise), mlflow (a file store); each under out_dir, see train/sinks.py."""
 
     def __post_init__(self) -> None:
         if self.finetune not in ("lora", "full"):
@@ -147,6 +152,13 @@ class Recipe:
         self._check_counts()
         self._check_optimizer()
         check_seed(self.seed)
+        if not isinstance(self.objective, str) or not self.objective:
+            raise ConfigError(f"objective must be a name such as 'sft', got {self.objective!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        if not isinstance(self.report_to, list) or not all(isinstance(n, str) and n for n in self.report_to):
+            raise ConfigError(f"report_to must be a list of sink names (jsonl, tensorboard, wandb, mlflow), "
+                              f"got {self.report_to!r}")
 
     def _check_memory_options(self) -> None:
         for name in ("activation_checkpointing", "activation_offload", "double_quant"):
@@ -361,7 +373,7 @@ def dump_recipe(recipe: Recipe) -> str:
 
 RESULT_FIELDS = ("model", "finetune", "lora", "data", "seq_len", "batch_size", "lr", "weight_decay", "adam_eps",
                  "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision", "seed", "quantize",
-                 "double_quant")
+                 "double_quant", "objective")
 """Recipe fields that change what a run computes (grad_accum does not: it splits the same batch, nor does
 activation_checkpointing: it recomputes the same values)."""
 

@@ -7,7 +7,7 @@ import sys
 
 from ..dist.world import join_world, leave_world
 from ..errors import ConfigError
-from ..hub.fsutil import full_disk_is_a_resource_error
+from ..runtime.fsutil import full_disk_is_a_resource_error
 from ..recipe import load_recipe
 from ..train.metrics import human_bytes
 from ..train import train

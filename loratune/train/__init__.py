@@ -1,10 +1,14 @@
-"""Training: one loop (``loop``) around one step (``step``) for LoRA and full fine-tuning, with the
-fused loss (``loss``), AdamW and schedules (``optim``), precision (``precision``), resumable
-snapshots (``checkpoint``), resource guards (``guards``), metrics and plots (``metrics``), and the
-LoRA-vs-full comparison (``compare``)."""
+"""Training: one loop (``loop``) around one session (``session``: model, objective, optimizer, schedule,
+precision and data, set up once) and its step (``step``), with the objectives (``objective``), the
+fused loss (``loss``), AdamW and schedules (``optim``), precision (``precision``), resumable snapshots
+(``checkpoint``), resource guards (``guards``), metrics and plots (``metrics``), the metric sinks
+(``sinks``: metrics.jsonl, TensorBoard, W&B, MLflow), the output directory (``run_dir``), samples
+(``samples``), stop requests (``stop``), the allocator choice (``allocator``) and the LoRA-vs-full
+comparison (``compare``)."""
 
-from .loop import TrainResult, resolve_device, setup_model, train
+from .loop import TrainResult, train
+from .session import TrainingData, TrainingSession, resolve_device, setup_model
 from .step import TrainingStopped, evaluate, forward_backward, train_step
 
-__all__ = ["TrainResult", "TrainingStopped", "evaluate", "forward_backward", "resolve_device", "setup_model", "train",
-           "train_step"]
+__all__ = ["TrainResult", "TrainingData", "TrainingSession", "TrainingStopped", "evaluate", "forward_backward",
+           "resolve_device", "setup_model", "train", "train_step"]

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..hub.files import read_json, read_safetensors
-from ..hub.finite import check_finite, first_non_finite
-from ..hub.fsutil import atomic_dir, fsync_dir, fsync_tree, replace_dir, write_os_error
+from ..runtime.finite import check_finite, first_non_finite
+from ..runtime.fsutil import atomic_dir, fsync_dir, fsync_tree, replace_dir, write_os_error
 from ..dist.checkpoint import is_sharded, load_sharded, save_sharded
 from ..dist.world import SINGLE, World
 from ..recipe import default_result_fields, fingerprint

@@ -15,14 +15,9 @@ import time
 import torch
 
 from ..errors import ConfigError, LoratuneError
-from ..data import Batches, prepare_data
-from ..adapters.trainable import parameter_report
 from ..recipe import Recipe
 from .metrics import human_bytes, peak_memory_bytes
-from .loop import resolve_device, setup_model
-from .optim import make_optimizer
-from .precision import autocast_for
-from .step import train_step
+from .session import TrainingSession, resolve_device
 
 
 def check_steps(steps: int, warmup: int = 0) -> None:
@@ -38,27 +33,19 @@ def check_steps(steps: int, warmup: int = 0) -> None:
 
 
 def measure(recipe: Recipe, steps: int, warmup: int = 1) -> dict:
-    """Run ``warmup + steps`` optimizer steps of ``recipe``; time the last ``steps``."""
+    """Run ``warmup + steps`` optimizer steps of ``recipe``'s session (every example trains, no schedule: a
+    few steps at the recipe's peak lr); time the last ``steps``."""
     check_steps(steps, warmup)
     recipe, device = resolve_device(recipe)
     torch.manual_seed(recipe.seed)
-    model, tokenizer, _ = setup_model(recipe, device)
-    report = parameter_report(model)
-    train_ex, _ = prepare_data(dataclasses.replace(recipe.data, val_fraction=0.0), tokenizer, recipe.seq_len,
-                               recipe.seed)
-    batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
-                      pad_id=tokenizer.pad_id)
-    optimizer = make_optimizer(model, recipe)  # no schedule: a few steps at the recipe's peak lr
-    autocast = autocast_for(recipe.precision, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    session = TrainingSession.from_recipe(recipe, validation=False, schedule=False)
+    report = session.report()
     times, losses = [], []
     for step in range(warmup + steps):
-        batch = batches.batch(step // len(batches), step % len(batches))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = train_step(model, batch, optimizer, None, recipe, device, autocast, trainable)
+        result = session.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:

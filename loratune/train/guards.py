@@ -21,7 +21,7 @@ MLP's...) also an output-wide ``N out a`` (its kept input and the allocator's sh
 update, as measured). Outside the blocks, ``saved_per_token_outside`` per token (last block
 output, final norm, the loss's saved gradient for the hidden states).
 
-With activation checkpointing (models/checkpointing.py) a block keeps only its input for the
+With activation checkpointing (models/recompute.py) a block keeps only its input for the
 backward pass, ``N C`` elements in the residual stream's dtype (float32 under bf16-mixed's
 autocast), none on the device with CUDA offload; one block's tensors (its share above, adapters
 included) live again while it is recomputed. On CPU, glibc's heap keeps about a quarter of each
@@ -66,6 +66,7 @@ from ..adapters.targets import model_aliases, suffix_match
 from ..errors import CheckpointError, LoratuneError, ResourceError
 from ..models.attention import MATMUL_MAX_T
 from ..models.registry import family_of
+from ..runtime.device import available_memory
 from .loss import default_chunk
 from .metrics import human_bytes
 
@@ -114,7 +115,7 @@ def estimate_training_memory(model: nn.Module, micro_batch: int, seq_len: int, p
     ``precision`` decides the dtypes (bf16-true stores frozen weights, and with ``finetune ==
     'full'`` every weight, in bf16; LoRA masters stay fp32), so the estimate for another
     precision can be asked of the same model; ``checkpointing`` (None: as the model is set, see
-    models/checkpointing.py) likewise. The shapes come from the family's memory profile; the
+    models/recompute.py) likewise. The shapes come from the family's memory profile; the
     formula is in the module docstring.
     """
     found = family_of(model)
@@ -206,63 +207,7 @@ def _default_lora_modules(model: nn.Module) -> set[str]:
     return {name for name, _ in lora_layers(model) if any(suffix_match(name, s) for s in suffixes)}
 
 
-# --- what is available -------------------------------------------------------------------------
-
-def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
-
-
-def _cgroup_available() -> int | None:
-    """Room left under this container's memory limit (cgroup v2, else v1), page cache counted as free."""
-    v2 = Path("/sys/fs/cgroup")
-    limit, used = _read_int(v2 / "memory.max"), _read_int(v2 / "memory.current")
-    stat = v2 / "memory.stat"
-    if limit is None or used is None:
-        v1 = v2 / "memory"
-        limit, used = _read_int(v1 / "memory.limit_in_bytes"), _read_int(v1 / "memory.usage_in_bytes")
-        stat = v1 / "memory.stat"
-        if limit is None or used is None or limit >= 2**60:  # v1 says "no limit" with a huge number
-            return None
-    reclaimable = 0
-    try:
-        for line in stat.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key in ("inactive_file", "total_inactive_file"):
-                reclaimable = int(value)
-                break
-    except (OSError, ValueError):
-        pass
-    return max(0, limit - used + reclaimable)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process may still allocate on ``device``; None where we cannot tell.
-
-    CUDA: the driver's free memory (``torch.cuda.mem_get_info``). CPU on Linux: MemAvailable
-    from /proc/meminfo, or less when a cgroup (container) limit leaves less room.
-    """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
-        return min(found) if found else None
-    return None
-
+# --- what is available: available_memory (runtime/device.py); the disk ----------------------
 
 def free_disk(path: Path) -> int:
     """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""

@@ -93,9 +93,9 @@ def loraplus_groups(named: list[tuple[str, nn.Parameter]], lr: float, ratio: flo
 
     The grouping of PEFT's ``create_loraplus_optimizer`` (and the paper's code): A and other
     matrices at ``lr``; LoRA B matrices (a ``.lora_B.`` in the name) at ``ratio * lr``; every 1-D
-    parameter (biases, DoRA's magnitude) also at ``ratio * lr``, as PEFT does. Weight decay keeps
+    parameter (biases, an adapter variant's magnitude) also at ``ratio * lr``, as PEFT does. Weight decay keeps
     this module's rule, matrices only: PEFT's ``groupB_no_decay`` holds biases and LayerNorm
-    weights, but it does decay other 1-D parameters (RMSNorm weights, DoRA's magnitude), which
+    weights, but it does decay other 1-D parameters (RMSNorm weights, a variant's magnitude), which
     here are not decayed. PEFT's embedding group does not arise (no LoRA on embeddings here).
     Each group carries its own ``lr``, which the LambdaLR schedule multiplies, so warm-up and
     decay keep the ratio. Empty groups are left out.

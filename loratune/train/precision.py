@@ -31,13 +31,6 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA GPU if there is one, else the CPU; anything else as named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def choose_precision(device: torch.device) -> tuple[str, str]:
     """``auto``'s choice for ``device`` and why, e.g. ('fp32', 'this CPU has no AMX: ...')."""
     if device.type == "cuda":

@@ -1,6 +1,6 @@
 """A training run's output directory: what it reads, what it writes, and what ``--overwrite`` removes.
 
-The rules (see ``hub/outdir.py``): the directory never is or holds an input of the run; a run
+The rules (see ``runtime/outdir.py``): the directory never is or holds an input of the run; a run
 lists the names it writes in the directory's manifest before writing them; ``--overwrite``
 removes only the manifest's names, and only once the new run has been validated (model, data,
 resources, and on ``--resume`` the checkpoint), so a run refused at setup changes nothing and a
@@ -20,19 +20,23 @@ import contextlib
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..hub.outdir import (owned_outputs, prepare_output_dir, record_outputs, refuse_inputs_inside, refuse_replacing,
+from ..runtime.outdir import (owned_outputs, prepare_output_dir, record_outputs, refuse_inputs_inside, refuse_replacing,
                           remove_outputs, run_lock)
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import clean_checkpoint_dir, list_checkpoints
+from .sinks import SINK_DIRECTORIES, sink_directories
 
-RUN_OUTPUTS = ("adapter", "model", "checkpoints", "metrics.jsonl", "loss.png", "samples.json", "recipe.yaml")
-"""Every name a training run writes in its output directory (a run writes ``adapter`` or ``model``)."""
+RUN_OUTPUTS = ("adapter", "model", "checkpoints", "metrics.jsonl", "loss.png", "samples.json", "recipe.yaml",
+               "tensorboard", "wandb", "mlruns")
+"""Every name a training run writes in its output directory (a run writes ``adapter`` or ``model``, and the
+directories of the metric sinks its ``report_to`` names: see sinks.py)."""
 
 
 def run_outputs(recipe: Recipe) -> list[str]:
     """The names this run writes in its output directory."""
     result = "adapter" if recipe.finetune == "lora" else "model"
-    return [n for n in RUN_OUTPUTS if n not in ("adapter", "model")] + [result]
+    optional = ("adapter", "model", *SINK_DIRECTORIES)
+    return [n for n in RUN_OUTPUTS if n not in optional] + [result] + sink_directories(recipe.report_to)
 
 
 def run_inputs(recipe: Recipe, recipe_file: str | Path | None) -> list[tuple[str, str | None]]:

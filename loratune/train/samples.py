@@ -33,7 +33,7 @@ def sample_text(model: nn.Module, tokenizer, recipe: Recipe, device: torch.devic
                          stop_at_eos=not sharded)
     was_training = model.training
     model.eval()
-    new = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=stops, pack=not sharded,
+    new = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=stops, prepack=not sharded,
                    inference_mode=not sharded)[0].tolist()
     model.train(was_training)
     new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]

@@ -16,7 +16,7 @@ from torch import nn
 from ..dist.parallel import grad_sync, shard_batch
 from ..dist.world import SINGLE, World
 from ..errors import LoratuneError
-from ..hub.finite import first_non_finite, local_part
+from ..runtime.finite import first_non_finite, local_part
 from .loss import count_targets, lm_loss_sum
 
 
@@ -49,16 +49,21 @@ class StepResult:
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """Summed cross-entropy of a batch through ``model``: one of ours, or the loss module that DDP/FSDP2 wrap
-    (:class:`~loratune.train.loss.CausalLMLoss`), called so that their hooks run."""
+    """Summed loss of a batch through ``model``: one of ours (causal-LM cross-entropy), or an objective's
+    module (:class:`~loratune.train.objective.Objective`; under DDP/FSDP2 the wrapped one), called by
+    keyword so that their hooks run."""
     if hasattr(model, "hidden_states"):
         return lm_loss_sum(model, x, y, p)
-    return model(x, y, p)
+    return model(input_ids=x, labels=y) if p is None else model(input_ids=x, labels=y, position_ids=p)
+
+
+def _weight(objective, batch: dict[str, torch.Tensor]) -> int:
+    return count_targets(batch["labels"]) if objective is None else objective.weight(batch)
 
 
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, max_grad_norm: float | None,
                      device: torch.device, autocast, trainable: list[nn.Parameter],
-                     world: World = SINGLE) -> tuple[float, float]:
+                     world: World = SINGLE, objective=None) -> tuple[float, float]:
     """Gradients of one optimizer step's batch, in micro-batches of ``micro_batch`` rows, then clipped.
 
     The loss is token-weighted over the whole batch (each micro-batch's summed loss is divided by
@@ -69,8 +74,9 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
     In a launched run ``batch`` is the global batch: this rank takes its rows (``shard_batch``),
     divides by the global target count and scales by the world size (DDP and FSDP2 average over
     ranks), and gradients are all-reduced on the last micro-batch only; the loss is summed over ranks.
+    ``objective`` (None: causal-LM cross-entropy) says what the summed loss is divided by.
     """
-    n_targets = max(1, count_targets(batch["labels"]))
+    n_targets = max(1, _weight(objective, batch))
     batch = shard_batch(batch, world)
     x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
     p_all = batch.get("position_ids")  # packed rows
@@ -91,7 +97,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
                recipe, device: torch.device, autocast, trainable: list[nn.Parameter],
-               world: World = SINGLE) -> StepResult:
+               world: World = SINGLE, objective=None) -> StepResult:
     """One optimizer step of ``recipe`` on ``batch``; ``scheduler`` may be None.
 
     Raises :class:`NonFiniteStep` when the loss or the gradient norm is not finite (weights untouched),
@@ -101,7 +107,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     agreed by all ranks: each checks its own shards).
     """
     loss, grad_norm = forward_backward(model, batch, recipe.micro_batch_size, recipe.max_grad_norm, device,
-                                       autocast, trainable, world)
+                                       autocast, trainable, world, objective)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep("loss" if not math.isfinite(loss) else "gradient norm",
@@ -123,7 +129,7 @@ def _nan_or_inf(tensor: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batches: int | None = None,
-             world: World = SINGLE) -> float:
+             world: World = SINGLE, objective=None) -> float:
     """Token-weighted mean cross-entropy over (up to ``max_batches`` of) ``batches``; in a launched
     run each rank takes its rows of every batch and the sums are added over ranks."""
     was_training = model.training
@@ -137,7 +143,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batc
         p = batch.get("position_ids")
         with autocast:
             total += float(loss_sum(model, x, y, None if p is None else p.to(device)))
-        count += count_targets(y)
+        count += _weight(objective, batch)
     model.train(was_training)
     total, count = world.sum([total, count])
     if count == 0:

@@ -49,7 +49,7 @@ def test_compare_with_no_timed_steps_exits_2(recipe_file, capsys, monkeypatch, s
 def test_compare_and_measure_refuse_zero_steps_before_any_work(recipe_file, monkeypatch):
     recipe = load_recipe(str(recipe_file), [])
     monkeypatch.setattr(compare_module.mp, "get_context", lambda *a: pytest.fail("no process may start"))
-    monkeypatch.setattr(compare_module, "setup_model", lambda *a: pytest.fail("no model may load"))
+    monkeypatch.setattr(compare_module.TrainingSession, "from_recipe", lambda *a, **k: pytest.fail("no model may load"))
     with pytest.raises(ConfigError, match="--steps must be a whole number >= 1"):
         compare_module.compare(recipe, steps=0)
     with pytest.raises(ConfigError, match="--steps must be a whole number >= 1"):

@@ -40,12 +40,14 @@ def chat_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_validation_loss_falls(chat_run):
     lines = [json.loads(x) for x in (chat_run / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [x["val_loss"] for x in lines if "val_loss" in x]
     assert len(val) >= 3 and val[-1] < val[0] - 0.5, val
 
 
+@pytest.mark.slow
 def test_the_adapter_loads_in_peft_with_our_logits(chat_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -66,6 +68,7 @@ def test_the_adapter_loads_in_peft_with_our_logits(chat_run):
         torch.testing.assert_close(ours(x), peft(x).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_chat_answers_and_stops_at_im_end(chat_run, capsys):
     from loratune.adapters.peft_format import load_adapter
     from loratune.data import load_tokenizer

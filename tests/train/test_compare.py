@@ -28,6 +28,7 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compare_lora_and_full_on_the_same_recipe(ckpt, data_file, tmp_path):
     recipe = load_recipe(None, [f"model={ckpt}", f"data.source={data_file}", "data.text_field=text",
                                 f"out_dir={tmp_path}", "seq_len=16", "batch_size=4", "lr=1e-3"])

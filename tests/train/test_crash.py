@@ -149,6 +149,7 @@ def by_step(out: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(out / "metrics.jsonl") if key in r}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_as_the_uninterrupted_run(ckpt, tmp_path):
     out, logs = tmp_path / "killed", tmp_path / "logs"
     logs.mkdir()

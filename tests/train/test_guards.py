@@ -25,7 +25,7 @@ from loratune.errors import LoratuneError, ResourceError
 from loratune.train.guards import check_resources, disk_error, estimate_training_memory
 from loratune.adapters.lora import LoRAConfig
 from loratune.models import GPT2, GPT2Config
-from loratune.models.checkpointing import set_activation_checkpointing
+from loratune.models.recompute import set_activation_checkpointing
 from loratune.adapters.trainable import set_trainable
 from loratune.train.metrics import read_metrics
 from loratune.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
@@ -118,7 +118,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 from loratune.train.guards import estimate_training_memory
 from loratune.train.loss import lm_loss_sum
-from loratune.models.checkpointing import set_activation_checkpointing
+from loratune.models.recompute import set_activation_checkpointing
 sys.path.insert(0, sys.argv[1])
 from test_guards import gpt2, CONFIG
 
@@ -153,6 +153,7 @@ print(json.dumps({"finetune": finetune, "B": B, "T": T, "vocab": vocab, "checkpo
 """
 
 
+@pytest.mark.slow
 def test_estimate_is_within_a_factor_of_two_of_the_measured_peak():
     """A fresh process runs two AdamW steps of an activation-heavy full fine-tuning and of a
     loss-heavy LoRA run (a larger vocabulary, two loss chunks), and the full fine-tuning again with
@@ -316,7 +317,7 @@ def test_full_disk_when_writing_the_adapter_names_the_checkpoint_that_holds_it(c
 def test_an_inf_gradient_stops_the_run_even_without_clipping(ckpt, data_file, tmp_path, monkeypatch):
     """An Inf gradient with a finite loss, and no max_grad_norm: before the fix nothing looked at the
     gradient, AdamW turned the weights into NaN, and that step's checkpoint was saved as 'good'."""
-    import loratune.train.loop as train_module
+    import loratune.train.session as train_module
 
     real_setup, calls = train_module.setup_model, []
 

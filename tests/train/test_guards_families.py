@@ -98,6 +98,7 @@ MEASURE = {"model": "qwen3-small", "model_type": "qwen3", "preset": "small", "ca
            "overrides": {"vocab_size": 16384}}
 
 
+@pytest.mark.slow
 def test_the_estimate_is_within_15_percent_of_a_measured_peak():
     """Two LoRA q,v training steps of a Qwen3-shaped model (hidden 256, 4 layers, grouped-query
     attention, q/k norms; a 16K vocabulary to keep the output head cheap) in a fresh process:

@@ -16,13 +16,13 @@ import torch
 from conftest import randomize_lora_
 from safetensors.torch import load_file, save_file
 
-import loratune.train.loop
+import loratune.train.session
 from loratune.adapters.lora import LoRAConfig
 from loratune.adapters.peft_format import WEIGHTS_NAME, load_adapter, save_adapter
 from loratune.adapters.targets import inject_lora
 from loratune.adapters.trainable import set_trainable
 from loratune.errors import CheckpointError, ConfigError
-from loratune.hub.finite import check_finite, first_non_finite
+from loratune.runtime.finite import check_finite, first_non_finite
 from loratune.models import load_model
 from loratune.recipe import load_recipe
 from loratune.train import TrainingStopped, train
@@ -94,7 +94,7 @@ def test_a_step_that_makes_a_weight_inf_raises_and_skips_the_schedule(ckpt, data
 def test_an_inf_weight_stops_training_at_the_last_good_checkpoint(ckpt, data_file, tmp_path, monkeypatch):
     """Step 4's update writes Inf into a LoRA weight: the run stops naming step 3's checkpoint, and
     nothing holding the Inf reaches the disk (no checkpoint, no adapter)."""
-    real = loratune.train.loop.make_optimizer
+    real = loratune.train.session.make_optimizer
     calls = {"n": 0}
 
     def corrupting(model, recipe):
@@ -109,7 +109,7 @@ def test_an_inf_weight_stops_training_at_the_last_good_checkpoint(ckpt, data_fil
         optimizer.register_step_post_hook(hook)
         return optimizer
 
-    monkeypatch.setattr(loratune.train.loop, "make_optimizer", corrupting)
+    monkeypatch.setattr(loratune.train.session, "make_optimizer", corrupting)
     with pytest.raises(TrainingStopped) as info:
         train(_recipe(ckpt, data_file, tmp_path), progress=False)
     last_good = tmp_path / "checkpoints" / "step-000003"

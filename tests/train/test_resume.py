@@ -239,6 +239,7 @@ def _wait_for_first_step(proc: subprocess.Popen, metrics: Path, timeout: float =
     pytest.fail(f"no training step logged to {metrics} within {timeout:.0f} s")
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(ckpt, data_file, tmp_path):
     steps = 16  # SIGINT goes out after step 1, so the run is far from done when it arrives
     recipe_file = tmp_path / "recipe.yaml"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import loratune.train.loop
+import loratune.train.session
 from loratune.adapters.peft_format import load_adapter
 from loratune.cli import main
 from loratune.data import Batches, prepare_data
@@ -68,7 +68,7 @@ def make_recipe(ckpt: Path, data: Path, out: Path, *overrides: str) -> Recipe:
 def train_keeping_model(recipe: Recipe):
     """Run ``train`` and also return the model it trained (by wrapping the real setup_model)."""
     captured = {}
-    real = loratune.train.loop.setup_model
+    real = loratune.train.session.setup_model
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -76,7 +76,7 @@ def train_keeping_model(recipe: Recipe):
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loratune.train.loop, "setup_model", spy)
+        mp.setattr(loratune.train.session, "setup_model", spy)
         result = train(recipe, progress=False)
     return result, captured["model"].eval()
 
@@ -357,6 +357,7 @@ def test_grad_accumulation_does_not_change_the_result(fp32_runs):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.slow
 def test_bf16_runs_track_fp32(precision, fp32_runs, ckpt, data_file, tmp_path):
     reference, ref_result = fp32_runs[1]
     recipe = make_recipe(ckpt, data_file, tmp_path, f"precision={precision}", CLIPPED)
@@ -428,6 +429,7 @@ def _final_losses(ckpt, data_file, out: Path, precision: str) -> tuple[float, fl
     return train_losses(out)[30], result.val_loss
 
 
+@pytest.mark.slow
 def test_full_finetuning_in_bf16_true_tracks_fp32(ckpt, data_file, tmp_path, monkeypatch):
     """bf16-true full fine-tuning keeps every weight in bf16; Kahan-compensated AdamW keeps the
     updates that bf16 rounding would drop, so the run tracks fp32: after 30 steps at lr 3e-4 the
@@ -441,7 +443,7 @@ def test_full_finetuning_in_bf16_true_tracks_fp32(ckpt, data_file, tmp_path, mon
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                  betas=recipe.adam_betas, eps=recipe.adam_eps, weight_decay=0.0)
 
-    monkeypatch.setattr(loratune.train.loop, "make_optimizer", plain_adamw)
+    monkeypatch.setattr(loratune.train.session, "make_optimizer", plain_adamw)
     plain = _final_losses(ckpt, data_file, tmp_path / "plain", "bf16-true")
     print(f"\nstep 1 loss {start:.4f}; step 30 train/val loss: fp32 {fp32[0]:.4f}/{fp32[1]:.4f}, "
           f"bf16-true Kahan {kahan[0]:.4f}/{kahan[1]:.4f}, bf16-true plain AdamW {plain[0]:.4f}/{plain[1]:.4f}")
