@@ -17,7 +17,7 @@ from torch import nn
 
 from ..adapters.named import delete_adapter
 from ..adapters.peft_format import WEIGHTS_NAME, AdapterFiles, attach_adapter, read_adapter
-from ..adapters.rows import build_banks
+from ..adapters.rows import RowBanks
 from ..errors import ConfigError
 
 
@@ -36,6 +36,8 @@ class AdapterRegistry:
                               "that holds the adapters to load at run time")
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
         self.draining: set[str] = set()  # being unloaded: no new requests, removed once their requests finish
+        self.banks = RowBanks(model, max_adapters)
+        """Every adapted layer's bank of the loaded adapters: a load writes one slot, an unload empties one."""
 
     def names(self) -> list[str]:
         return list(self.loaded)
@@ -119,4 +121,4 @@ class AdapterRegistry:
         del self.loaded[name]
 
     def _bank(self) -> None:
-        build_banks(self.model, list(self.loaded))
+        self.banks.sync(list(self.loaded))  # the victims' slots emptied, the new adapter's slot written

@@ -27,6 +27,7 @@ from ..generate.sampling import SamplingConfig
 from . import answers
 from . import params as checks
 from .adapters import AdapterRegistry
+from .detokenize import AnswerText
 from .engine import AdapterNotLoaded, Request
 from .metrics import prometheus_text
 from .params import BadRequest, Params
@@ -296,28 +297,27 @@ class OpenAIServer:
 
     async def _texts(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
                      deadline: float):
-        """(text so far, tokens, their logprobs, finish reason or None) after each token; the text is cut at a
+        """(the answer's text, its tokens, their logprobs, finish reason or None) after each token. The text
+        (:class:`~.detokenize.AnswerText`, the same object each time) decodes only the new tokens, and is cut at a
         stop string."""
-        tokens, infos = [], []
+        text, infos = AnswerText(self.tokenizer, stops), []
         async for item, end in self._events(r, queue, request, deadline):
             if end is not None:
-                yield self.tokenizer.decode(tokens), tokens, infos, end
+                text.finish()
+                yield text, text.tokens, infos, "stop" if text.stopped else end
                 return
-            tokens.append(item[0])
             infos.append(item[1])
-            text = self.tokenizer.decode(tokens)
-            hit = answers.stop_at(text, stops)
-            if hit is not None:
-                yield text[:hit], tokens, infos, "stop"
+            text.add(item[0])
+            yield text, text.tokens, infos, "stop" if text.stopped else None
+            if text.stopped:
                 return
-            yield text, tokens, infos, None
 
     async def _collect(self, r: Request, queue: asyncio.Queue, stops: list[str], request: HTTPRequest,
                        deadline: float):
-        text, tokens, infos, reason = "", [], [], None
+        text, tokens, infos, reason = None, [], [], None
         async for text, tokens, infos, reason in self._texts(r, queue, stops, request, deadline):
             pass
-        return text, reason, tokens, infos
+        return ("" if text is None else text.text), reason, tokens, infos
 
     async def _stream(self, requests, queues, stops, meta, chat, prompt_len, request, deadline):
         """Server-sent events: the choices one after another, each as text deltas. A stop string's possible
@@ -333,12 +333,12 @@ class OpenAIServer:
                 tokens, infos = [], []
                 async for text, tokens, infos, reason in self._texts(r, q, stops, request, deadline):
                     count = len(tokens)
-                    safe = len(text) if reason else len(text) - answers.held_back(text, stops)
-                    if safe > sent:
+                    piece = text.take(final=reason is not None)
+                    if piece:
                         logprobs = self._logprobs(r, tokens[told:], infos[told:], chat, sent)
-                        yield answers.sse({**meta, "object": obj, "choices": [answers.choice(index, text[sent:safe], None, chat,
+                        yield answers.sse({**meta, "object": obj, "choices": [answers.choice(index, piece, None, chat,
                                                                                True, logprobs)]})
-                        sent, told = safe, len(tokens)
+                        sent, told = sent + len(piece), len(tokens)
                 total += count
                 last = self._logprobs(r, tokens[told:], infos[told:], chat, sent) if len(tokens) > told else None
                 yield answers.sse({**meta, "object": obj, "choices": [answers.choice(index, "", reason, chat, True, last)]})

@@ -2,7 +2,8 @@
 
 The engine keeps ``max_batch`` slots over one KV cache. Every :meth:`Engine.step`:
 
-1. prefills waiting requests, up to ``prefill_tokens`` prompt tokens per step: the prompts that fit are
+1. prefills what its :class:`~.scheduler.Scheduler` plans (the policy: first come first served, up to
+   ``prefill_tokens`` prompt tokens per step, padding included): the prompts that fit are
    prefilled together in one forward (left-padded, each row with its own adapter), and their keys and values
    are copied into free slots, right-aligned so that they end where the running rows end (earlier positions
    of a slot are padding, masked). A prompt longer than the budget is prefilled in chunks over several steps
@@ -26,7 +27,6 @@ shifted left by the padding all rows share (keys keep their rotary phase: it is 
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.lora import lora_layers
-from ..adapters.rows import rows_applying
+from ..adapters.rows import row_banks
 from ..errors import ConfigError, ResourceError
 from ..generate.sampling import LogitsProcessing, SamplingConfig, next_token, token_logprobs
 from ..models.kv_cache import KVCache
+from .scheduler import Scheduler
 
 
 class AdapterNotLoaded(ConfigError):
@@ -103,7 +103,8 @@ class Engine:
         if max_batch < 1 or prefill_tokens < 1:
             raise ConfigError(f"max_batch (--max-batch) and prefill_tokens (--prefill-tokens) must be >= 1, got "
                               f"{max_batch} and {prefill_tokens}")
-        self.model, self.max_batch, self.prefill_tokens = model.eval(), max_batch, prefill_tokens
+        self.model, self.max_batch = model.eval(), max_batch
+        self.scheduler = Scheduler(prefill_tokens)
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         switch = model.rope_switch_at()
         if switch is not None and self.max_len > switch:
@@ -122,10 +123,10 @@ class Engine:
     def _check_memory(self) -> None:
         """Refuse a cache the device cannot hold, with the estimate, before allocating it (--max-batch 10**9
         would otherwise ask for terabytes and die in the allocator)."""
-        from ..train.guards import available_memory
+        from ..runtime.device import available_memory
 
         one = self._new_cache(1, 1)  # per slot and position: every layer's keys and values, its token, the mask
-        per = sum(t.numel() * t.element_size() for t in [*one.k, *one.v]) + 2 * 8
+        per = one.nbytes() + 2 * 8
         need = per * self.max_batch * self.max_len
         free = available_memory(self.device)
         if free is not None and need > free:
@@ -138,10 +139,9 @@ class Engine:
         return self.model.new_cache(batch, length, rings=False)
 
     def adapters_changed(self) -> None:
-        """Call after adapters were loaded or removed (and banked again)."""
-        self.layers = [layer for _, layer in lora_layers(self.model)]  # a load may have wrapped more of them
-        banks = [layer.row_bank for layer in self.layers if layer.row_bank is not None]
-        self.banked: set[str] = set(banks[0].names) if banks else set()
+        """Call after adapters were loaded or removed (their slots written or emptied in the model's banks)."""
+        self.banks = row_banks(self.model)  # held beside the model, not in its layers (adapters/rows.py)
+        self.banked: set[str] = set(self.banks.names) if self.banks is not None else set()
 
     def adapters_in_use(self) -> set[str]:
         requests = [r.request for r in self.rows if r is not None] + list(self.waiting)
@@ -153,7 +153,7 @@ class Engine:
         """Each row's adapter for the forwards inside (a model without adapters serves the base only)."""
         if not self.banked:  # check() let no adapter in
             return contextlib.nullcontext()
-        return rows_applying(self.model, adapters, self.layers)
+        return self.banks.applying(adapters)
 
     # ------------------------------------------------------------------ requests in and out
     def check(self, request: Request) -> None:
@@ -195,7 +195,7 @@ class Engine:
         self.rows = [None] * self.max_batch
         self.waiting.clear()
         self.partial = None
-        self.cache.length = 0
+        self.cache.reset()
         self.mask.zero_()
 
     def free_slots(self) -> int:
@@ -216,29 +216,19 @@ class Engine:
         produced: list[tuple[Request, int, Logprob | None]] = []
         finished: list[Finished] = []
         if self.running() == 0 and self.partial is None:  # idle: the time axis starts over
-            self.cache.length = 0
+            self.cache.reset()
             self.mask.zero_()
-        budget = self.prefill_tokens
-        if self.partial is not None:
-            budget -= self._continue_partial(budget, produced, finished)
-        while budget > 0 and self.waiting and self.free_slots() > 0:
-            group, tokens, longest, free = [], 0, 0, self.free_slots()
-            for r in self.waiting:  # first come, first served: stop at the first prompt that does not fit
-                padded = (len(group) + 1) * max(longest, len(r.prompt))  # what the group computes, padding included
-                if len(group) == free or padded > budget:
-                    break
-                group.append(r)
-                tokens, longest = padded, max(longest, len(r.prompt))
-            if not group:  # the next prompt does not fit what is left; longer than a whole budget: in chunks
-                if self.partial is None and len(self.waiting[0].prompt) > self.prefill_tokens:
-                    request = self.waiting.popleft()
-                    self.partial = _Partial(request, self._new_cache(1, len(request.prompt)))
-                    self._continue_partial(budget, produced, finished)
-                break
-            for _ in group:
-                self.waiting.popleft()
-            self._prefill(group, produced, finished)
-            budget -= tokens
+        part = self.partial
+        plan = self.scheduler.plan((len(r.prompt) for r in self.waiting), self.free_slots(),
+                                   None if part is None else len(part.request.prompt) - part.cache.length)
+        if plan.chunk:
+            self._continue_partial(plan.chunk, produced, finished)
+        for group in plan.groups:
+            self._prefill([self.waiting.popleft() for _ in range(group.count)], produced, finished)
+        if plan.new_chunk:  # longer than a whole budget: prefilled in chunks, in a cache of its own
+            request = self.waiting.popleft()
+            self.partial = _Partial(request, self._new_cache(1, len(request.prompt)))
+            self._continue_partial(plan.new_chunk, produced, finished)
         n = self.running()  # a newcomer decodes its second token now
         if n:
             self._decode(n, produced, finished)
@@ -288,12 +278,9 @@ class Engine:
         if t < n:  # the running rows move right to make room for the newcomer's prompt
             self._shift(n - t)
             t = n
-        for layer in range(len(self.cache.k)):
-            self.cache.k[layer][slot, :, t - n:t] = source.k[layer][row, :, first:first + n]
-            self.cache.v[layer][slot, :, t - n:t] = source.v[layer][row, :, first:first + n]
+        self.cache.copy_row(slot, source, row, first, n, at=t - n)
         self.mask[slot] = 0
         self.mask[slot, t - n:t] = 1
-        self.cache.length = t
         cfg = request.sampling
         generator = None
         if cfg.seed is not None:
@@ -308,9 +295,7 @@ class Engine:
         last = torch.tensor([[self.rows[i].tokens[-1]] for i in range(n)], dtype=torch.long, device=self.device)
         self.mask[:, t] = 0
         self.mask[:n, t] = 1
-        view = copy.copy(self.cache)  # the first n rows of every layer's keys and values (views: writes land here)
-        view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
-        view.tokens = self.cache.tokens[:n]
+        view = self.cache.first_rows(n)  # views: the forward's writes land in the cache
         with self._applying([self.rows[i].request.adapter for i in range(n)]):
             hidden = self.model.hidden_states(last, view, attention_mask=self.mask[:n, :t + 1])
             logits = self.model.logits(hidden[:, -1])  # (n, V)
@@ -352,11 +337,9 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         """End the row in ``slot``; the last running row moves into it, so running rows stay first."""
-        last, t = self.running() - 1, self.cache.length
+        last = self.running() - 1
         if slot != last:
-            for store in (self.cache.k, self.cache.v):
-                for layer in store:
-                    layer[slot, :, :t] = layer[last, :, :t]  # the positions in use only
+            self.cache.move_row(last, slot)
             self.mask[slot] = self.mask[last]
             self.rows[slot] = self.rows[last]
         self.rows[last] = None
@@ -366,17 +349,13 @@ class Engine:
     def _shift(self, by: int) -> None:
         """Move the running rows' keys, values and mask ``by`` positions (right if > 0, left if < 0). Only the
         positions in use move (a whole-cache copy would cost gigabytes at a large --max-batch)."""
-        n, t = self.running(), self.cache.length
-        keep = t - max(0, -by)  # positions that survive a left shift
+        t = self.cache.length
         src = slice(max(0, -by), t)
-        dst = slice(max(0, by), max(0, by) + keep)
-        for store in (self.cache.k, self.cache.v):
-            for layer in store:
-                layer[:n, :, dst] = layer[:n, :, src].clone()
+        dst = slice(max(0, by), t + by)
+        self.cache.shift(by, rows=self.running())
         mask = self.mask[:, src].clone()
         self.mask.zero_()
         self.mask[:, dst] = mask
-        self.cache.length = t + by
 
     def _compact(self) -> None:
         """Drop the padding every row has on its left, so the time axis has room again."""

@@ -49,8 +49,8 @@ class Worker:
     def run_until(self, done: Callable[[], bool] = lambda: False) -> None:
         """Run the engine in this thread until :meth:`stop` or ``done()`` (looked at between steps, and every
         50 ms when idle). ``loratune serve`` runs it in the main thread, the one that loaded the model: with the
-        engine in a second thread, benchmarks/serve_load.py gave 25.9 tokens/s one request at a time, against
-        35.9 in the main thread (GPT-2 124M on CPU; the README's load section)."""
+        engine in a second thread, benchmarks/serve_load.py decoded fewer tokens per second one request at a
+        time than in the main thread (GPT-2 124M on CPU)."""
         self._thread = self._thread or threading.current_thread()
         while not self._stopping and not done():
             self._once()
@@ -71,9 +71,6 @@ class Worker:
         """Free a request's slot at the next step boundary (its client went away; no waiting)."""
         self._cancels.append(request_id)
         self._wake.set()
-
-    def in_flight(self) -> int:
-        return len(self._streams) + len(self._incoming)
 
     def counts(self) -> dict[str, int]:
         """What /metrics shows (read without the lock: each number is a moment's, not a step's)."""

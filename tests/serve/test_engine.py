@@ -8,8 +8,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from family_models import MIXED_ADAPTERS, banked_family, generate_alone
 
+from loratune.adapters.rows import row_banks
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig
 from loratune.serve.engine import Engine, Request
@@ -174,8 +176,8 @@ def test_length_dependent_rope_is_served_within_its_switch_only(tmp_path, family
 
 def test_a_row_that_fails_ends_alone(served):
     """A row whose logits are not finite cannot be sampled: it ends with an error, the rows beside it go on."""
-    bank = next(m.row_bank for m in served.modules() if getattr(m, "row_bank", None) is not None)
-    slot = bank.names.index("b") + 1
+    banks = row_banks(served)
+    bank, slot = next(iter(banks.banks.values())), banks.slot_of["b"]
     saved = bank.B[slot].clone()
     bank.B[slot] = float("nan")
     try:
@@ -212,3 +214,36 @@ def test_a_rows_sampling_failure_stays_that_rows(served, bad):
     for r in good:
         assert finished[r.id].tokens == alone(served, r)[:len(finished[r.id].tokens)]
         assert finished[r.id].reason in ("stop", "length")
+
+
+def test_the_registry_writes_a_loaded_adapters_slot_and_evicts_by_emptying_one(tmp_path):
+    """Loading through the server's registry writes the new adapter's slot in every layer and leaves the other
+    slots' tensors (storage and values) as they were; evicting the least recently used empties its slot, which
+    the new adapter takes. The engine then serves the new set exactly."""
+    from family_models import load_with_peft_adapters, write_decoder
+
+    from loratune.models import load_model
+    from loratune.serve.adapters import AdapterRegistry
+
+    base = write_decoder("llama", tmp_path / "base")
+    load_with_peft_adapters(base, tmp_path, MIXED_ADAPTERS)  # writes tmp_path / name for each
+    model, _ = load_model(base)
+    registry = AdapterRegistry(model, "base", None, max_adapters=2)
+    registry.load("b", tmp_path / "b", set(), trusted=True)
+    registry.load("a", tmp_path / "a", set(), trusted=True)
+    banks = registry.banks
+    assert row_banks(model) is banks and banks.slot_of == {"b": 1, "a": 2}
+    before = {layer: (bank.A.data_ptr(), bank.B.data_ptr(), bank.A[[0, 2]].clone(), bank.B[[0, 2]].clone())
+              for layer, bank in banks.banks.items()}
+    assert registry.load("qonly", tmp_path / "qonly", {"a"}, trusted=True) == ["b"]  # b evicted, a is busy
+    assert banks.slot_of == {"a": 2, "qonly": 1}
+    for layer, (a_ptr, b_ptr, a, b) in before.items():
+        bank = banks.banks[layer]
+        assert (bank.A.data_ptr(), bank.B.data_ptr()) == (a_ptr, b_ptr)
+        assert torch.equal(bank.A[[0, 2]], a) and torch.equal(bank.B[[0, 2]], b)
+    engine = Engine(model.eval(), max_batch=3)
+    requests = [Request(r.prompt, {None: None, "b": "a"}.get(r.adapter, "qonly"), r.sampling)
+                for r in _requests(6, seed=9)]
+    answers = run(engine, requests)
+    for r in requests:
+        assert answers[r.id] == alone(model, r), (r.adapter, r.prompt)

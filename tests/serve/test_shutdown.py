@@ -48,6 +48,7 @@ def serving(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_answer_in_flight_and_refuses_new_ones(serving):
     proc, url = serving
     body = {"model": "base", "prompt": "the red cat", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
@@ -71,6 +72,7 @@ def test_sigterm_finishes_the_answer_in_flight_and_refuses_new_ones(serving):
     assert "Traceback" not in proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_a_clear_error(tmp_path):
     import socket
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 MAX_TOKENS = 8
 
 
+@pytest.mark.slow
 def test_mixed_load_with_disconnects_and_adapter_churn(tmp_path):
     files = make_files(tmp_path)
     references = {(i, name or "base"): expected(files, p, name, MAX_TOKENS)
