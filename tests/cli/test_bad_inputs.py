@@ -427,6 +427,7 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+@pytest.mark.slow
 def test_bad_input(row, world, tmp_path):
     _, argv, code, needle = row
     paths = {k: str(v) for k, v in world.items()}

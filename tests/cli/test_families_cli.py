@@ -12,6 +12,7 @@ from loratune.cli import main
 
 
 @pytest.mark.parametrize("arch, adapted", [("phi3", 2), ("gemma3_text", 12)])
+@pytest.mark.slow
 def test_init_info_train_eval_compare(tmp_path, capsys, arch, adapted):
     """Phi-3's tiny preset: q and v are two slices of one qkv_proj in each of 2 layers; Gemma 3's:
     q_proj and v_proj in each of 6 layers."""

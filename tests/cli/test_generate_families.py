@@ -19,6 +19,7 @@ PROMPT = "Today I messed up when I tried to cook"
 
 @pytest.mark.parametrize("case, tokenizer, vocab", [("qwen3", "qwen3", 151936), ("llama", "llama3_1", 128256),
                                                     ("gemma3", "gemma3", 262144), ("mistral", "llama2", 32000)])
+@pytest.mark.slow
 def test_cli_greedy_text_equals_transformers(tmp_path, capsys, case, tokenizer, vocab):
     src = TOKENIZERS / tokenizer
     if not src.is_dir():

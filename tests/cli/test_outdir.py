@@ -1,4 +1,4 @@
-"""loratune/hub/outdir.py through the real CLI: no output overwritten, one line for an --out that
+"""loratune/runtime/outdir.py through the real CLI: no output overwritten, one line for an --out that
 cannot be used, one run at a time per directory (and a dead run's lock does not keep it), and
 the CLI's top level: one line for every error, the traceback only with -v."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loratune.cli import main
-from loratune.hub.outdir import LOCK_NAME, MANIFEST_NAME
+from loratune.runtime.outdir import LOCK_NAME, MANIFEST_NAME
 
 TRAIN = ["--set", "seq_len=16", "--set", "batch_size=4", "--set", "max_steps=2", "--set", "sample_tokens=0",
          "--set", "data.text_field=text", "--set", "eval_every=0", "--set", "precision=fp32", "--no-progress"]
@@ -138,6 +138,7 @@ def _start_long_run(tmp_path: Path, ckpt: Path, data: Path, out: Path) -> subpro
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_directory_is_refused_and_a_dead_runs_lock_is_not_kept(tmp_path, ckpt, data,
                                                                                           capsys):
     out = tmp_path / "shared-out"
