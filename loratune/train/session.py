@@ -253,7 +253,7 @@ class TrainingSession:
         """The model with whole weights on rank 0 (None on the others): itself, or under FSDP2 the same
         modules given the gathered tensors on the CPU (a collective: every rank calls it)."""
         if not is_fsdp(self.trainer):
-            return self.model
+            return self.model if self.world.main else None  # DDP: every rank holds the same weights; one writes
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # every unit is left sharded by this (its state-dict hook), so the tensors set below stay

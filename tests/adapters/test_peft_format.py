@@ -169,7 +169,7 @@ def test_adapter_config_and_tensors_are_peft_format(tmp_path, tiny_ckpt, model):
 
 
 def test_gpt2_124m_width_keys_and_shapes(tmp_path):
-    """The shapes the README states for GPT-2 (hidden 768): A (r, 768), B (2304, r)."""
+    """The shapes docs/adapters.md states for GPT-2 (hidden 768): A (r, 768), B (2304, r)."""
     model = GPT2(GPT2Config(n_embd=768, n_layer=2, n_head=12, n_positions=16, vocab_size=97)).init_weights()
     cfg = LoRAConfig(r=4, alpha=32, targets=["qkv"])
     inject_lora(model, cfg)
