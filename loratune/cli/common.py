@@ -65,3 +65,15 @@ def warn_if_trained_quantized(adapter: str) -> None:
         log.warning(f"adapter {adapter} was trained against a {quant.kind}-quantized base (QLoRA) and is applied "
                     "here to the full-precision weights, whose outputs differ from what it was trained with; "
                     "`loratune merge` folds it into the quantized base it saw and reports the difference")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count would silently mean 'all', 'all but N' or a
+    default, or make a server refuse every request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

@@ -14,7 +14,7 @@ from ..errors import NonFiniteOutput
 from ..generate.sampling import NON_FINITE_ADVICE
 from ..train import evaluate
 from ..train.metrics import perplexity
-from .common import add_model_args, load_for_inference, log
+from .common import add_model_args, load_for_inference, log, positive_int
 
 
 def add_parser(sub) -> None:
@@ -33,17 +33,6 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (perplexity null where it overflows, loss >= 50)")
     p.set_defaults(run=run)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 or a negative count would silently mean 'all' or 'all but N')."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

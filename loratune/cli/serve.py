@@ -10,7 +10,7 @@ import threading
 import time
 
 from ..errors import ConfigError
-from .common import add_model_args, log
+from .common import add_model_args, log, positive_int
 
 
 def add_parser(sub) -> None:
@@ -23,36 +23,25 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter-dir", help="the only directory /v1/load_lora_adapter may load adapters from")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--max-batch", type=_positive, default=16,
+    p.add_argument("--max-batch", type=positive_int, default=16,
                    help="sequences decoded together (default 16; their KV cache must fit the device's free memory)")
-    p.add_argument("--max-adapters", type=_positive, default=8, help="adapters held at once; least recently used go")
-    p.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before HTTP 429 (default 64)")
-    p.add_argument("--max-prompt-tokens", type=_positive, default=None, help="default: half the model's context")
-    p.add_argument("--max-body-bytes", type=_positive, default=None,
+    p.add_argument("--max-adapters", type=positive_int, default=8, help="adapters held at once; least recently used go")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before HTTP 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="default: half the model's context")
+    p.add_argument("--max-body-bytes", type=positive_int, default=None,
                    help="request bodies past this are refused with HTTP 413 unread (default: 1 MiB + 768 bytes per "
                         "--max-prompt-tokens)")
-    p.add_argument("--max-tokens", type=_positive, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="the largest max_tokens a request may ask for (default: 512, or what the context leaves after "
                         "--max-prompt-tokens where that is less)")
     p.add_argument("--prefill-tokens", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps (at least one request; default 512)")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="positions per sequence in the KV cache (default: the model's context; it sizes the cache)")
     p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a request may take (HTTP 504 after)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (HTTP 401 otherwise)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
     p.set_defaults(run=run)
-
-
-def _positive(text: str) -> int:
-    """An integer >= 1 (0 or a negative would silently become a default, or refuse every request)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def _port(text: str) -> int:
