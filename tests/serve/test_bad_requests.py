@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import socket
 import threading
@@ -225,6 +226,25 @@ def test_a_hostile_value_in_flight_beside_a_greedy_neighbour(server, neighbour_t
     assert [r.status_code for r in bad] == [400, 400]
 
 
+def _read_response(sock: socket.socket) -> str:
+    """One whole HTTP response from a raw socket: the head, then the body to its Content-Length (the head and
+    the body may arrive in separate packets)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            return data.decode(errors="replace")
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def test_a_huge_body_is_refused_unread_while_health_answers(server, neighbour_text):
     """A 20 MB prompt: refused (413) from its Content-Length before the body is read, and a body that lies about
     its length (chunked) is cut off at the limit; /health answers within a second meanwhile. A body under the
@@ -236,7 +256,7 @@ def test_a_huge_body_is_refused_unread_while_health_answers(server, neighbour_te
                      f"content-length: {huge}\r\n\r\n".encode() + b'{"prompt": "' + b"x" * 65536)
         started = time.monotonic()
         sock.settimeout(10)
-        answer = sock.recv(65536).decode(errors="replace")
+        answer = _read_response(sock)
         took = time.monotonic() - started
     assert answer.startswith("HTTP/1.1 413") and "--max-body-bytes" in answer, answer[:300]
     print(f"\n413 for a declared 20 MB body after {took:.3f} s (limit {limit:,} bytes)")
