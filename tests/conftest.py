@@ -16,6 +16,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LORATUNE_CACHE" not in os.environ:  # GGUF model directories (loratune/models/gguf_dir.py): per run, not in ~/.cache
+    import atexit
+    import tempfile
+
+    os.environ["LORATUNE_CACHE"] = tempfile.mkdtemp(prefix="loratune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORATUNE_CACHE"], True)
 # Tiny models: per-op overhead dominates, and intra-op threads only fight other processes for
 # the cores (a 4x slowdown on a busy 2-core machine). One thread keeps the suite fast and steady.
 torch.set_num_threads(1)

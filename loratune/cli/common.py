@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id (e.g. gpt2)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, GGUF file (model.gguf) or Hugging Face hub id (e.g. gpt2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto: the first CUDA "
                    "GPU if there is one, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default: float32)")
@@ -49,18 +51,21 @@ def load_for_inference(args: argparse.Namespace):
     check_tokenizer_fits(model, tokenizer)
     lora = load_adapter(model, args.adapter, base_model=args.model) if args.adapter else None  # on the model's device
     if args.adapter:
-        warn_if_trained_quantized(args.adapter)
+        warn_if_trained_quantized(args.adapter, model_dir)
     return model, tokenizer, device, lora
 
 
-def warn_if_trained_quantized(adapter: str) -> None:
+def warn_if_trained_quantized(adapter: str, model_dir: Path | None = None) -> None:
     """A QLoRA adapter applied to the 16-bit base computes something it was not trained for (the 4-bit
     rounding it learned around is gone): say so, and what keeps it (``loratune merge``, which merges into
     the quantized base it was trained against)."""
     from ..adapters.peft_format import resolve_adapter_dir
     from ..merge.qlora import trained_quantization
+    from ..models.gguf_dir import gguf_source
 
     quant = trained_quantization([resolve_adapter_dir(adapter)])
+    if quant is not None and quant.kind == "gguf" and model_dir is not None and gguf_source(model_dir) is not None:
+        return  # trained on the GGUF's blocks decoded: exactly the weights this GGUF loads as
     if quant is not None:
         log.warning(f"adapter {adapter} was trained against a {quant.kind}-quantized base (QLoRA) and is applied "
                     "here to the full-precision weights, whose outputs differ from what it was trained with; "

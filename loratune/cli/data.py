@@ -40,13 +40,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import encode_records, load_records, load_tokenizer
     from ..data.prepare import subset
+    from ..hub.gguf_file import is_gguf_path
     from ..hub.resolve import resolve_hub_dir
+    from ..models import resolve_model
 
     if args.limit < 0:
         raise DataError(f"--limit must be >= 0, got {args.limit}")
     recipe = recipe_from_args(args)
     cfg = recipe.data
-    tokenizer = load_tokenizer(resolve_hub_dir(recipe.model, TOKENIZER_DOWNLOAD, "tokenizer"))
+    tokenizer = load_tokenizer(resolve_model(recipe.model) if is_gguf_path(recipe.model)
+                               else resolve_hub_dir(recipe.model, TOKENIZER_DOWNLOAD, "tokenizer"))
     tokenizer.source = recipe.model
     records = subset(load_records(cfg.source, cfg), cfg, recipe.seed)  # what training uses (max_examples)
     encoded = encode_records(records, cfg, tokenizer, recipe.seq_len, cfg.source)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Continue PROMPT; only the continuation goes to stdout.")
     add_model_args(p)
-    p.add_argument("--adapter", help="LoRA adapter directory to apply")
+    p.add_argument("--adapter", help="LoRA adapter to apply: a PEFT directory, a hub id, or a LoRA adapter GGUF")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (faster)")
     p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true",

@@ -10,8 +10,8 @@ from ..errors import ConfigError
 from ..hub.export import config_dtype
 from ..hub.files import read_config
 from ..runtime.outdir import prepare_output_dir, refuse_inputs_inside
-from ..hub.resolve import resolve_model_dir
 from ..merge import MergePlan, merge_record, merged_model, refuse_repeat, refuse_twice, save_merged
+from ..models import resolve_model
 from .common import DTYPES, add_model_args, device_and_dtype, log
 
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                                    "A QLoRA adapter is merged into the dequantized 4-bit base it was trained "
                                    "against, in float32 (--into).")
     add_model_args(p)
-    p.add_argument("--adapter", required=True, action="append", help="adapter directory (PEFT format) or hub id; "
+    p.add_argument("--adapter", required=True, action="append", help="adapter directory (PEFT format), hub id or LoRA adapter GGUF; "
                    "repeat it to merge several")
     p.add_argument("--weights", default=None, help="comma-separated weight per adapter (default: 1 each)")
     p.add_argument("--combine", default="cat", choices=COMBINATIONS, help="how several adapters combine (default "
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     out = prepare_output_dir(args.out, create=False, remedy="choose a new --out")  # new or empty: so no input there
     refuse_inputs_inside(out, [("the model", args.model), *(("the adapter", a) for a in args.adapter)])  # nor is one
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model(args.model)
     base_config = read_config(model_dir)
     adapter_dirs = [resolve_adapter_dir(a) for a in args.adapter]
     weights = _weights(args.weights, len(adapter_dirs))

@@ -15,6 +15,8 @@ loads any registered family.
 - ``kv_cache``: the preallocated KV cache.
 - ``recompute``: activation recompute of the blocks (``activation_checkpointing``), and CUDA offload of their inputs.
 - ``weight_map``: a transformers state dict onto our parameters, every key and shape checked.
+- ``gguf``: GGUF checkpoints as our families (config from metadata, tensor names, q/k permutation, norm shift).
+- ``gguf_dir``: a GGUF file as a model directory (config and tokenizer files in loratune's cache).
 """
 
 from __future__ import annotations
@@ -28,29 +30,33 @@ from torch import nn
 from ..errors import CheckpointError
 from ..hub.files import read_config, read_state_dict
 from ..runtime.finite import check_finite
-from ..hub.resolve import resolve_model_dir
+from .gguf_dir import gguf_source, read_gguf_weights, resolve_model
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache
 from .registry import family_for_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GPT2", "GPT2Config", "KVCache", "check_tokenizer_fits", "load_model"]
+__all__ = ["GPT2", "GPT2Config", "KVCache", "check_tokenizer_fits", "load_model", "resolve_model"]
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, Path]:
-    """Load a Hugging Face checkpoint (local directory or hub id) of a supported family as our model.
+    """Load a Hugging Face checkpoint (local directory or hub id) or a GGUF file of a supported family as
+    our model (a GGUF is dequantized; see :mod:`.gguf_dir`).
 
     Returns the model (in eval mode) and the local directory it came from (for the tokenizer).
     Weights holding NaN/Inf (a corrupt file, or values beyond ``dtype``'s range) are a
     :class:`CheckpointError` naming the first such tensor, not garbage output later.
     """
-    model_dir = resolve_model_dir(name_or_path)
+    model_dir = resolve_model(name_or_path)
     hf_config = read_config(model_dir)
     family = family_for_config(hf_config)
     config = family.config_from_hf(hf_config)
-    state = read_state_dict(model_dir, dtype)  # converted tensor by tensor: never two copies of the weights
+    if gguf_source(model_dir) is not None:
+        state = read_gguf_weights(model_dir, family, config, dtype)
+    else:
+        state = read_state_dict(model_dir, dtype)  # converted tensor by tensor: never two copies of the weights
     if not state:
         raise CheckpointError(f"the weights in {model_dir} are empty")
     try:

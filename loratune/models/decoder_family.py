@@ -15,6 +15,7 @@ import torch
 from ..errors import CheckpointError
 from .decoder import DecoderLM
 from .decoder_config import DecoderConfig
+from .gguf import GGUFFacts
 from .spec import Alias, FamilySpec, MemoryProfile
 from .weight_map import map_weights
 
@@ -126,7 +127,7 @@ def load_decoder(config: DecoderConfig, state: dict[str, torch.Tensor], dtype: t
 
 def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, Any]], DecoderConfig],
                  write: Callable[[DecoderConfig], dict[str, Any]], presets: dict[str, dict[str, Any]],
-                 fused: bool = False, tokenizer_as_saved: bool = False) -> FamilySpec:
+                 fused: bool = False, tokenizer_as_saved: bool = False, gguf: GGUFFacts | None = None) -> FamilySpec:
     """A Llama-style family's spec from its config reader/writer, name and presets."""
     spec: FamilySpec
 
@@ -138,5 +139,5 @@ def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, A
         from_hf_state_dict=lambda config, state, dtype: load_decoder(config, state, dtype, spec),
         build=build, aliases=_aliases(fused, fused), fused_slices=_fused_slices, memory_profile=_memory_profile,
         eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None,
-        tokenizer_as_saved=tokenizer_as_saved)
+        tokenizer_as_saved=tokenizer_as_saved, gguf=gguf)
     return spec

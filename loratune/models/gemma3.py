@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
+from ..hub.gguf_file import GGUFFile
 from .decoder_config import DecoderConfig, flag, layer_count, read_common, read_rope, rope_to_hf, to_hf_common
 from .decoder_family import decoder_spec
+from .gguf import GGUFFacts
 from .rope import rope_from_hf
 
 
@@ -68,7 +70,40 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-GEMMA3_SPEC = decoder_spec("gemma3_text", "Gemma 3", read_config, write_config, presets={
+def _gguf_config(file: GGUFFile, hf: dict[str, Any]) -> dict[str, Any]:
+    """A gemma3 GGUF. llama.cpp does not store what it hard-codes for Gemma 3: every 6th layer global, local
+    layers' rope base 10,000, and scores scaled by head_dim**-0.5 (hidden/heads for the 27B, 62 layers);
+    transformers' config defaults agree, and so does this."""
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    scalar = hf["hidden_size"] // heads if layers == 62 else hf["head_dim"]
+    hf = dict(hf, sliding_window=file.get("gemma3.attention.sliding_window", 4096), sliding_window_pattern=6,
+              rope_local_base_freq=10_000.0, query_pre_attn_scalar=scalar, hidden_activation="gelu_pytorch_tanh")
+    softcap = file.get("gemma3.final_logit_softcapping")
+    if softcap is not None:
+        hf["final_logit_softcapping"] = float(softcap)
+    return hf
+
+
+def _gguf_metadata(hf: dict[str, Any]) -> dict[str, Any]:
+    kinds = hf.get("layer_types") or []
+    pattern = kinds.index("full_attention") + 1 if "full_attention" in kinds else None
+    if kinds and (pattern != 6 or any(k != ("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
+                                      for i, k in enumerate(kinds))):
+        raise CheckpointError("llama.cpp runs Gemma 3 with every 6th layer global; this model's layer_types "
+                              "differ, so no GGUF would run it as it is")
+    if float(hf.get("rope_local_base_freq", 10_000.0)) != 10_000.0:
+        raise CheckpointError("llama.cpp runs Gemma 3's local layers with rope base 10,000; this model's "
+                              "rope_local_base_freq differs")
+    meta = {"gemma3.attention.sliding_window": hf.get("sliding_window", 4096)}
+    if hf.get("final_logit_softcapping") is not None:
+        meta["gemma3.final_logit_softcapping"] = float(hf["final_logit_softcapping"])
+    return meta
+
+
+GGUF = GGUFFacts(arch="gemma3", norm_shift=1.0, config=_gguf_config, metadata=_gguf_metadata)
+"""llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its norm multiplies by the weight as is)."""
+
+GEMMA3_SPEC = decoder_spec("gemma3_text", "Gemma 3", read_config, write_config, gguf=GGUF, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=1, head_dim=32, max_position_embeddings=512, vocab_size=262144,
                  sliding_window=16, query_pre_attn_scalar=32, final_logit_softcapping=30.0,

@@ -11,6 +11,7 @@ from typing import Any
 
 from .decoder_config import DecoderConfig, layer_count, read_common, to_hf_common
 from .decoder_family import decoder_spec
+from .gguf import GGUFFacts
 
 
 def read_config(hf: dict[str, Any]) -> DecoderConfig:
@@ -28,7 +29,12 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-MISTRAL_SPEC = decoder_spec("mistral", "Mistral", read_config, write_config, tokenizer_as_saved=True, presets={
+GGUF = GGUFFacts(arch="llama", permute_qk=True, name_hint="mistral",
+                 config=lambda file, hf: dict(hf, sliding_window=None))
+"""llama.cpp stores Mistral as 'llama' (``general.name`` tells them apart, as transformers reads it) and
+keeps no sliding window: the model runs with full attention there, and so does ours from a GGUF."""
+
+MISTRAL_SPEC = decoder_spec("mistral", "Mistral", read_config, write_config, tokenizer_as_saved=True, gguf=GGUF, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=32000, sliding_window=32,
                  bos_token_id=1, eos_token_id=2),

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from ..hub.gguf_file import GGUFFile
 from .decoder_config import DecoderConfig, layer_count, read_common, read_rope, to_hf_common
 from .decoder_family import decoder_spec
+from .gguf import GGUFFacts
 
 
 def read_config(hf: dict[str, Any]) -> DecoderConfig:
@@ -43,7 +47,43 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-PHI3_SPEC = decoder_spec("phi3", "Phi-3", read_config, write_config, fused=True, presets={
+def _gguf_config(file: GGUFFile, hf: dict[str, Any]) -> dict[str, Any]:
+    """A phi3 GGUF: the sliding window, the rotated share of each head, and longrope's factors (stored as
+    the tensors ``rope_factors_long`` / ``rope_factors_short``)."""
+    hf = dict(hf, sliding_window=file.get("phi3.attention.sliding_window"))
+    rotated = file.get("phi3.rope.dimension_count")
+    if isinstance(rotated, int) and rotated != hf["head_dim"]:
+        hf["partial_rotary_factor"] = rotated / hf["head_dim"]
+    long, short = file.tensors.get("rope_factors_long.weight"), file.tensors.get("rope_factors_short.weight")
+    if long is not None and short is not None:
+        hf["rope_scaling"] = {"rope_type": "longrope", "long_factor": long.dequantize().tolist(),
+                              "short_factor": short.dequantize().tolist()}
+        hf["original_max_position_embeddings"] = file.get("phi3.rope.scaling.original_context_length", 4096)
+    return hf
+
+
+def _gguf_metadata(hf: dict[str, Any]) -> dict[str, Any]:
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    meta = {"phi3.rope.dimension_count": int(head_dim * hf.get("partial_rotary_factor", 1.0))}
+    if hf.get("sliding_window") is not None:
+        meta["phi3.attention.sliding_window"] = hf["sliding_window"]
+    if (hf.get("rope_scaling") or {}).get("rope_type") == "longrope":
+        meta["phi3.rope.scaling.original_context_length"] = hf.get("original_max_position_embeddings", 4096)
+    return meta
+
+
+def _gguf_extra_tensors(hf: dict[str, Any]) -> dict[str, torch.Tensor]:
+    scaling = hf.get("rope_scaling") or {}
+    if scaling.get("rope_type") != "longrope":
+        return {}
+    return {"rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
+            "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32)}
+
+
+GGUF = GGUFFacts(arch="phi3", config=_gguf_config, metadata=_gguf_metadata, extra_tensors=_gguf_extra_tensors)
+"""llama.cpp stores Phi-3 with its fused qkv and gate_up projections as they are (no permutation)."""
+
+PHI3_SPEC = decoder_spec("phi3", "Phi-3", read_config, write_config, fused=True, gguf=GGUF, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=32064, sliding_window=64,
                  bos_token_id=1, eos_token_id=32000, pad_token_id=32000),

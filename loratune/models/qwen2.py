@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .decoder_config import DecoderConfig, flag, layer_count, read_common, to_hf_common
 from .decoder_family import decoder_spec
+from .gguf import GGUFFacts
 
 
 def qwen_layer_types(hf: dict[str, Any]) -> tuple[int | None, list[str]]:
@@ -43,7 +44,10 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-QWEN2_SPEC = decoder_spec("qwen2", "Qwen2", read_config, write_config, presets={
+GGUF = GGUFFacts(arch="qwen2")
+"""llama.cpp stores Qwen2 with the tensors as transformers has them (no q/k permutation)."""
+
+QWEN2_SPEC = decoder_spec("qwen2", "Qwen2", read_config, write_config, gguf=GGUF, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=151936, tie_word_embeddings=True,
                  rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645),

@@ -7,6 +7,7 @@ from typing import Any
 
 from .decoder_config import DecoderConfig, flag, read_common, to_hf_common
 from .decoder_family import decoder_spec
+from .gguf import GGUFFacts
 from .qwen2 import qwen_layer_types
 
 
@@ -27,7 +28,10 @@ def write_config(config: DecoderConfig) -> dict[str, Any]:
     return d
 
 
-QWEN3_SPEC = decoder_spec("qwen3", "Qwen3", read_config, write_config, presets={
+GGUF = GGUFFacts(arch="qwen3")
+"""llama.cpp stores Qwen3 with the tensors as transformers has them (no q/k permutation)."""
+
+QWEN3_SPEC = decoder_spec("qwen3", "Qwen3", read_config, write_config, gguf=GGUF, presets={
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512, vocab_size=151936,
                  tie_word_embeddings=True, rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645),

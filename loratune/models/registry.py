@@ -42,6 +42,20 @@ def family_for_config(hf_config: dict[str, Any]) -> FamilySpec:
     return family
 
 
+def family_for_gguf(arch: str, name: Any) -> FamilySpec:
+    """The spec for a GGUF's ``general.architecture`` (and ``general.name``, where several families share an
+    architecture: Mistral is 'llama' with 'mistral' in its name); an unsupported one is refused by name."""
+    found = [s for s in FAMILIES.values() if s.gguf is not None and s.gguf.arch == arch]
+    name = name.lower() if isinstance(name, str) else ""
+    hinted = [s for s in found if s.gguf.name_hint and s.gguf.name_hint in name]
+    plain = [s for s in found if not s.gguf.name_hint]
+    if hinted or plain:
+        return (hinted or plain)[0]
+    supported = sorted({s.gguf.arch for s in FAMILIES.values() if s.gguf is not None})
+    raise CheckpointError(f"the GGUF's architecture is {arch!r}, which loratune does not read; supported: "
+                          f"{', '.join(supported)}")
+
+
 def family_of(model: nn.Module) -> tuple[FamilySpec, Any] | None:
     """(spec, our config) for one of our models or a transformers model of a known family; else None.
 

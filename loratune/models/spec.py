@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .gguf import GGUFFacts
 
 Span = tuple[int, int]
 """A slice of a projection's output features, [start, stop)."""
@@ -79,6 +82,8 @@ class FamilySpec:
     """Named sizes for `loratune init-model` (config keyword arguments)."""
     offline_tokenizer: Callable[[Path], None] | None = None
     """Writes the family's real tokenizer files into a directory without the hub, where a package ships them."""
+    gguf: "GGUFFacts | None" = None
+    """How llama.cpp stores the family in GGUF (None: loratune neither reads nor writes it as GGUF)."""
     tokenizer_as_saved: bool = False
     """transformers reads this family's tokenizer.json as saved, ignoring tokenizer_config.json's
     tokenizer_class (Mistral: a 'LlamaTokenizer' file is not rebuilt, so ' x' keeps its '▁' token)."""
