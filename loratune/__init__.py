@@ -5,7 +5,8 @@ The packages and flat modules, top to bottom: each imports only from those below
 
 - ``__main__``: ``python -m loratune``, the command line.
 - ``cli``: one module per command.
-- ``train``: one training session, its loop and step; ``serve``: many adapters on one base over HTTP.
+- ``train``: one training session, its loop and step; ``serve``: many adapters on one base over HTTP;
+  ``export``: a model or adapter as GGUF (llama.cpp, Ollama), Hugging Face or PEFT files.
 - ``recipe``: the typed training recipe, read from YAML and ``--set``.
 - ``dist``: several processes (torchrun); ``generate``: sampling with the KV cache; ``merge``: adapters
   folded into the base weights (``loratune merge``, QLoRA's into the base it was trained against).

@@ -12,7 +12,7 @@ The layers, top (imports everything below) to bottom (imports nothing of loratun
 
     __main__
     cli                       one module per command
-    train, serve              the two things a user runs (neither imports the other)
+    train, serve, export      the things a user runs: training, serving, exporting (none imports another)
     recipe                    the training recipe: holds the configs of the layers below
     dist, generate, merge     several processes; sampling; adapters folded into a model (none imports another)
     data                      records -> examples -> batches (generate's chat prompts use it)
@@ -40,7 +40,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loratune"
 LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
-    ("train", "serve"),
+    ("train", "serve", "export"),
     ("recipe",),
     ("dist", "generate", "merge"),
     ("data",),

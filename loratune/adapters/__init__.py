@@ -11,6 +11,7 @@ Modules:
 - ``named``: several adapters by name (switch, delete, combine); ``combine``: PEFT's
   ``add_weighted_adapter`` combinations (``loratune merge`` is in :mod:`loratune.merge`).
 - ``peft_format``, ``peft_config``: the PEFT file format both ways.
+- ``gguf_adapter``: a llama.cpp LoRA adapter GGUF read as our LoRA weights (``--adapter x.gguf``).
 - ``rows``: per-row adapters for serving: the banks, held beside the model, not in its layers.
 
 Adding an adapter variant (a method that changes what LoRA computes, as DoRA does): write one file

@@ -31,10 +31,12 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hub.files import read_json, read_pickled_tensors, read_safetensors
+from ..hub.gguf_file import is_gguf_path
 from ..runtime.finite import check_finite
 from ..runtime.fsutil import atomic_dir
 from ..hub.resolve import resolve_hub_dir
 from ..models.registry import family_of
+from .gguf_adapter import read_gguf_adapter
 from .init import to_plain_lora
 from .lora import WHOLE, LoRAConfig, LoRALinear, lora_layers
 from .update import LoRAUpdate
@@ -199,7 +201,9 @@ def _base_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 def resolve_adapter_dir(name_or_path: str | Path) -> Path:
-    """A local adapter directory, downloading a hub id if needed."""
+    """A local adapter directory, downloading a hub id if needed; a LoRA adapter GGUF file as it is."""
+    if is_gguf_path(name_or_path) and Path(name_or_path).expanduser().is_file():
+        return Path(name_or_path).expanduser()
     return resolve_hub_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, EXTRA_NAME], "adapter")
 
 
@@ -224,6 +228,11 @@ def read_adapter(model: nn.Module, adapter: str | Path, base_model: str | None =
     model: every tensor fits a module of this model (another architecture or hidden size is an error, not a
     silent mis-load), the config and the weights name the same modules, and the weights are finite."""
     adapter_dir = resolve_adapter_dir(adapter)
+    if adapter_dir.is_file():  # a llama.cpp LoRA adapter GGUF (resolve_adapter_dir passes only those through)
+        config, pairs = read_gguf_adapter(model, adapter_dir)
+        check_finite({f"{n}.{k}": t for n, p in pairs.items() for k, t in p.items()}, f"adapter weights in "
+                     f"{adapter_dir}", "the file is corrupt, or the run that wrote it diverged: train it again")
+        return AdapterFiles(adapter_dir, config, {}, pairs)
     path = adapter_dir / CONFIG_NAME
     config = read_json(path, "adapter config")
     extra = read_json(adapter_dir / EXTRA_NAME, "loratune metadata") if (adapter_dir / EXTRA_NAME).is_file() else {}

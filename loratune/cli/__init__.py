@@ -6,10 +6,12 @@ line with exit status 1, and the full traceback appears only with ``-v``.
 
 - ``train``: run a training recipe, resumable.
 - ``data``: the first examples as the model will see them, trained tokens marked.
-- ``evaluate``: ``loratune eval``, loss and perplexity on a data file.
+- ``evaluate``: ``loratune eval``, loss and perplexity on a data file; with ``--generate``, completions scored
+  against references (ROUGE-L, exact match, length), base and adapter side by side.
 - ``compare``: LoRA against full fine-tuning on one recipe.
 - ``generate``: continue a prompt (or a chat) with a model and an optional adapter.
 - ``merge``: fold adapters into the base and write a Hugging Face model.
+- ``export``: the model or adapter as GGUF (llama.cpp, Ollama), a Hugging Face directory or PEFT.
 - ``serve``: the OpenAI-compatible server.
 - ``info``: a model's architecture and what LoRA would train.
 - ``init_model``: ``loratune init-model``, a random model in Hugging Face format.
@@ -28,9 +30,9 @@ import sys
 import traceback
 
 from ..errors import LoratuneError
-from . import compare, data, evaluate, generate, info, init_model, merge, serve, train
+from . import compare, data, evaluate, export, generate, info, init_model, merge, serve, train
 
-COMMANDS = [train, data, evaluate, compare, generate, merge, serve, info, init_model]
+COMMANDS = [train, data, evaluate, compare, generate, merge, export, serve, info, init_model]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,12 @@ def merge_record(adapter: str, adapter_dir: Path, base_model: str) -> dict[str, 
 
     The sha256 identifies the adapter wherever it was copied to or renamed.
     """
-    weights = next((adapter_dir / n for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if (adapter_dir / n).is_file()),
-                   None)
+    weights = adapter_dir if adapter_dir.is_file() else next(  # a file: a LoRA adapter GGUF
+        (adapter_dir / n for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if (adapter_dir / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"adapter weights not found in {adapter_dir}: expected {WEIGHTS_NAME}")
     local = Path(adapter).expanduser()
-    path = str(local.resolve()) if local.is_dir() else adapter
+    path = str(local.resolve()) if local.exists() else adapter
     return {"path": path, "sha256": sha256_file(weights), "base_model": str(base_model)}
 
 
