@@ -1,5 +1,6 @@
-"""Renderers for the memory benchmarks' results (bench_nf4.py, bench_checkpointing.py, bench_qlora.py):
-standard library only, so report_tables.py carries them and docs/benchmarks.md's blocks come from one place."""
+"""Renderers for the memory benchmarks' results (bench_nf4.py, bench_checkpointing.py, bench_qlora.py,
+bench_gguf_keep.py): standard library only, so report_tables.py carries them and docs/benchmarks.md's blocks
+come from one place."""
 
 from __future__ import annotations
 
@@ -87,5 +88,35 @@ def qlora_table(result: dict) -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"nf4": nf4_table, "checkpointing": checkpointing_table, "qlora": qlora_table}
+def gguf_keep_table(result: dict) -> str:
+    """bench_gguf_keep.py's results: one row per base storage (fp32, nf4, gguf), ratios to the fp32 row."""
+    m, mm, model = result["machine"], result["machine"].get("matmul") or {}, result["model"]
+    threads = next((r["threads"] for r in result["rows"] if r.get("threads")), "?")
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m.get('torch')}; matmul {mm.get('fp32_gflops', 0):.0f} "
+           f"GFLOP/s fp32 ({mm.get('shape')}). {model['file']} (real weights), LoRA {model['targets']} r={model['r']}, "
+           f"fp32, batch {model['batch']} x seq {model['seq']}, {threads} torch thread(s) per job; each row one job "
+           f"in a fresh process (single run). "
+           f"`{result['command']}`", "",
+           "| base | frozen base (MiB) | projections (MiB) | bits / projection weight | step peak (MiB) | / fp32 | "
+           "setup peak (MiB) | s / step | / fp32 | tokens/s | share of the fp32 matmul rate | decode every projection "
+           "once (s) | first-step loss | runs |", "|" + "---|" * 14]
+    fp32 = next((r for r in result["rows"] if r["case"] == "fp32" and r.get("step_peak")), None)
+    for r in result["rows"]:
+        if not r.get("step_peak"):
+            out.append(f"| {r['case']} | failed: {str(r.get('error')).replace('|', '/')[:120]} |" + " |" * 12)
+            continue
+        bits = f"{8 * r['projection_bytes'] / (fp32['projection_bytes'] / 4):.3f}" if fp32 else "—"
+        peak = f"{r['step_peak'] / fp32['step_peak']:.2f}x" if fp32 else "—"
+        step = f"{r['median_step_s'] / fp32['median_step_s']:.2f}x" if fp32 else "—"
+        share = f"{100 * r['matmul_share']:.0f}%" if r.get("matmul_share") else "—"
+        decode = f"{r['decode_all_s']:.2f}" if r.get("decode_all_s") is not None else "—"
+        out.append(f"| {r['case']} | {r['base_bytes'] / MIB:,.0f} | {r['projection_bytes'] / MIB:,.0f} | {bits} | "
+                   f"{r['step_peak'] / MIB:,.0f} | {peak} | {r['setup_peak'] / MIB:,.0f} | {r['median_step_s']:.2f} | "
+                   f"{step} | {r['tokens_per_s']:.1f} | {share} | {decode} | {r['first_loss']:.5f} | "
+                   f"{'1 (single run)' if result.get('runs', 1) == 1 else result['runs']} |")
+    return "\n".join(out)
+
+
+RENDERERS = {"nf4": nf4_table, "checkpointing": checkpointing_table, "qlora": qlora_table,
+             "gguf_keep": gguf_keep_table}
 """results JSON "format" -> its renderer."""

@@ -31,7 +31,7 @@ from .runtime.seed import check_seed
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
-QUANTIZE = ("none", "nf4", "int8")
+QUANTIZE = ("none", "nf4", "int8", "gguf")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
@@ -108,7 +108,8 @@ class Recipe:
     activation_offload: bool = False
     """With activation_checkpointing on CUDA: keep each block's saved input in pinned CPU memory (ignored on CPU)."""
     quantize: str = "none"
-    """Store the frozen base in 4-bit NF4 (QLoRA) or int8: none, nf4 or int8; only with finetune: lora."""
+    """Store the frozen base in 4-bit NF4 (QLoRA) or int8, or keep a GGUF model's own quantized blocks (gguf:
+    the adapter trains against the weights llama.cpp runs): none, nf4, int8 or gguf; only with finetune: lora."""
     double_quant: bool = True
     """Quantize NF4's block scales again (8-bit, block 256): ~0.37 fewer bits per parameter."""
     seed: int = 42
@@ -174,6 +175,22 @@ class Recipe:
         if self.quantize != "none" and self.finetune != "lora":
             raise ConfigError(f"quantize: {self.quantize} stores the frozen base weights quantized, but finetune: "
                               f"{self.finetune} trains them: use finetune: lora, or quantize: none")
+        if self.quantize == "gguf":
+            self._check_gguf_base()
+
+    def _check_gguf_base(self) -> None:
+        """quantize: gguf keeps the file's blocks as the base: the model must be a GGUF, and the adapter must
+        start without moving part of the weight into itself (PiSSA/OLoRA train on a residual)."""
+        from .hub.gguf_file import is_gguf_path
+        from .models.gguf_dir import SOURCE_FILE
+
+        model = str(self.model)
+        if not (is_gguf_path(model) or (Path(model).expanduser() / SOURCE_FILE).is_file()):
+            raise ConfigError(f"quantize: gguf keeps a GGUF file's own quantization, but model {model!r} is not a "
+                              ".gguf file: pass one, or use quantize: nf4 or int8")
+        if self.lora.init.startswith(("pissa", "olora")):
+            raise ConfigError(f"quantize: gguf keeps the GGUF's blocks as the base, but lora.init {self.lora.init} "
+                              "trains on a residual of the weights they hold: use lora.init default or gaussian")
 
     def _check_counts(self) -> None:
         def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:

@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--rslora", action="store_true")
-    p.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"], help="store the base as QLoRA "
-                   "does (nf4) or in int8 and report its bits per parameter")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "int8", "gguf"], help="store the base as "
+                   "QLoRA does (nf4), in int8, or in a GGUF's own blocks (gguf) and report its bits per parameter")
     p.add_argument("--no-double-quant", action="store_true", help="nf4 without quantizing the block scales again")
     p.set_defaults(run=run)
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print("lora: none (full fine-tuning would train every parameter)")
     print(parameter_report(model))
     if args.quantize != "none":
-        quantize_model(model, QuantConfig(args.quantize, double_quant=not args.no_double_quant))
+        quantize_model(model, QuantConfig(args.quantize, double_quant=not args.no_double_quant), model_dir)
         layers, whole = base_bits(model)
         print(f"base: {args.quantize}, {layers:.3f} bits per parameter in the {len(quantized_layers(model))} "
               f"quantized projections, {whole:.3f} over the whole base (embeddings, norms and the head keep "

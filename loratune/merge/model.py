@@ -13,7 +13,7 @@ from ..hub.export import save_hf_model, with_merged_adapter
 from ..models import load_model
 from ..runtime.fsutil import full_disk_is_a_resource_error
 from .plan import MergePlan
-from .qlora import merge_qlora, trained_quantization
+from .qlora import check_gguf_base, merge_qlora, trained_quantization
 
 
 def merged_model(plan: MergePlan, model_dir: Path, into: str, device: torch.device, dtype: torch.dtype | None,
@@ -21,8 +21,12 @@ def merged_model(plan: MergePlan, model_dir: Path, into: str, device: torch.devi
     """(the model with ``plan``'s adapters merged, layers merged). A QLoRA adapter (its metadata names the
     quantized base it was trained against) merges into that base dequantized (``into`` auto or quantized)
     or into the original weights (``into`` original, warned), in float32 (:func:`~.qlora.merge_qlora`);
-    others merge into the model loaded in ``dtype``."""
+    others merge into the model loaded in ``dtype``, as does one trained on a GGUF's own blocks (``quantize:
+    gguf``): the GGUF loaded is those blocks decoded."""
     quant = trained_quantization(plan.adapter_dirs)
+    if quant is not None and quant.kind == "gguf":
+        check_gguf_base(model_dir, into)
+        quant = None
     if quant is None:
         model, _ = load_model(model_dir, dtype=dtype, device=device)
         return model, plan.apply(model)

@@ -46,6 +46,17 @@ def trained_quantization(adapter_dirs: list[Path]) -> QuantConfig | None:
     return found.pop() if found else None
 
 
+def check_gguf_base(model_dir: Path, into: str) -> None:
+    """An adapter trained with ``quantize: gguf`` saw the GGUF's blocks decoded, which is what that GGUF loads
+    as: it merges there with no re-quantization. Into another model only when asked (``into`` original)."""
+    from ..models.gguf_dir import gguf_source
+
+    if into != "original" and gguf_source(model_dir) is None:
+        raise ConfigError(f"the adapter was trained against a GGUF file's own quantization (quantize: gguf), but "
+                          f"{model_dir} is not a GGUF: pass that .gguf as --model, or --into original to merge into "
+                          "these weights anyway")
+
+
 def residual_start(adapter_dirs: list[Path]) -> bool:
     """Whether an adapter was trained from a PiSSA/OLoRA start (its base was the residual W - s B0 A0)."""
     found = [bool(_extra(d).get("residual_start")) for d in adapter_dirs]

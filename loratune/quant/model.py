@@ -1,19 +1,23 @@
 """Quantize a model's frozen base (QLoRA), and undo it for merging and export.
 
 Every linear projection except the output head is stored in 4-bit NF4 (``nf4``, block 64,
-optionally with double-quantized block scales) or per-row int8 (``int8``); embeddings, norms and
-the head keep their dtype, as in QLoRA and bitsandbytes. LoRA layers keep their adapters and
-hold the quantized base in place of their weight. The model is quantized *after* the adapter is
-injected, so PiSSA/OLoRA starts quantize the residual, as PEFT does.
+optionally with double-quantized block scales) or per-row int8 (``int8``), or, for a GGUF model,
+kept in the file's own quantized blocks (``gguf``: :mod:`.gguf_linear`; projections the file stores
+as F32/F16 stay float); embeddings, norms and the head keep their dtype, as in QLoRA and
+bitsandbytes. LoRA layers keep their adapters and hold the quantized base in place of their weight.
+The model is quantized *after* the adapter is injected, so PiSSA/OLoRA starts quantize the residual,
+as PEFT does.
 
 ``dequantize_model`` turns every quantized layer back into float weights: what a QLoRA adapter
-was trained against, which is where it should be merged (``loratune merge``).
+was trained against, which is where it should be merged (``loratune merge``). For ``gguf`` that is
+the GGUF loaded dequantized, bit for bit: merging needs no re-quantization.
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +26,12 @@ from torch import nn
 from ..adapters.lora import LoRALinear
 from ..adapters.targets import HEAD_NAMES, linear_kind, replace_module
 from ..errors import ConfigError
+from .gguf_blocks import dequantize_blocks
+from .gguf_linear import GGUFLinear
 from .int8 import Int8Linear
 from .linear import NF4Linear
 
-KINDS = ("nf4", "int8")
+KINDS = ("nf4", "int8", "gguf")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,8 @@ class QuantConfig:
     """How the frozen base is stored."""
 
     kind: str = "nf4"
-    """nf4 (QLoRA's 4-bit NormalFloat) or int8 (per-row absmax)."""
+    """nf4 (QLoRA's 4-bit NormalFloat), int8 (per-row absmax), or gguf (a GGUF model's own quantized
+    blocks, kept: the base llama.cpp runs)."""
     block_size: int = 64
     """NF4 values sharing one absmax scale (QLoRA: 64)."""
     double_quant: bool = True
@@ -44,8 +51,9 @@ class QuantConfig:
             raise ConfigError(f"quantize must be one of none, {', '.join(KINDS)}; got {self.kind!r}")
 
     def record(self) -> dict[str, Any]:
-        """What an adapter's metadata records about the base it was trained against."""
-        return asdict(self)
+        """What an adapter's metadata records about the base it was trained against (for ``gguf`` the kind
+        alone: the blocks are the file's, named by the adapter's base model)."""
+        return {"kind": self.kind} if self.kind == "gguf" else asdict(self)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "QuantConfig":
@@ -59,6 +67,8 @@ def recipe_quantization(recipe) -> QuantConfig | None:
     """The recipe's ``quantize`` / ``double_quant`` as a QuantConfig (None for ``quantize: none``)."""
     if recipe.quantize == "none":
         return None
+    if recipe.quantize == "gguf":
+        return QuantConfig("gguf")
     return QuantConfig(recipe.quantize, double_quant=recipe.double_quant)
 
 
@@ -68,9 +78,9 @@ def load_dtype(model: str, train_dtype: torch.dtype) -> torch.dtype:
     unquantized is cast to the training dtype afterwards."""
     from ..hub.export import config_dtype
     from ..hub.files import read_config
-    from ..hub.resolve import resolve_model_dir
+    from ..models import resolve_model
 
-    stored = config_dtype(read_config(resolve_model_dir(model)))
+    stored = config_dtype(read_config(resolve_model(model)))
     return stored if stored in (torch.bfloat16, torch.float16) else train_dtype
 
 
@@ -83,7 +93,36 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, transposed: bool) -> nn.Module:
+def gguf_weight_blocks(model: nn.Module, model_dir: Path | None) -> dict:
+    """transformers weight name -> the GGUF blocks the file stores it in, for the quantized 2-D weights of
+    the GGUF ``model_dir`` stands for; a ConfigError when it stands for no GGUF."""
+    from ..models.gguf_dir import gguf_source, read_gguf_blocks
+
+    if model_dir is None or gguf_source(model_dir) is None:
+        raise ConfigError(f"quantize: gguf keeps a GGUF file's own quantization, but {model_dir or 'this model'} is "
+                          "not a GGUF model: pass a .gguf file as the model, or use quantize: nf4 or int8")
+    return read_gguf_blocks(model_dir, model.family, model.config)
+
+
+def _kept_gguf(name: str, weight: torch.Tensor, bias: torch.Tensor | None, blocks: dict,
+               transposed: bool) -> nn.Module | None:
+    """The GGUF blocks of layer ``name`` as a GGUFLinear, or None where the file stores its weight as floats.
+    The blocks must decode to exactly the weight the model loaded from the file."""
+    b = blocks.get(f"{name}.weight")
+    if b is None:
+        return None
+    decoded = dequantize_blocks(b.data, b.qtype, b.shape, weight.dtype).to(weight.device)
+    if transposed or tuple(b.shape) != tuple(weight.shape) or not torch.equal(decoded, weight):
+        raise ConfigError(f"{name}: its weight is not the GGUF's {b.qtype} blocks decoded (a PiSSA/OLoRA start moves "
+                          "part of it into the adapter, which the file's blocks cannot hold): use lora.init default "
+                          "or gaussian with quantize: gguf")
+    return GGUFLinear.from_blocks(type(b)(b.data.to(weight.device), b.qtype, b.shape), bias)
+
+
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, transposed: bool,
+               name: str = "", blocks: dict | None = None) -> nn.Module | None:
+    if cfg.kind == "gguf":
+        return _kept_gguf(name, weight, bias, blocks or {}, transposed)
     weight = weight.float()  # the same codes whatever dtype the checkpoint was loaded in (merge re-quantizes)
     if cfg.kind == "int8":
         return Int8Linear.from_weight(weight, bias, transposed=transposed)
@@ -91,12 +130,15 @@ def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> int:
+def quantize_model(model: nn.Module, cfg: QuantConfig, model_dir: Path | None = None) -> int:
     """Store every linear projection but the head quantized, in place; returns how many were.
 
+    ``gguf`` takes the blocks from the GGUF file ``model_dir`` (what :func:`~loratune.models.load_model`
+    returned) stands for, and keeps as floats the projections the file stores as floats.
     The float weights are released layer by layer (nothing else holds them), so the peak stays
     at the float model's size plus one layer.
     """
+    blocks = gguf_weight_blocks(model, model_dir) if cfg.kind == "gguf" else None
     count = 0
     for name, module in list(model.named_modules()):
         if name.split(".")[-1] in HEAD_NAMES:
@@ -105,14 +147,19 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> int:
             if module.quant is None:
                 if module.merged:
                     raise ConfigError(f"{name} has a merged adapter: unmerge it before quantizing the base")
-                module.quant = _quantized(module.weight, module.bias, cfg, module.fan_in_fan_out)
-                module.weight, module.bias = None, None
-                count += 1
+                quant = _quantized(module.weight, module.bias, cfg, module.fan_in_fan_out, name, blocks)
+                if quant is not None:
+                    module.quant, module.weight, module.bias = quant, None, None
+                    count += 1
         elif linear_kind(module) is not None and not getattr(module, "is_quantized", False):
-            replace_module(model, name, _quantized(module.weight, module.bias, cfg, bool(linear_kind(module))))
-            count += 1
+            quant = _quantized(module.weight, module.bias, cfg, bool(linear_kind(module)), name, blocks)
+            if quant is not None:
+                replace_module(model, name, quant)
+                count += 1
     if not count:
-        raise ConfigError("the model has no linear projections to quantize")
+        raise ConfigError("the model has no linear projections to quantize" if blocks is None else
+                          f"{model_dir}'s GGUF stores none of the model's linear projections quantized (all float): "
+                          "there is no quantization to keep; use quantize: none")
     release_freed_memory()
     return count
 

@@ -93,7 +93,7 @@ def setup_model(recipe: Recipe, device: torch.device, load_device: torch.device 
         inject_lora(model, recipe.lora)
         model.to(load_device)
         if quant:  # QLoRA: the frozen base in 4 bits, after the adapter (PiSSA's residual is what is quantized)
-            quantize_model(model, quant)
+            quantize_model(model, quant, model_dir)
             cast_base(model, dtype)
     set_trainable(model, recipe.finetune)
     if recipe.precision == "bf16-true":
