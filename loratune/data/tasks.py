@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IGNORE_INDEX", "Encoded", "Example", "build_examples", "encode_records"]
+__all__ = ["IGNORE_INDEX", "Encoded", "Example", "build_examples", "encode_records", "template_records"]
 
 
 def _usable(records: list[dict], fields: list[str], source: str) -> list[dict]:
@@ -116,6 +116,12 @@ def _report(encoded: list[Encoded], examples: list[Example], cfg: DataConfig, se
 def drop_reasons(encoded: list[Encoded]) -> dict[str, int]:
     """How many records were dropped, by reason."""
     return dict(Counter(e.dropped for e in encoded if e.dropped is not None))
+
+
+def template_records(records: list[dict], cfg: DataConfig, source: str) -> list[dict]:
+    """The records the prompt and completion templates can fill: those with an empty or missing field are
+    skipped with a notice, as training skips them (eval --generate reads held-out records the same way)."""
+    return _usable(records, _record_fields(cfg), source)
 
 
 def _record_fields(cfg: DataConfig) -> list[str]:

@@ -3,6 +3,7 @@
 - ``sampling``: greedy, temperature, top-k and top-p sampling with the KV cache, seeded.
 - ``cpu_prepack``: oneDNN weight pre-packing for CPU decoding (weight layouts, not sequence packing).
 - ``chat``: chat prompts (the template's generation prompt) and end-of-turn stops.
+- ``scoring``: held-out prompts completed and scored against their references (ROUGE-L, exact match, length).
 """
 
 from .sampling import SamplingConfig, generate, next_token
