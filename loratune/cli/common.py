@@ -82,3 +82,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def template_variables(items: list[str]) -> dict:
+    """``--template-var KEY=VALUE`` flags as a dict, each value read as YAML (``false`` is False)."""
+    from ..bounded_yaml import yaml_value
+
+    variables = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--template-var takes KEY=VALUE, got {item!r}")
+        variables[key.strip()] = yaml_value(value)
+    return variables

