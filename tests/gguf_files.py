@@ -106,6 +106,26 @@ def smollm2_tokenizer_meta(path: Path) -> dict[str, Any]:
     return {k: v for k, v in read_gguf(path).metadata.items() if k.startswith("tokenizer.")}
 
 
+def tiny_tokenizer_meta(vocab: int) -> dict[str, Any]:
+    """A real byte-level BPE of ``vocab`` ids as GGUF metadata: the 256 byte symbols, a few merges, the
+    end-of-text token (control) and unused fillers, for tiny GGUFs that need no real model's tokenizer."""
+    from loratune.hub.gguf_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n", "Ġ s", "e r", "a n"]
+    tokens = symbols + ["".join(m.split(" ")) for m in merges] + ["<|endoftext|>"]
+    if len(tokens) > vocab:
+        raise ValueError(f"a tiny tokenizer needs at least {len(tokens)} ids")
+    types = [1] * (len(tokens) - 1) + [3]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    types += [5] * (vocab - len(types))
+    eos = symbols.__len__() + len(merges)
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": eos, "tokenizer.ggml.eos_token_id": eos,
+            "tokenizer.ggml.padding_token_id": eos}
+
+
 def environ_cache(tmp: Path) -> dict[str, str]:
     """Environment for a subprocess that keeps loratune's GGUF cache under ``tmp``."""
     return {**os.environ, "LORATUNE_CACHE": str(tmp / "cache")}

@@ -53,7 +53,7 @@ def gguf_config(file: GGUFFile) -> tuple[Any, dict[str, Any]]:
     """(the family spec, the config.json dict) a GGUF's metadata describes."""
     if file.file_type == "adapter":
         raise CheckpointError(f"{file.path} is a LoRA adapter GGUF, not a model: pass the base model as --model "
-                              "(loratune reads adapters in the PEFT format; export writes adapter GGUFs)")
+                              "and this file as --adapter")
     family = family_for_gguf(file.architecture, file.get("general.name"))
     hf = family.gguf.config(file, common_config(file, family.model_type))
     try:

@@ -98,7 +98,28 @@ def world(tmp_path_factory, ckpt) -> dict[str, Path]:
     _writes_world(w, root)
     _data_world(w, root)
     # -- issue 24: world additions (one call per helper function) --
+    _gguf_world(w, root)
     return w
+
+
+def _gguf_world(w: dict[str, Path], root: Path) -> None:
+    """GGUF files: a tiny Qwen3 with a small byte-level tokenizer, the same cut short, a file that is not GGUF, a
+    GGUF of an architecture loratune does not read, and a LoRA adapter GGUF made for another base (a Llama)."""
+    from family_models import hf_family_model
+    from gguf_files import tiny_tokenizer_meta, write_model_gguf
+
+    from loratune.hub.gguf_write import write_gguf
+
+    w["gguf"] = write_model_gguf(hf_family_model("qwen3"), root / "qwen3.gguf", tokenizer_meta=tiny_tokenizer_meta(320))
+    w["gguf_cut"] = root / "qwen3-cut.gguf"
+    w["gguf_cut"].write_bytes(w["gguf"].read_bytes()[: w["gguf"].stat().st_size * 2 // 3])
+    w["not_gguf"] = root / "not-a.gguf"
+    w["not_gguf"].write_text("this is a text file with the wrong suffix")
+    w["bert_gguf"] = write_gguf(root / "bert.gguf", "bert", {"general.type": "model"},
+                                {"token_embd.weight": (torch.randn(8, 32), "F32")})
+    w["lora_gguf"] = write_gguf(root / "other-lora.gguf", "llama", {
+        "general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 8.0},
+        {"blk.0.attn_q.weight.lora_a": (torch.randn(4, 32), "F32"), "blk.0.attn_q.weight.lora_b": (torch.randn(32, 4), "F32")})
 
 
 def _settings_world(w: dict[str, Path], root: Path) -> None:
@@ -315,6 +336,20 @@ ROWS = [
      "--tokenizer"),
     ("compare --steps 0", ["compare", "{recipe}", *WORLD_TRAIN[:-1], "--steps", "0"], 2, "steps"),
     ("info on a missing model", ["info", "--model", "{root}/none"], 2, "does not exist"),
+    ("info on a missing GGUF", ["info", "--model", "{root}/none.gguf"], 2, "GGUF file not found"),
+    ("info on a file that is not GGUF", ["info", "--model", "{not_gguf}"], 2, "is not a GGUF file"),
+    ("info on a truncated GGUF", ["info", "--model", "{gguf_cut}"], 2, "is truncated: tensor"),
+    ("info on a GGUF of an unsupported architecture", ["info", "--model", "{bert_gguf}"], 2,
+     "'bert', which loratune does not read"),
+    ("generate with a LoRA GGUF as the model", ["generate", "--model", "{lora_gguf}", "--prompt", "hi"], 2,
+     "LoRA adapter GGUF, not a model"),
+    ("generate with a LoRA GGUF made for another base", ["generate", "--model", "{gguf}", "--adapter", "{lora_gguf}",
+                                                          "--prompt", "the cat"], 2, "llama"),
+    ("train quantize: gguf on a safetensors model", ["train", "{recipe}", *WORLD_TRAIN, "--out", "{new}", "--set",
+                                                      "quantize=gguf"], 2, "GGUF"),
+    ("export GPT-2 to GGUF", ["export", "--model", "{model}", "--format", "gguf", "--out", "{new}.gguf"], 2, "GPT-2"),
+    ("export a GGUF onto itself", ["export", "--model", "{gguf}", "--format", "gguf", "--out", "{gguf}",
+                                   "--overwrite"], 2, "qwen3.gguf"),
     ("info on a model with .bin and .safetensors", ["info", "--model", "{both_formats}"], 0, "model.safetensors"),
     ("info on an unsupported architecture", ["info", "--model", "{mamba}"], 2, "'mamba' (MambaForCausalLM)"),
     ("info on an unsupported rope type", ["info", "--model", "{rope_foo}"], 2, "rope_type 'foo' is not supported"),
