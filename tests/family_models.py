@@ -177,3 +177,15 @@ def generate_alone(model: torch.nn.Module, prompt: list[int], adapter: str | Non
     with only_adapter(model, adapter):
         out = generate(model, torch.tensor([prompt], device=device), cfg, eos_ids=list(stop_ids))[0].tolist()
     return out[:next((i for i, t in enumerate(out) if t in set(stop_ids)), len(out))]
+
+
+def checkpoint_maker(tmp_path_factory):
+    """case name (and config overrides) -> a tiny checkpoint directory (:func:`write_decoder`), each written once."""
+    made: dict[str, Path] = {}
+
+    def get(name: str, **overrides) -> Path:
+        key = name + repr(sorted(overrides.items()))
+        if key not in made:
+            made[key] = write_decoder(name, tmp_path_factory.mktemp(name) / "base", **overrides)
+        return made[key]
+    return get

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_lora_, rel_err
-from family_models import CASES, token_ids, write_decoder
+from family_models import CASES, checkpoint_maker, token_ids
 from safetensors.torch import load_file
 
 from loratune.adapters.lora import LoRAConfig, adapters_disabled, lora_layers
@@ -35,14 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """case name (and config overrides) -> a tiny checkpoint directory, written once per module."""
-    made: dict[str, Path] = {}
-
-    def get(name: str, **overrides) -> Path:
-        key = name + repr(sorted(overrides.items()))
-        if key not in made:
-            made[key] = write_decoder(name, tmp_path_factory.mktemp(name) / "base", **overrides)
-        return made[key]
-    return get
+    return checkpoint_maker(tmp_path_factory)
 
 
 def _hf(path: Path):

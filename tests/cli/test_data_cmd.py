@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_models import qwen3_model_dir
 
 from loratune.cli import main
 from loratune.data import Batches, DataConfig, build_examples, load_tokenizer
 
-QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "qwen3"
 CHATS = [
     [{"role": "user", "content": "What is 7 plus 5?"}, {"role": "assistant", "content": "12"}],
     [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
@@ -23,12 +23,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def qwen3_model(tmp_path_factory) -> Path:
-    if not (QWEN3 / "tokenizer.json").is_file():
-        pytest.skip(f"{QWEN3} is not present (../shared holds the real tokenizers)")
-    out = tmp_path_factory.mktemp("qwen3") / "model"
-    assert main(["init-model", "--arch", "qwen3", "--preset", "tiny", "--tokenizer", str(QWEN3),
-                 "--out", str(out)]) == 0
-    return out
+    return qwen3_model_dir(tmp_path_factory)
 
 
 @pytest.fixture

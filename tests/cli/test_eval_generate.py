@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_models import qwen3_model_dir
 
 pytest.importorskip("rouge_score")
 
@@ -25,7 +26,6 @@ from loratune.runtime.outdir import MANIFEST_NAME  # noqa: E402
 
 MAX_NEW = 12
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "My cat ate the birthday cake and"]
-QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "qwen3"
 
 
 def _generate(capsys, model: Path, prompt: str, *extra: str) -> str:
@@ -35,6 +35,11 @@ def _generate(capsys, model: Path, prompt: str, *extra: str) -> str:
     out = capsys.readouterr().out
     assert out.endswith("\n")
     return out[:-1]
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory) -> Path:
+    return qwen3_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +194,6 @@ def test_report_flags_without_generate_are_refused(tiny_ckpt, tmp_path, capsys):
     assert "--report, --overwrite and --max-new-tokens apply to --generate" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
-
-@pytest.fixture(scope="module")
-def qwen3_model(tmp_path_factory) -> Path:
-    if not (QWEN3 / "tokenizer.json").is_file():
-        pytest.skip(f"{QWEN3} is not present (../shared holds the real tokenizers)")
-    out = tmp_path_factory.mktemp("qwen3") / "model"
-    assert main(["init-model", "--arch", "qwen3", "--preset", "tiny", "--tokenizer", str(QWEN3),
-                 "--out", str(out)]) == 0
-    return out
 
 
 def test_chat_completions_equal_generate_chat(qwen3_model, tmp_path, capsys):

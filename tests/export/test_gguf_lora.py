@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_lora_, rel_err
-from family_models import token_ids, write_decoder, write_small_tokenizer
+from family_models import checkpoint_maker, token_ids, write_small_tokenizer
 from gguf_files import smollm2_path
 
 from loratune.adapters.lora import LoRAConfig, adapters_disabled
@@ -38,14 +38,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """case name -> a tiny checkpoint directory (tests/family_models.py), written once per module."""
-    made: dict[str, Path] = {}
-
-    def get(name: str, **overrides) -> Path:
-        key = name + repr(sorted(overrides.items()))
-        if key not in made:
-            made[key] = write_decoder(name, tmp_path_factory.mktemp(name) / "base", **overrides)
-        return made[key]
-    return get
+    return checkpoint_maker(tmp_path_factory)
 
 
 def _adapter(base: Path, out: Path, seed: int = 1, std: float = 0.5, **lora) -> tuple[torch.nn.Module, LoRAConfig]:

@@ -231,7 +231,7 @@ def test_recipe_fields_parse_and_validate():
     assert defaults == (False, False, "none", True)
     bad = {("activation_checkpointing=maybe",): "activation_checkpointing: cannot read 'maybe' as bool",
            ("activation_offload=true",): "set activation_checkpointing: true too",
-           ("quantize=fp4",): "quantize must be one of none, nf4, int8, got 'fp4'",
+           ("quantize=fp4",): "quantize must be one of none, nf4, int8, gguf, got 'fp4'",
            ("quantize=int8", "finetune=full"): "use finetune: lora, or quantize: none",
            ("double_quant=2",): "double_quant: cannot read 2 as bool"}
     for overrides, message in bad.items():
