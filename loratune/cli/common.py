@@ -61,10 +61,10 @@ def warn_if_trained_quantized(adapter: str, model_dir: Path | None = None) -> No
     the quantized base it was trained against)."""
     from ..adapters.peft_format import resolve_adapter_dir
     from ..merge.qlora import trained_quantization
-    from ..models.gguf_dir import gguf_source
+    from ..models.gguf_dir import is_gguf_dir
 
     quant = trained_quantization([resolve_adapter_dir(adapter)])
-    if quant is not None and quant.kind == "gguf" and model_dir is not None and gguf_source(model_dir) is not None:
+    if quant is not None and quant.kind == "gguf" and model_dir is not None and is_gguf_dir(model_dir):
         return  # trained on the GGUF's blocks decoded: exactly the weights this GGUF loads as
     if quant is not None:
         log.warning(f"adapter {adapter} was trained against a {quant.kind}-quantized base (QLoRA) and is applied "

@@ -49,9 +49,9 @@ def trained_quantization(adapter_dirs: list[Path]) -> QuantConfig | None:
 def check_gguf_base(model_dir: Path, into: str) -> None:
     """An adapter trained with ``quantize: gguf`` saw the GGUF's blocks decoded, which is what that GGUF loads
     as: it merges there with no re-quantization. Into another model only when asked (``into`` original)."""
-    from ..models.gguf_dir import gguf_source
+    from ..models.gguf_dir import is_gguf_dir
 
-    if into != "original" and gguf_source(model_dir) is None:
+    if into != "original" and not is_gguf_dir(model_dir):
         raise ConfigError(f"the adapter was trained against a GGUF file's own quantization (quantize: gguf), but "
                           f"{model_dir} is not a GGUF: pass that .gguf as --model, or --into original to merge into "
                           "these weights anyway")

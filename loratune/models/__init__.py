@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..hub.files import read_config, read_state_dict
 from ..runtime.finite import check_finite
-from .gguf_dir import gguf_source, read_gguf_weights, resolve_model
+from .gguf_dir import is_gguf_dir, read_gguf_weights, resolve_model
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache
 from .registry import family_for_config
@@ -53,7 +53,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     hf_config = read_config(model_dir)
     family = family_for_config(hf_config)
     config = family.config_from_hf(hf_config)
-    if gguf_source(model_dir) is not None:
+    if is_gguf_dir(model_dir):
         state = read_gguf_weights(model_dir, family, config, dtype)
     else:
         state = read_state_dict(model_dir, dtype)  # converted tensor by tensor: never two copies of the weights

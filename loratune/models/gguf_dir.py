@@ -94,6 +94,11 @@ def gguf_model_dir(path: str | Path) -> Path:
     return final
 
 
+def is_gguf_dir(model_dir: Path | str) -> bool:
+    """Whether a model directory stands for a GGUF file (it holds the pointer; nothing is read)."""
+    return (Path(model_dir) / SOURCE_FILE).is_file()
+
+
 def gguf_source(model_dir: Path) -> GGUFFile | None:
     """The GGUF file a model directory stands for, read and checked; None for a Hugging Face directory."""
     pointer = Path(model_dir) / SOURCE_FILE

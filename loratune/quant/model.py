@@ -96,9 +96,9 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
 def gguf_weight_blocks(model: nn.Module, model_dir: Path | None) -> dict:
     """transformers weight name -> the GGUF blocks the file stores it in, for the quantized 2-D weights of
     the GGUF ``model_dir`` stands for; a ConfigError when it stands for no GGUF."""
-    from ..models.gguf_dir import gguf_source, read_gguf_blocks
+    from ..models.gguf_dir import is_gguf_dir, read_gguf_blocks
 
-    if model_dir is None or gguf_source(model_dir) is None:
+    if model_dir is None or not is_gguf_dir(model_dir):
         raise ConfigError(f"quantize: gguf keeps a GGUF file's own quantization, but {model_dir or 'this model'} is "
                           "not a GGUF model: pass a .gguf file as the model, or use quantize: nf4 or int8")
     return read_gguf_blocks(model_dir, model.family, model.config)
