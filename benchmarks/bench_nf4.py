@@ -55,7 +55,11 @@ SHAPES = {
 }
 """name -> (out, in) of the linear weight."""
 QUICK = ("llama-3.2-1b k_proj/v_proj", "smollm2-135m k_proj/v_proj")
-IMPLS = ("loratune", "bitsandbytes", "torchao", "fp32 (unquantized)")
+IMPLS = ("loratune", "loratune, unfused (before)", "bitsandbytes", "torchao", "fp32 (unquantized)")
+"""``loratune`` multiplies tile by tile as it dequantizes (the default on CPU, loratune/quant/linear.py);
+``loratune, unfused (before)`` dequantizes the whole weight, then multiplies (``FUSED_CPU = False``)."""
+BF16_IMPLS = ("loratune", "loratune, unfused (before)", "bitsandbytes", "bf16 (unquantized)")
+"""Rows for ``--bf16-shapes``: the linear only, on bf16 tokens (bitsandbytes' compute dtype bf16)."""
 
 
 def timed(fn, repeats: int, clock: str) -> float:
@@ -74,9 +78,16 @@ def implementation(name: str):
     """(quantize(w) -> q, dequantize(q) -> fp32 (out, in), linear(x, q) -> y, bits(q) -> float) of one side."""
     import torch
 
-    if name == "loratune":
-        from loratune.quant import bits_per_param, dequantize_nf4, nf4_linear, quantize_nf4
-        return (quantize_nf4, lambda q: dequantize_nf4(q, torch.float32), nf4_linear, bits_per_param)
+    if name.startswith("loratune"):
+        from loratune.quant import bits_per_param, dequantize_nf4, linear, nf4_linear, quantize_nf4
+
+        def product(x, q):
+            linear.FUSED_CPU = "unfused" not in name
+            try:
+                return nf4_linear(x, q)
+            finally:
+                linear.FUSED_CPU = True
+        return (quantize_nf4, lambda q: dequantize_nf4(q, torch.float32), product, bits_per_param)
     if name == "bitsandbytes":
         import bitsandbytes as bnb
         import bitsandbytes.functional as bf
@@ -85,9 +96,11 @@ def implementation(name: str):
             packed, st = q
             stored = [packed, st.absmax, st.state2.absmax, st.offset]
             return sum(t.numel() * t.element_size() for t in stored) * 8 / (st.shape[0] * st.shape[1])
+        def product(x, q):
+            q[1].dtype = x.dtype  # the compute dtype: dequantize to the input's, as Linear4bit does
+            return bnb.matmul_4bit(x, q[0].t(), quant_state=q[1])
         return (lambda w: bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
-                lambda q: bf.dequantize_4bit(*q),
-                lambda x, q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]), bits)
+                lambda q: bf.dequantize_4bit(*q), product, bits)
     if name == "torchao":
         from torchao.quantization import to_nf4
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
@@ -102,7 +115,19 @@ def implementation(name: str):
 
 def measure(impl: str, w, x, reference, args: argparse.Namespace) -> dict:
     """One row's numbers for ``impl`` on weight ``w`` (out, in) and input ``x`` (tokens, in); ``reference``
-    is bitsandbytes' dequantized weight (None without it)."""
+    is bitsandbytes' dequantized weight (None without it). A bf16 ``x``: the linear's time only."""
+    import torch
+
+    if x.dtype == torch.bfloat16:
+        _, _, linear, _ = implementation(impl.replace("bf16", "fp32"))
+        q = w.bfloat16() if "unquantized" in impl else implementation(impl)[0](w)
+
+        def step():
+            xg = x.detach().requires_grad_(True)
+            linear(xg, q).sum().backward()
+        ms = timed(step, args.repeats, args.clock)
+        return {"impl": impl + ", bf16 tokens", "runs": args.repeats, "linear_ms": ms,
+                "linear_gflops": 4 * x.shape[0] * w.shape[0] * w.shape[1] / (ms / 1e3) / 1e9}
     quantize, dequantize, linear, bits = implementation(impl)
     row = {"impl": impl, "runs": args.repeats}
     try:
@@ -154,16 +179,16 @@ def same_as_bnb(q, w) -> bool | None:
 
 
 def set_shares(result: dict) -> None:
-    rate = result["machine"]["matmul"]["fp32_gflops"]
+    rates = result["machine"]["matmul"]
     for row in result["rows"]:
-        if row.get("linear_gflops"):
-            row["matmul_share"] = row["linear_gflops"] / rate
+        if row.get("linear_gflops"):  # the bf16 rows: against the better of the two rates (the roofline of a
+            best = max(rates["fp32_gflops"], rates["bf16_gflops"])  # bf16 product that may run on the fp32 kernel)
+            row["matmul_share"] = row["linear_gflops"] / (best if "bf16" in row["impl"] else rates["fp32_gflops"])
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
-
     import bench_families as families
+    import torch
 
     torch.set_num_threads(args.threads)
     machine = common.machine("cpu")
@@ -190,6 +215,10 @@ def run(args: argparse.Namespace) -> dict:
                 row = measure(impl, w, x, reference, args)
             result["rows"].append({"shape": name, "out": out_f, "in": in_f, **row})
             print(f"  {name} {impl}: {json.dumps(result['rows'][-1])}", file=sys.stderr, flush=True)
+        for impl in BF16_IMPLS if name in args.bf16_shapes.split(",") else ():
+            row = measure(impl, w, x.bfloat16(), None, args)
+            result["rows"].append({"shape": name, "out": out_f, "in": in_f, **row})
+            print(f"  {name} {row['impl']}: {json.dumps(row)}", file=sys.stderr, flush=True)
     runs = [machine["matmul"], families.matmul_rate(clock=args.clock)]
     machine["matmul"] = {**runs[0], **{k: max(r[k] for r in runs) for k in ("fp32_gflops", "bf16_gflops")}}
     machine["matmul_runs"] = runs
@@ -206,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, 2 repeats")
+    ap.add_argument("--bf16-shapes", default="llama-3.2-1b k_proj/v_proj",
+                    help="','-separated shape names whose linear also runs on bf16 tokens (bf16 rows: '' for none); "
+                    "on a CPU without native bf16 its g @ W product is slow, so the default is one small shape")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/nf4.json; "
                     "--quick writes none unless given)")
     args = ap.parse_args(argv)

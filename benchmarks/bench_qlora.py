@@ -45,16 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "reddit_tifu_long" / "train.jsonl"
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama3_1"
 CASES = ("lora", "qlora", "qlora-ckpt")
-SIDES = ("loratune", "transformers+peft", "transformers+peft, mmap 1 MiB")
-"""The last is the peer with glibc's mmap threshold pinned at 1 MiB through the environment, as loratune
+UNFUSED = "loratune, unfused (before)"
+SIDES = ("loratune", UNFUSED, "transformers+peft", "transformers+peft, mmap 1 MiB")
+"""``UNFUSED`` is loratune with its fused NF4 product switched off (``loratune.quant.linear.FUSED_CPU``):
+each weight dequantized whole, then multiplied, as before the fused path; run for the QLoRA cases only.
+The last is the peer with glibc's mmap threshold pinned at 1 MiB through the environment, as loratune
 pins it for runs that save memory (loratune/train/allocator.py): run for the qlora-ckpt case only."""
 PINNED = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 R, ALPHA = 16, 32.0
 
 
-def make_llama_checkpoint(cache: Path) -> Path:
-    """Random Llama-3.2-1B-shaped weights as a bf16 Hugging Face checkpoint (made once per cache)."""
-    out = cache / "llama3.2-1b-random-bf16"
+def make_llama_checkpoint(cache: Path, layers: int = 16) -> Path:
+    """Random Llama-3.2-1B-shaped weights as a bf16 Hugging Face checkpoint (made once per cache); fewer
+    ``layers`` than its 16 for profiling."""
+    out = cache / ("llama3.2-1b-random-bf16" + ("" if layers == 16 else f"-{layers}layers"))
     if (out / "config.json").exists():
         return out
     import torch
@@ -63,7 +67,7 @@ def make_llama_checkpoint(cache: Path) -> Path:
     from loratune.models.registry import FAMILIES
 
     family = FAMILIES["llama"]
-    config = family.config_from_hf({"model_type": "llama", **family.presets["llama3.2-1b"]})
+    config = family.config_from_hf({"model_type": "llama", **family.presets["llama3.2-1b"], "num_hidden_layers": layers})
     with torch.device("meta"):
         model = family.build(config)
     model = model.to_empty(device="cpu")
@@ -86,7 +90,10 @@ def token_batch(seq: int, vocab: int):
         for line in DATA.read_text(encoding="utf-8").splitlines():
             ids += tok.encode(json.loads(line)["documents"]).ids
             if len(ids) > seq:
-                return torch.tensor(ids[:seq + 1])[None]
+                ids = ids[:seq + 1]
+                if max(ids) < vocab:  # else a cut-down vocabulary (a profiling model): random ids below
+                    return torch.tensor(ids)[None]
+                break
     return torch.randint(0, vocab, (1, seq + 1), generator=torch.Generator().manual_seed(0))
 
 
@@ -109,8 +116,11 @@ def rss(field: str) -> int:
 def build_ours(spec: dict):
     import torch
 
+    from loratune.quant import linear
     from loratune.recipe import load_recipe
     from loratune.train import setup_model
+
+    linear.FUSED_CPU = spec["side"] != UNFUSED
 
     overrides = [f"model={spec['ckpt']}", "finetune=lora", f"precision={spec['precision_name']}", "device=cpu",
                  f"seq_len={spec['seq']}", "batch_size=1", "lr=1e-4", "max_grad_norm=1.0", "schedule=constant",
@@ -162,7 +172,7 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    step, vocab = (build_ours if spec["side"] == "loratune" else build_peer)(spec)
+    step, vocab = (build_ours if spec["side"].startswith("loratune") else build_peer)(spec)
     ids = token_batch(spec["seq"], vocab)
     resident, setup_peak = rss("VmRSS"), rss("VmHWM")
     reset_ok = reset_peak()  # (ru_maxrss is reset with it: the loading peak is setup_peak)
@@ -172,6 +182,15 @@ def worker(spec: dict) -> dict:
         step(ids)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
+    if spec.get("profile"):  # one more step under torch.profiler: where the time goes, by operator
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(ids)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:spec["profile"]]
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+        return {"profile_total_self_cpu_s": total, "profile": [
+            {"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6} for e in ops]}
     return {"resident_before_steps": resident, "loadavg": os.getloadavg()[0], "step_peak": rss("VmHWM") if reset_ok else None,
             "setup_peak": setup_peak,
             "step_s": times, "tokens_per_s": spec["seq"] / statistics.median(times)}
@@ -197,34 +216,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per job (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=16, help="decoder layers (16: the 1B shape; fewer for --profile)")
+    ap.add_argument("--profile", type=int, default=0, help="N > 0: instead of timing, profile one step after the "
+                    "timed ones and keep the N operators of most self CPU time (write to another --out)")
     ap.add_argument("--cache", default=os.environ.get("LORATUNE_BENCH_CACHE", "/tmp/loratune-bench"))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per job")
     ap.add_argument("--out", default="benchmarks/results/qlora.json")
+    ap.add_argument("--append", action="store_true", help="add the rows to --out's (same shape and seq), so that "
+                    "one results file can be measured in several shorter runs")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    ckpt = make_llama_checkpoint(Path(args.cache))
+    ckpt = make_llama_checkpoint(Path(args.cache), args.layers)
     cfg = families.hf_config(ckpt)
     result = {"format": "qlora", "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
               "machine": {"cpu": families.cpu_name() or platform.machine(), "cores": os.cpu_count(),
                           "amx_bf16": "amx_bf16" in families.cpu_flags(), "matmul": families.matmul_rate()},
-              "model": {"shape": "llama3.2-1b", "matmul_params": families.matmul_params(cfg), "seq": args.seq, "batch": 1,
+              "model": {"shape": "llama3.2-1b", "layers": args.layers, "matmul_params": families.matmul_params(cfg),
+                        "seq": args.seq, "batch": 1,
                         "r": R, "alpha": ALPHA, "targets": "q,v"},
               "flops_per_token": families.train_flops_per_token(cfg, "lora-qv", args.seq, R), "rows": []}
+    if args.append and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("model", {}).get("seq") != args.seq:
+            raise SystemExit(f"--append: {args.out} holds seq {old.get('model', {}).get('seq')}, not {args.seq}")
+        old["commands"] = [*old.get("commands", [old["command"]]), result["command"]]
+        old["command"] = " && ".join(old["commands"])
+        result = old
     for precision in args.precisions.split(","):
         for case in args.cases.split(","):
             for side in args.sides.split(";"):
-                if "mmap" in side and case != "qlora-ckpt":
+                if ("mmap" in side and case != "qlora-ckpt") or (side == UNFUSED and case == "lora"):
                     continue
                 spec = {"side": side, "case": case, "precision": precision, "ckpt": str(ckpt), "seq": args.seq,
-                        "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "profile": args.profile,
                         "precision_name": "bf16-true" if precision == "bf16" else "fp32"}
                 t0 = time.time()
-                row = {k: spec[k] for k in ("side", "case", "precision")} | run_job(spec, args.timeout)
+                row = ({k: spec[k] for k in ("side", "case", "precision")} | {"loadavg_before": os.getloadavg()[0]}
+                       | run_job(spec, args.timeout))
                 row["runs"], row["job_s"] = 1, round(time.time() - t0, 1)
                 result["rows"].append(row)
                 peak = row.get("step_peak")
+                if args.profile:
+                    print(json.dumps(row, indent=1), flush=True)
                 print(f"{precision} {case:10s} {side:32s} "
                       + (f"step peak {peak / 2**30:.2f} GiB, {row['tokens_per_s']:.1f} tok/s" if peak else
                          str(row.get("error"))), flush=True)

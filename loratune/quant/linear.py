@@ -9,19 +9,45 @@ per layer: that, with 4-bit storage, is QLoRA's memory saving.
 
 The products are ``F.linear`` / ``torch.matmul`` on the weight dequantized to the input's dtype,
 as bitsandbytes' ``Linear4bit`` computes them, so NF4Linear's outputs and input gradients equal its own.
+
+On CPU an NF4 product whose rows hold whole blocks (every Llama-family projection) is fused instead
+(:class:`_NF4TiledMatmul`): the weight is dequantized a tile of ~1 M values at a time into reused
+buffers and each tile multiplied at once, while it is in cache. No full-size weight is built, so
+nothing is paged in and zeroed per product (a fresh tensor of tens of MiB is, each time, when
+glibc's mmap threshold is pinned as training pins it), and the step's peak drops by the largest
+dequantized weight. Every tile product keeps the full inner dimension (forward: rows of the
+weight; input gradient: its columns), so each output element is still one dot product rounded
+once. (Inside ``torch.compile`` the unfused path is traced instead: the reused buffers are state a
+graph cannot keep.) On a CPU without native bf16/fp16 matrix instructions (no AVX512-BF16 or AMX: AVX2 machines)
+a half-precision product runs as an fp32 GEMM on the same half-precision values (the weight is
+rounded to the input's dtype first), rounded once to the input's dtype at the end: what a bf16
+GEMM with fp32 accumulation computes, up to summation order, at the fp32 kernel's speed instead of
+the emulated bf16 one (several times slower there, and slower still for ``grad @ W``: the NF4
+section of docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .nf4 import NF4Weight, bits_per_param, dequantize_nf4, quantize_nf4
+from .nf4 import (NF4Weight, TileScratch, bits_per_param, block_absmax, dequantize_nf4, dequantize_nf4_tile,
+                  quantize_nf4, tiles_by_row_blocks)
+
+FUSED_CPU = True
+"""Whether NF4 products on CPU use the fused, tiled path (:class:`_NF4TiledMatmul`); False restores
+dequantize-then-multiply (the reference the fused path is tested against, and benchmarks' "before")."""
+TILE_VALUES = 1 << 20
+"""About this many weight values are dequantized per tile of the fused path (4 MiB in fp32: the tile is
+still in cache when multiplied, and the matrix products stay large enough to run at full rate)."""
+_local = threading.local()  # each thread's TileScratch (the buffers are reused from one tile to the next)
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -56,7 +82,88 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
     ``x`` (and ``bias``), never in the weight. For layers that hold an NF4 base of their own."""
     if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
         raise ConfigError(f"nf4_linear: input of width {x.shape[-1]} does not fit a weight of shape {q.shape}")
+    if (FUSED_CPU and x.device.type == "cpu" and q.device.type == "cpu" and tiles_by_row_blocks(q)
+            and not torch.compiler.is_compiling()):  # its reused buffers are state a compiled graph cannot keep
+        return _NF4TiledMatmul.apply(x, bias, q)
     return frozen_linear(x, functools.partial(dequantize_nf4, q), bias)
+
+
+@functools.cache
+def _native_half_gemm() -> bool:
+    """Whether this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16, AMX); True where unknown,
+    which keeps the products in the input's dtype, as the reference computes them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return flags is None or any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_fp16", "avx512_fp16"))
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in (torch.bfloat16, torch.float16) and not _native_half_gemm():
+        return torch.float32  # the same half-precision values, multiplied by the fp32 kernel (see the module docstring)
+    return dtype
+
+
+def _scratch() -> TileScratch:
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = TileScratch()
+    return scratch
+
+
+def _weight_tile(q: NF4Weight, rows: tuple[int, int], cols: tuple[int, int], dtype: torch.dtype,
+                 gemm: torch.dtype, absmax: torch.Tensor, scratch: TileScratch) -> torch.Tensor:
+    """A tile of the weight as the reference computes it (rounded to ``dtype``), held in ``gemm``."""
+    tile = dequantize_nf4_tile(q, rows, cols, dtype, absmax, scratch)
+    if gemm == dtype:
+        return tile
+    wide = scratch.get(tile.numel(), gemm, tile.device).view(tile.shape)  # exact: every half value is an fp32 one
+    return wide.copy_(tile)
+
+
+class _NF4TiledMatmul(torch.autograd.Function):
+    """``F.linear(x, dequantize_nf4(q, x.dtype), bias)`` on CPU, dequantized and multiplied tile by tile:
+    see the module docstring. Saves nothing full-size for backward (the packed storage is its owner's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight) -> torch.Tensor:
+        ctx.q, ctx.bias_dtype = q, None if bias is None else bias.dtype
+        n_out, n_in = q.shape
+        dtype, gemm, scratch = x.dtype, _gemm_dtype(x.dtype), _scratch()
+        absmax = block_absmax(q)  # fp32 (blocks,), decoded once for every tile
+        x2 = x.reshape(-1, n_in).to(gemm)  # (tokens, in)
+        y = torch.empty(x2.shape[0], n_out, dtype=gemm, device=x.device)  # (tokens, out)
+        b = None if bias is None else bias.to(dtype).to(gemm)  # rounded as F.linear would round it
+        step = max(1, TILE_VALUES // n_in)  # rows per tile
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            w = _weight_tile(q, (r0, r1), (0, n_in), dtype, gemm, absmax, scratch)  # (rows, in)
+            if b is None:
+                torch.mm(x2, w.t(), out=y[:, r0:r1])
+            else:
+                torch.addmm(b[r0:r1], x2, w.t(), out=y[:, r0:r1])
+        return y.to(dtype).view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        q = ctx.q
+        if ctx.needs_input_grad[0]:
+            n_out, n_in = q.shape
+            dtype, gemm, scratch = grad_out.dtype, _gemm_dtype(grad_out.dtype), _scratch()
+            absmax = block_absmax(q)
+            g2 = grad_out.reshape(-1, n_out).to(gemm)  # (tokens, out)
+            gx = torch.empty(g2.shape[0], n_in, dtype=gemm, device=grad_out.device)  # (tokens, in)
+            step = max(q.block_size, TILE_VALUES // n_out // q.block_size * q.block_size)  # whole blocks per row
+            for c0 in range(0, n_in, step):
+                c1 = min(n_in, c0 + step)
+                torch.mm(g2, _weight_tile(q, (0, n_out), (c0, c1), dtype, gemm, absmax, scratch), out=gx[:, c0:c1])
+            grad_x = gx.to(dtype).view(*grad_out.shape[:-1], n_in)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
 
 
 class QuantizedLinear(nn.Module):
@@ -151,6 +258,11 @@ class NF4Linear(QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight in ``dtype``, for merging, a variant's row norms, or export."""
         return dequantize_nf4(self.nf4, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(f"{type(self).__name__}: input of width {x.shape[-1]}, expected {self.in_features}")
+        return nf4_linear(x, self.nf4, self.bias)  # (..., in) -> (..., out)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_absmax_scale is not None else ""

@@ -207,6 +207,61 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     return values[:n].view(q.shape)
 
 
+class TileScratch:
+    """Reusable buffers for :func:`dequantize_nf4_tile`, one set per thread and device: a training step
+    dequantizes hundreds of tiles, and fresh tensors of a few MiB would each be mapped and zeroed by the
+    kernel (glibc serves them with mmap once its threshold is pinned at 1 MiB, as training pins it)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D ``dtype`` buffer of ``numel`` values, grown (never shrunk) as needed. Inference mode
+        keeps its own (a tensor made there cannot be written outside it, e.g. after sampling mid-run)."""
+        key = (device, dtype, torch.is_inference_mode_enabled())
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+def tiles_by_row_blocks(q: NF4Weight) -> bool:
+    """Whether every row of a 2-D weight holds whole blocks (and whole bytes), so that any tile of rows
+    and block-aligned columns can be dequantized on its own: true of every Llama-family projection."""
+    return len(q.shape) == 2 and q.shape[1] % q.block_size == 0
+
+
+def dequantize_nf4_tile(q: NF4Weight, rows: tuple[int, int], cols: tuple[int, int], dtype: torch.dtype,
+                        absmax: torch.Tensor, scratch: TileScratch) -> torch.Tensor:
+    """Rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` of a 2-D NF4 weight, in ``dtype``, bit for
+    bit those of :func:`dequantize_nf4` (same table, one fp32 multiply, one rounding to ``dtype``).
+
+    For a fused dequantize-and-multiply that never builds the whole weight: ``absmax`` is
+    :func:`block_absmax` of ``q`` (decoded once per product), the columns are block-aligned
+    (:func:`tiles_by_row_blocks`), and the result is a view of ``scratch``'s buffers, valid until the
+    next call with the same scratch.
+    """
+    (r0, r1), (c0, c1) = rows, cols
+    n_out, n_in = q.shape
+    bs = q.block_size
+    if not tiles_by_row_blocks(q) or c0 % bs or c1 % bs or not (0 <= r0 < r1 <= n_out and 0 <= c0 < c1 <= n_in):
+        raise ConfigError(f"NF4 tile rows {rows}, columns {cols} are not whole blocks inside a weight of shape "
+                          f"{tuple(q.shape)} (block {bs}); dequantize the whole weight instead")
+    h, w = r1 - r0, c1 - c0
+    codes = q.data.view(n_out, n_in // 2)[r0:r1, c0 // 2:c1 // 2]  # (h, w / 2) packed bytes
+    index = scratch.get(h * w // 2, torch.int32, q.device).view(h, w // 2)
+    index.copy_(codes)  # index_select wants int32/int64 indices
+    pairs = scratch.get(h * w // 2, torch.int64, q.device)
+    torch.index_select(_byte_table(q.device), 0, index.view(-1), out=pairs)  # each byte -> its two fp32 levels
+    values = pairs.view(torch.float32).view(h, w // bs, bs)
+    values.mul_(absmax.view(n_out, n_in // bs)[r0:r1, c0 // bs:c1 // bs, None])
+    if dtype == torch.float32:
+        return values.view(h, w)
+    out = scratch.get(h * w, dtype, q.device).view(h, w)
+    out.copy_(values.view(h, w))
+    return out
+
+
 def block_absmax(q: NF4Weight) -> torch.Tensor:
     """The fp32 absmax of every block (decoding the 8-bit codes under double quantization)."""
     if not q.double_quant:

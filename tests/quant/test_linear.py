@@ -1,5 +1,6 @@
 """NF4Linear (loratune/quant/linear.py): bitsandbytes' Linear4bit outputs and input gradients on the
-same weights, no trainable parameters, nothing full-size saved for backward, bf16, state dicts."""
+same weights, no trainable parameters, nothing full-size saved for backward, bf16, state dicts, and
+the fused tile-by-tile CPU product against dequantize-then-multiply."""
 
 from __future__ import annotations
 
@@ -112,3 +113,84 @@ def test_state_dict_loads_into_a_fresh_layer():
         assert torch.equal(dst(x), src(x))
     with pytest.raises(ConfigError, match="2-D"):
         NF4Linear.from_weight(torch.randn(4, 4, 4))
+
+
+def reference_product(x, w_dtype_values, bias, g):
+    """fp64 output and input gradient of ``x @ W^T + bias`` on the same (already rounded) values."""
+    y = F.linear(x.double(), w_dtype_values.double(), None if bias is None else bias.double())
+    return y, g.double() @ w_dtype_values.double()
+
+
+@pytest.mark.parametrize("tile", [1 << 20, 3 * 64 * 8], ids=["one-tile", "many-tiles"])
+def test_fused_product_equals_dequantize_then_multiply_fp32(monkeypatch, tile):
+    """The fused CPU product (tiles of the weight, each multiplied as it is dequantized) against the
+    unfused one: fp32 outputs and input gradients within 1e-5 (a few fp32 units in the last place:
+    each output is still one dot product over the whole inner dimension, only the kernel's blocking
+    differs), and it never dequantizes the whole weight."""
+    from loratune.quant import linear
+
+    monkeypatch.setattr(linear, "TILE_VALUES", tile)
+    torch.manual_seed(6)
+    layer = NF4Linear.from_weight(torch.randn(96, 512) * 0.05, torch.randn(96) * 0.1)
+    x = torch.randn(2, 7, 512, requires_grad=True)
+    g = torch.randn(2, 7, 96)
+
+    def no_whole_weight(*args, **kwargs):
+        raise AssertionError("the fused product dequantized the whole weight")
+
+    with monkeypatch.context() as m:
+        m.setattr(linear, "dequantize_nf4", no_whole_weight)
+        y = layer(x)
+        y.backward(g)
+    monkeypatch.setattr(linear, "FUSED_CPU", False)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = layer(x_ref)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-half-gemm", "fp32-gemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_product_half_precision(monkeypatch, native, dtype):
+    """bf16/fp16 inputs: the weight rounded to the input's dtype as dequantize_nf4 rounds it, multiplied
+    either by the half-precision kernel (a CPU with native bf16/fp16 GEMM: then bit for bit F.linear on
+    that weight) or by the fp32 kernel on the same values (AVX2 CPUs); either way within one unit in
+    the last place of the input's dtype of the exact product on those values."""
+    from loratune.quant import linear
+
+    monkeypatch.setattr(linear, "_native_half_gemm", lambda: native)
+    monkeypatch.setattr(linear, "TILE_VALUES", 64 * 64)
+    torch.manual_seed(7)
+    layer = NF4Linear.from_weight(torch.randn(128, 256) * 0.05, torch.randn(128) * 0.1).to(dtype)
+    x = torch.randn(9, 256).to(dtype).requires_grad_(True)
+    g = torch.randn(9, 128).to(dtype)
+    y = layer(x)
+    y.backward(g)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    w = layer.dequantized_weight(dtype)
+    y64, gx64 = reference_product(x.detach(), w, layer.bias, g)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    torch.testing.assert_close(y.double(), y64, rtol=ulp, atol=ulp * float(y64.abs().max()) * 2 ** -4)
+    torch.testing.assert_close(x.grad.double(), gx64, rtol=ulp, atol=ulp * float(gx64.abs().max()) * 2 ** -4)
+    if native:
+        assert torch.equal(y, F.linear(x.detach(), w, layer.bias))
+
+
+def test_fused_product_in_and_out_of_inference_mode(monkeypatch):
+    """A run samples under inference mode between training steps: the fused product's reused buffers
+    must not turn into inference tensors that the next training step cannot write."""
+    from loratune.quant import linear
+    from loratune.quant.nf4 import TileScratch
+
+    monkeypatch.setattr(linear._local, "scratch", TileScratch(), raising=False)  # fresh: first made in inference mode
+    torch.manual_seed(8)
+    layer = NF4Linear.from_weight(torch.randn(64, 128))
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    torch.testing.assert_close(xg.grad, layer.dequantized_weight().sum(0).expand(3, 128), rtol=1e-6, atol=1e-5)

@@ -1,5 +1,6 @@
 """NF4 storage (loratune/quant/nf4.py): the published table, the expected error on Gaussian weights,
-bitsandbytes' bytes and values bit for bit, storage cost, and refused inputs."""
+bitsandbytes' bytes and values bit for bit, storage cost, refused inputs, and the tiles the fused
+product dequantizes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from loratune.errors import CheckpointError, ConfigError
 from loratune.quant import NF4_LEVELS, NF4Weight, bits_per_param, block_absmax, dequantize_nf4, quantize_nf4
+from loratune.quant.nf4 import TileScratch, dequantize_nf4_tile, tiles_by_row_blocks
 
 PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -180,3 +182,34 @@ def test_bad_inputs_are_refused():
         NF4Weight.from_state_dict({k: v for k, v in good.items() if k != "absmax"})
     with pytest.raises(CheckpointError, match="data should be 32 uint8 bytes, is 31"):
         NF4Weight.from_state_dict({**good, "data": good["data"][:31]})
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tiles_are_the_whole_weight_bit_for_bit(double_quant, dtype):
+    """Any tile of rows and block-aligned columns equals that part of dequantize_nf4's weight exactly
+    (the fused product's input), through one reused scratch."""
+    torch.manual_seed(5)
+    q = quantize_nf4(torch.randn(48, 256) * 0.03, block_size=32, double_quant=double_quant)
+    whole = dequantize_nf4(q, dtype)
+    absmax, scratch = block_absmax(q), TileScratch()
+    assert tiles_by_row_blocks(q)
+    for rows, cols in [((0, 48), (0, 256)), ((5, 17), (0, 256)), ((0, 48), (64, 160)), ((47, 48), (224, 256))]:
+        tile = dequantize_nf4_tile(q, rows, cols, dtype, absmax, scratch)
+        assert tile.dtype == dtype and torch.equal(tile, whole[rows[0]:rows[1], cols[0]:cols[1]])
+    first = dequantize_nf4_tile(q, (0, 4), (0, 256), dtype, absmax, scratch)
+    dequantize_nf4_tile(q, (4, 8), (0, 256), dtype, absmax, scratch)
+    assert torch.equal(first, whole[4:8])  # a view of the scratch: valid until the next tile, as documented
+
+
+def test_tiles_must_cut_whole_blocks():
+    q = quantize_nf4(torch.randn(8, 128), block_size=64)
+    absmax, scratch = block_absmax(q), TileScratch()
+    with pytest.raises(ConfigError, match="whole blocks"):
+        dequantize_nf4_tile(q, (0, 8), (32, 128), torch.float32, absmax, scratch)
+    with pytest.raises(ConfigError, match="whole blocks"):
+        dequantize_nf4_tile(q, (0, 9), (0, 128), torch.float32, absmax, scratch)
+    odd = quantize_nf4(torch.randn(8, 96), block_size=64)  # rows of 1.5 blocks
+    assert not tiles_by_row_blocks(odd)
+    with pytest.raises(ConfigError, match="dequantize the whole weight"):
+        dequantize_nf4_tile(odd, (0, 2), (0, 96), torch.float32, block_absmax(odd), scratch)
