@@ -352,6 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     ap.add_argument("--label", default=None, help="add this command's rows to --out if it exists, under this "
                     "name in its 'runs'")
+    ap.add_argument("--variant", default=None, help="a name for what this command's rows measure (e.g. 'before: "
+                    "SDPA attention'), shown in each row's job column, so one --out can hold before and after rows")
     args = ap.parse_args(argv)
     for group in _list(args.precisions):
         if group not in PRECISIONS:
@@ -431,6 +433,8 @@ def train_grid(args: argparse.Namespace, size: str, ckpt: Path, run, result: dic
         runs = alternate(run, base, ("loratune", "peft"), args.repeats)
         row = _summarise(runs, case, precision, seq, size, group, args.lr)
         row["batch"] = args.batch
+        if args.variant:
+            row["variant"] = args.variant
         row["flops_per_token"] = families.train_flops_per_token(cfg, case, seq, r=4)
         for side in runs:
             row[side]["matmul_share"] = families.roofline(row[side], row["flops_per_token"],

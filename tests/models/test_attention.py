@@ -1,6 +1,7 @@
 """loratune/models/attention.py: the batched-matmul causal attention agrees with SDPA, forward
 and backward, and ``attend`` only takes it where it is exact to use (CPU, causal, no mask,
-no dropout, gradients on, short sequences)."""
+no dropout, gradients on, short sequences); every path ``attend`` takes (matmul, tiled, SDPA)
+handles grouped-query heads as transformers' repeat_kv does."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_matmul_attention_equals_sdpa_forward_and_backward(dtype, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("path", ["matmul", "sdpa-masked", "sdpa-causal"])
+@pytest.mark.parametrize("path", ["matmul", "matmul-masked", "tiled", "tiled-masked", "sdpa-causal", "sdpa-masked"])
 def test_grouped_query_attention_equals_repeated_kv_heads(dtype, path, monkeypatch):
     """6 query heads over 2 kv heads: each group of 3 query heads uses its kv head, as transformers'
     repeat_kv does (kv head h // 3), forward and backward, on every path attend takes."""
@@ -43,9 +44,11 @@ def test_grouped_query_attention_equals_repeated_kv_heads(dtype, path, monkeypat
     q = torch.randn(2, 6, 20, 8, generator=gen).to(dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 20, 8, generator=gen).to(dtype).requires_grad_() for _ in range(2))
     grad = torch.randn(2, 6, 20, 8, generator=gen).to(dtype)
-    mask = torch.ones(20, 20, dtype=torch.bool).tril()[None, None] if path == "sdpa-masked" else None
-    if path == "sdpa-causal":
+    mask = torch.ones(20, 20, dtype=torch.bool).tril()[None, None] if path.endswith("masked") else None
+    if not path.startswith("matmul"):
         monkeypatch.setattr(attention, "MATMUL_MAX_T", 0)  # past the matmul path's length limit
+    if path.startswith("sdpa"):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as in a compiled block: SDPA
     ours = attend(q, k, v, mask, mask is None, 0.3, 0.0)
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
     kr, vr = (t.repeat_interleave(3, dim=1) for t in (k, v))
