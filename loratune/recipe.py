@@ -107,6 +107,8 @@ class Recipe:
     """Recompute each block in backward: less activation memory for ~30% more compute."""
     activation_offload: bool = False
     """With activation_checkpointing on CUDA: keep each block's saved input in pinned CPU memory (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile each transformer block (models/compile.py): fused kernels for a one-time compile; see docs/recipes.md."""
     quantize: str = "none"
     """Store the frozen base in 4-bit NF4 (QLoRA) or int8, or keep a GGUF model's own quantized blocks (gguf:
     the adapter trains against the weights llama.cpp runs): none, nf4, int8 or gguf; only with finetune: lora."""
@@ -162,9 +164,12 @@ class Recipe:
                               f"got {self.report_to!r}")
 
     def _check_memory_options(self) -> None:
-        for name in ("activation_checkpointing", "activation_offload", "double_quant"):
+        for name in ("activation_checkpointing", "activation_offload", "double_quant", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.compile and self.strategy == "fsdp":
+            raise ConfigError("compile: true compiles each block, and FSDP2's per-block gathering around compiled "
+                              "blocks is not supported here: use strategy: ddp, or compile: false")
         if self.activation_offload and not self.activation_checkpointing:
             raise ConfigError("activation_offload keeps the checkpointed blocks' inputs in CPU memory: set "
                               "activation_checkpointing: true too")
@@ -392,7 +397,7 @@ RESULT_FIELDS = ("model", "finetune", "lora", "data", "seq_len", "batch_size", "
                  "adam_betas", "max_grad_norm", "schedule", "warmup_steps", "precision", "seed", "quantize",
                  "double_quant", "objective")
 """Recipe fields that change what a run computes (grad_accum does not: it splits the same batch, nor does
-activation_checkpointing: it recomputes the same values)."""
+activation_checkpointing: it recomputes the same values, nor compile: the same values within rounding)."""
 
 
 def result_fields(recipe: Recipe) -> dict[str, Any]:

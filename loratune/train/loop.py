@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..dist.world import SINGLE, World, agree, rank_failures
+from ..models.compile import compile_report
 from ..recipe import Recipe, recipe_dict
 from .checkpoint import list_checkpoints
 from .guards import disk_error
@@ -171,6 +172,8 @@ def _after_step(run: _Run, result: StepResult, meter: Throughput, bar) -> None:
         run.metrics.write({"step": step, "loss": round(result.loss, 6), "lr": lr,
                            "tokens_per_s": round(meter.window_rate(), 1), "elapsed_s": round(meter.elapsed(), 2),
                            "grad_norm": round(result.grad_norm, 6)})
+    if (compiled := compile_report(session.model)) is not None:  # compile: true, after a step that compiled
+        run.metrics.write({"step": step, **compiled})
     if session.data.val_batches and recipe.eval_every and step % recipe.eval_every == 0 and step < total:
         _write_val(run.metrics, step, session.evaluate())
     if bar is not None:
