@@ -117,6 +117,34 @@ def gguf_keep_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def qlora_load_table(result: dict) -> str:
+    """bench_qlora_load.py's results: one row per (shape, case), the process's peak against plain LoRA's."""
+    cases = {"lora": "LoRA", "qlora": "QLoRA, quantized while loading", "qlora-old": "QLoRA, loaded whole then "
+             "quantized (before)"}
+    m = result["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores. fp32, LoRA q,v r=4, AdamW; random weights; each row one job in "
+           f"a fresh process (single run), peaks are /proc/self/status VmHWM from the process's start (Python and "
+           f"torch included: the imports column). `{result['command']}`", "",
+           "| shape | checkpoint | batch x seq | case | process peak (GiB) | / LoRA | setup peak (GiB) | guard's setup "
+           "estimate (GiB) | estimate / measured | resident after setup (GiB) | imports (GiB) | setup (s) | "
+           "s / step | load avg | runs |", "|" + "---|" * 15]
+    lora = {r["shape"]: r["process_peak"] for r in result["rows"] if r["case"] == "lora" and r.get("process_peak")}
+    for r in result["rows"]:
+        head = (f"| {r['shape']} | {r['checkpoint_dtype']} | {r['batch']} x {r['seq']} | "
+                f"{cases.get(r['case'], r['case'])} |")
+        if not r.get("process_peak"):
+            out.append(head + f" failed: {str(r.get('error')).replace('|', '/')[:120]} |" + " |" * 10)
+            continue
+        ratio = f"{r['process_peak'] / lora[r['shape']]:.2f}x" if lora.get(r["shape"]) else "—"
+        steps = ", ".join(f"{t:.1f}" for t in r["step_s"])
+        estimate = (f"{r['setup_estimate'] / GIB:.2f} | {r['setup_estimate'] / r['setup_peak']:.2f}"
+                    if r["case"] != "qlora-old" else "— (estimates the new path) | —")
+        out.append(head + f" {r['process_peak'] / GIB:.2f} | {ratio} | {r['setup_peak'] / GIB:.2f} | {estimate} | "
+                   f"{r['resident_after_setup'] / GIB:.2f} | {r['imports_rss'] / GIB:.2f} | {r['setup_s']:.0f} | "
+                   f"{steps} | {r['loadavg']:.1f} | 1 (single run) |")
+    return "\n".join(out)
+
+
 RENDERERS = {"nf4": nf4_table, "checkpointing": checkpointing_table, "qlora": qlora_table,
-             "gguf_keep": gguf_keep_table}
+             "gguf_keep": gguf_keep_table, "qlora_load": qlora_load_table}
 """results JSON "format" -> its renderer."""

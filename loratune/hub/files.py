@@ -4,6 +4,8 @@ Pickled weights (``pytorch_model.bin``) are only read with ``torch.load(weights_
 which refuses to run code hidden in the file. Safetensors files are parsed here (header checked as
 safetensors checks it) and read tensor by tensor into the tensors themselves: no memory map, no
 second copy, and a dtype conversion per tensor, so a multi-GB model loads in about its size.
+:func:`open_state_dict` gives the same tensors lazily (:class:`LazyStateDict`: each read when looked up),
+so a loader that quantizes each projection as it arrives never holds the float model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -223,6 +225,45 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[s
     With ``dtype``, floating tensors are converted as they are read (integer ones are kept), so
     a multi-GB model costs about its converted size in memory, not two copies.
     """
+    return dict(open_state_dict(model_dir, dtype))  # in file order: one pass through each file
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A checkpoint's safetensors tensors by name, each read from its file when it is looked up (and again
+    at every lookup: nothing is kept), in file order.
+
+    What lets a loader hold one full-precision tensor at a time: QLoRA quantizes each projection as it
+    is read and drops the float copy before the next (loratune.quant.load). Every header was checked
+    when this was built, so a broken file fails before the first tensor is read.
+    """
+
+    def __init__(self, entries: dict[str, tuple[Path, _TensorEntry]], dtype: torch.dtype | None) -> None:
+        self._entries, self._dtype = entries, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, e = self._entries[name]
+        try:
+            with open(path, "rb", buffering=0) as f:  # unbuffered: readinto fills the tensor itself
+                return _read_tensor(f, path, e, self._dtype)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header (nothing is read)."""
+        return self._entries[name][1].shape
+
+
+def open_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> Mapping[str, torch.Tensor]:
+    """The model directory's weights as :func:`read_state_dict` chooses and checks them, but read lazily:
+    safetensors (single or sharded) as a :class:`LazyStateDict`, whose tensors are read one lookup at a
+    time; a pickle (``pytorch_model.bin``, which cannot be read tensor by tensor) as the dict it loads.
+    ``dtype`` as for :func:`read_state_dict`, applied to each tensor as it is read."""
     dtype = _check_dtype(dtype)
     present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
     if not present:
@@ -231,10 +272,21 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[s
     if ignored:
         log.info(f"{model_dir} holds {', '.join(present)}: reading {used}, ignoring {', '.join(ignored)}")
     if used == "model.safetensors":
-        return _read_tensors(model_dir / used, dtype, None)
+        return LazyStateDict(_file_entries(model_dir / used, None), dtype)
     if used == "model.safetensors.index.json":
-        return _read_sharded(model_dir, model_dir / used, dtype)
+        return LazyStateDict(_sharded_entries(model_dir, model_dir / used), dtype)
     return read_pickled_tensors(model_dir / used, dtype)
+
+
+def _file_entries(path: Path, names: Iterable[str] | None) -> dict[str, tuple[Path, _TensorEntry]]:
+    """name -> (path, entry) for the tensors of one safetensors file (``names``: only those), in file order."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            entries = _read_header(f, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    wanted = set(entries if names is None else names)
+    return {name: (path, e) for name, e in sorted(entries.items(), key=lambda item: item[1].begin) if name in wanted}
 
 
 def _shard_paths(model_dir: Path, index: Path) -> tuple[dict[str, str], dict[str, Path]]:
@@ -256,7 +308,7 @@ def _shard_paths(model_dir: Path, index: Path) -> tuple[dict[str, str], dict[str
     return weight_map, paths
 
 
-def _read_sharded(model_dir: Path, index: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _sharded_entries(model_dir: Path, index: Path) -> dict[str, tuple[Path, _TensorEntry]]:
     """Every shard is checked (present, a valid header holding the tensors the index puts there)
     before any tensor is read, so a broken model directory fails in seconds, not after minutes of reading.
 
@@ -267,12 +319,9 @@ def _read_sharded(model_dir: Path, index: Path, dtype: torch.dtype | None) -> di
     listed: dict[str, list[str]] = {shard: [] for shard in paths}
     for name, shard in weight_map.items():
         listed[shard].append(name)
+    entries: dict[str, tuple[Path, _TensorEntry]] = {}
     for shard, path in paths.items():
-        try:
-            with open(path, "rb", buffering=0) as f:
-                held = _read_header(f, path)
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        held = _file_entries(path, None)
         absent = [name for name in listed[shard] if name not in held]
         if absent:
             raise CheckpointError(f"{index} puts {len(absent)} tensor(s) in {shard} that it does not hold "
@@ -282,7 +331,6 @@ def _read_sharded(model_dir: Path, index: Path, dtype: torch.dtype | None) -> di
         if extra:
             log.warning(f"{path} holds {len(extra)} tensor(s) that {index.name} does not list; skipping them "
                         f"(e.g. {', '.join(extra[:3])})")
-    state: dict[str, torch.Tensor] = {}
-    for shard, path in paths.items():
-        state.update(_read_tensors(path, dtype, listed[shard]))
-    return state
+        wanted = set(listed[shard])
+        entries.update((name, entry) for name, entry in held.items() if name in wanted)
+    return entries

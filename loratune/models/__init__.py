@@ -12,8 +12,10 @@ loads any registered family.
   reader and writer, name and presets.
 - ``rope``: rotary embeddings with the published scalings.
 - ``attention``: SDPA, or batched matmuls where those train faster.
+- ``tiled_attention``: causal attention over query blocks for CPU training (matmul-bound, no T x T kept).
 - ``kv_cache``: the preallocated KV cache.
 - ``recompute``: activation recompute of the blocks (``activation_checkpointing``), and CUDA offload of their inputs.
+- ``compile``: regional ``torch.compile`` of the blocks (the recipe's ``compile``); the KV-cache path stays eager.
 - ``weight_map``: a transformers state dict onto our parameters, every key and shape checked.
 - ``gguf``: GGUF checkpoints as our families (config from metadata, tensor names, q/k permutation, norm shift).
 - ``gguf_dir``: a GGUF file as a model directory (config and tokenizer files in loratune's cache).
@@ -28,12 +30,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hub.files import read_config, read_state_dict
+from ..hub.files import open_state_dict, read_config
 from ..runtime.finite import check_finite
 from .gguf_dir import is_gguf_dir, read_gguf_weights, resolve_model
 from .gpt2 import GPT2, GPT2Config
 from .kv_cache import KVCache
 from .registry import family_for_config
+from .weight_map import LinearHook
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,18 @@ __all__ = ["GPT2", "GPT2Config", "KVCache", "check_tokenizer_fits", "load_model"
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Path]:
+               device: str | torch.device = "cpu", linear_hook: LinearHook | None = None) -> tuple[nn.Module, Path]:
     """Load a Hugging Face checkpoint (local directory or hub id) or a GGUF file of a supported family as
     our model (a GGUF is dequantized; see :mod:`.gguf_dir`).
 
     Returns the model (in eval mode) and the local directory it came from (for the tokenizer).
     Weights holding NaN/Inf (a corrupt file, or values beyond ``dtype``'s range) are a
     :class:`CheckpointError` naming the first such tensor, not garbage output later.
+
+    The tensors are read one at a time (safetensors and GGUF files), so with ``linear_hook`` (QLoRA's
+    quantize-while-loading, :mod:`loratune.quant.load`) each projection's float weight is checked,
+    handed to the hook and freed before the next is read (:mod:`.weight_map`); without one the model
+    costs about its size in ``dtype``.
     """
     model_dir = resolve_model(name_or_path)
     hf_config = read_config(model_dir)
@@ -56,18 +64,36 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     if is_gguf_dir(model_dir):
         state = read_gguf_weights(model_dir, family, config, dtype)
     else:
-        state = read_state_dict(model_dir, dtype)  # converted tensor by tensor: never two copies of the weights
+        state = open_state_dict(model_dir, dtype)  # read tensor by tensor as they are mapped
     if not state:
         raise CheckpointError(f"the weights in {model_dir} are empty")
+    where = f"model weights in {model_dir}"
+    advice = ("its values overflow float16, or the file is corrupt: load it in float32 or bfloat16"
+              if dtype == torch.float16 else "the file is corrupt: download or export it again")
+    hook = None
+    if linear_hook is not None:
+        def hook(name: str, read, shape: tuple[int, ...]):
+            def checked() -> torch.Tensor:
+                weight = read()
+                try:  # before the hook quantizes it away
+                    check_finite({name: weight}, where, advice)
+                except CheckpointError as exc:
+                    raise _NamesItsFile(str(exc)) from None
+                return weight
+            return linear_hook(name, checked, shape)
     try:
-        model = family.from_hf_state_dict(config, state, dtype)
+        model = family.from_hf_state_dict(config, state, dtype, **({"linear_hook": hook} if hook else {}))
+    except _NamesItsFile as exc:
+        raise CheckpointError(str(exc)) from None
     except CheckpointError as exc:
         raise CheckpointError(f"{model_dir}: {exc}") from None
     model = model.to(device).eval()
-    advice = ("its values overflow float16, or the file is corrupt: load it in float32 or bfloat16"
-              if dtype == torch.float16 else "the file is corrupt: download or export it again")
-    check_finite(dict(model.named_parameters()), f"model weights in {model_dir}", advice)
+    check_finite(dict(model.named_parameters()), where, advice)
     return model, model_dir
+
+
+class _NamesItsFile(CheckpointError):
+    """A load error whose message already names the model directory."""
 
 
 def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:

@@ -8,6 +8,7 @@ reader and writer, its name and its presets; :func:`decoder_spec` builds the res
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -17,7 +18,7 @@ from .decoder import DecoderLM
 from .decoder_config import DecoderConfig
 from .gguf import GGUFFacts
 from .spec import Alias, FamilySpec, MemoryProfile
-from .weight_map import map_weights
+from .weight_map import LinearHook, assign_weights, linear_weights, map_weights
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
@@ -94,13 +95,15 @@ def _describe(config: DecoderConfig) -> str:
             f"vocab {config.vocab_size}; " + ", ".join(extra))
 
 
-def load_decoder(config: DecoderConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                 family: FamilySpec) -> DecoderLM:
-    """Build the model from a transformers state dict (``*ForCausalLM`` or bare ``*Model`` keys).
+def load_decoder(config: DecoderConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                 family: FamilySpec, linear_hook: LinearHook | None = None) -> DecoderLM:
+    """Build the model from a transformers state dict (``*ForCausalLM`` or bare ``*Model`` keys; a lazy
+    one is read a tensor at a time).
 
     Every key and shape is checked; a mismatch is a CheckpointError naming it, and nothing is
     returned half-loaded. A tied head takes the embedding (a saved lm_head.weight is then ignored,
-    as transformers ignores it).
+    as transformers ignores it). ``linear_hook`` sees each projection's weight as it is read, the
+    head's too (:mod:`.weight_map`).
     """
     layers = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
     if len(layers) != config.num_hidden_layers:  # before building: num_hidden_layers=10**9 must not hang
@@ -116,10 +119,11 @@ def load_decoder(config: DecoderConfig, state: dict[str, torch.Tensor], dtype: t
             return None  # old rotary buffers; a tied head transformers ignores as well
         return key if key.startswith(("model.", "lm_head.")) else "model." + key
 
-    mapped = map_weights(state, expected, rename, dtype, f"a {family.display_name} of this config")
+    mapped = map_weights(state, expected, rename, dtype, f"a {family.display_name} of this config",
+                         linear_hook=linear_hook, linears=linear_weights(model))
     if tied:
         mapped["lm_head.weight"] = mapped["model.embed_tokens.weight"]
-    model.load_state_dict(mapped, assign=True)
+    assign_weights(model, mapped)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -136,7 +140,8 @@ def decoder_spec(model_type: str, display_name: str, read: Callable[[dict[str, A
 
     spec = FamilySpec(
         model_type=model_type, display_name=display_name, config_from_hf=read, config_to_hf=write,
-        from_hf_state_dict=lambda config, state, dtype: load_decoder(config, state, dtype, spec),
+        from_hf_state_dict=lambda config, state, dtype, linear_hook=None: load_decoder(config, state, dtype, spec,
+                                                                                   linear_hook),
         build=build, aliases=_aliases(fused, fused), fused_slices=_fused_slices, memory_profile=_memory_profile,
         eos_token=None, hf_linear_transposed=False, describe=_describe, presets=presets, offline_tokenizer=None,
         tokenizer_as_saved=tokenizer_as_saved, gguf=gguf)

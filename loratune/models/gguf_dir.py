@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..hub.files import read_json
 from ..hub.gguf_file import GGUFBlocks, GGUFFile, is_gguf_path, read_gguf
 from ..hub.resolve import resolve_model_dir
 from ..runtime.fsutil import atomic_dir
-from .gguf import common_config, gguf_blocks, gguf_state_dict
+from .gguf import _gguf_names, common_config, from_gguf, gguf_blocks
 from .registry import family_for_gguf
 
 SOURCE_FILE = "gguf.json"
@@ -115,11 +116,33 @@ def gguf_source(model_dir: Path) -> GGUFFile | None:
     return read_gguf(path)
 
 
-def read_gguf_weights(model_dir: Path, family, config, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The weights of a GGUF model directory under transformers' names, dequantized."""
+def read_gguf_weights(model_dir: Path, family, config, dtype: torch.dtype | None) -> Mapping[str, torch.Tensor]:
+    """The weights of a GGUF model directory under transformers' names, each dequantized (float32 unless
+    ``dtype``) when it is looked up: a loader holds one dequantized tensor at a time (the file stays mapped)."""
     file = gguf_source(model_dir)
     hf = read_json(Path(model_dir) / "config.json", "config.json")
-    return gguf_state_dict(file, family, config, hf, dtype)
+    return GGUFWeights(file, family, hf, _gguf_names(file, family, config), dtype)
+
+
+class GGUFWeights(Mapping[str, torch.Tensor]):
+    """A GGUF's weights under transformers' names, dequantized one lookup at a time, as
+    :func:`~loratune.models.gguf.gguf_state_dict` dequantizes them all (the same values, bit for bit)."""
+
+    def __init__(self, file: GGUFFile, family, hf: dict[str, Any], names: dict[str, str],
+                 dtype: torch.dtype | None) -> None:
+        self._file, self._family, self._hf, self._dtype = file, family, hf, dtype
+        self._gguf_name = {h: g for g, h in names.items()}  # in the file's order
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = from_gguf(self._family.gguf, self._hf, name,
+                      self._file.tensors[self._gguf_name[name]].dequantize(torch.float32))
+        return t if self._dtype is None else t.to(self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._gguf_name)
+
+    def __len__(self) -> int:
+        return len(self._gguf_name)
 
 
 def read_gguf_blocks(model_dir: Path, family, config) -> dict[str, GGUFBlocks]:

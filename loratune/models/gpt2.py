@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .attention import attend, segment_mask
 from .recompute import block_policy, run_layers
 from .kv_cache import KVCache, cache_dtype
 from .spec import Alias, FamilySpec, MemoryProfile
-from .weight_map import map_weights
+from .weight_map import LinearHook, assign_weights, linear_weights, map_weights
 
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -275,11 +276,13 @@ class GPT2(nn.Module):
                        cache_dtype(p), p.device)
 
     @classmethod
-    def from_hf_state_dict(cls, config: GPT2Config, state: dict[str, torch.Tensor],
-                           dtype: torch.dtype | None = None) -> "GPT2":
-        """Build the model from a transformers GPT-2 state dict (GPT2Model or GPT2LMHeadModel keys).
+    def from_hf_state_dict(cls, config: GPT2Config, state: Mapping[str, torch.Tensor],
+                           dtype: torch.dtype | None = None, linear_hook: LinearHook | None = None) -> "GPT2":
+        """Build the model from a transformers GPT-2 state dict (GPT2Model or GPT2LMHeadModel keys; a lazy one
+        is read a tensor at a time).
 
         Checks every key and shape and raises :class:`CheckpointError` naming the problem.
+        ``linear_hook`` sees each projection's weight as it is read (:mod:`.weight_map`).
         """
         blocks = {int(m.group(1)) for m in map(_BLOCK.match, state) if m}
         if len(blocks) != config.n_layer:  # checked before building: a config.json with n_layer=10**9 must not hang
@@ -297,9 +300,10 @@ class GPT2(nn.Module):
         def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
             return tensor.t() if name.endswith(_CONV1D) and tensor.dim() == 2 else tensor  # Conv1D (in, out)
 
-        mapped = map_weights(state, expected, rename, dtype, "a GPT-2 of this config", transform)
+        mapped = map_weights(state, expected, rename, dtype, "a GPT-2 of this config", transform, linear_hook,
+                             linear_weights(model))
         mapped["lm_head.weight"] = mapped["transformer.wte.weight"]
-        model.load_state_dict(mapped, assign=True)
+        assign_weights(model, mapped)
         model.lm_head.weight = model.transformer.wte.weight
         return model
 
@@ -350,7 +354,8 @@ GPT2_SPEC = FamilySpec(
     display_name="GPT-2",
     config_from_hf=GPT2Config.from_hf,
     config_to_hf=GPT2Config.to_hf,
-    from_hf_state_dict=lambda config, state, dtype: GPT2.from_hf_state_dict(config, state, dtype=dtype),
+    from_hf_state_dict=lambda config, state, dtype, linear_hook=None: GPT2.from_hf_state_dict(
+        config, state, dtype=dtype, linear_hook=linear_hook),
     build=GPT2,
     aliases={
         "q": Alias("attn.c_attn", "q"), "k": Alias("attn.c_attn", "k"), "v": Alias("attn.c_attn", "v"),

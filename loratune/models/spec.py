@@ -63,7 +63,8 @@ class FamilySpec:
     config_to_hf: Callable[[Any], dict[str, Any]]
     """our typed config -> a config.json dict transformers reads (the family's writer: what export writes)."""
     from_hf_state_dict: Callable[[Any, dict, Any], Any]
-    """(config, HF state dict, dtype or None) -> our model, every key and shape checked."""
+    """(config, HF state dict (or a lazy one), dtype or None, optional ``linear_hook=``) -> our model, every key
+    and shape checked (the hook: :mod:`.weight_map`)."""
     build: Callable[[Any], Any]
     """config -> a model with uninitialised weights (init_weights() gives it the family's init)."""
     aliases: dict[str, Alias]

@@ -6,6 +6,7 @@
 - ``gguf_blocks``: GGUF's quantized blocks (Q8_0 ... Q6_K) decoded in torch, bit for bit as gguf-py.
 - ``gguf_linear``: :class:`GGUFLinear`, a frozen linear holding a GGUF file's own blocks (``quantize: gguf``).
 - ``model``: quantize a model's frozen base, and undo it (merging a QLoRA adapter is in :mod:`loratune.merge`).
+- ``load``: the base quantized while it loads (each projection as it is read; the float model never whole).
 """
 
 from .gguf_blocks import dequantize_blocks

@@ -6,7 +6,8 @@ kept in the file's own quantized blocks (``gguf``: :mod:`.gguf_linear`; projecti
 as F32/F16 stay float); embeddings, norms and the head keep their dtype, as in QLoRA and
 bitsandbytes. LoRA layers keep their adapters and hold the quantized base in place of their weight.
 The model is quantized *after* the adapter is injected, so PiSSA/OLoRA starts quantize the residual,
-as PEFT does.
+as PEFT does. A training run does not call :func:`quantize_model` on a loaded float model: it quantizes
+each projection as it is read (:mod:`.load`), which gives the same model without the float one in memory.
 
 ``dequantize_model`` turns every quantized layer back into float weights: what a QLoRA adapter
 was trained against, which is where it should be merged (``loratune merge``). For ``gguf`` that is
@@ -136,7 +137,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, model_dir: Path | None = 
     ``gguf`` takes the blocks from the GGUF file ``model_dir`` (what :func:`~loratune.models.load_model`
     returned) stands for, and keeps as floats the projections the file stores as floats.
     The float weights are released layer by layer (nothing else holds them), so the peak stays
-    at the float model's size plus one layer.
+    at the float model's size plus one layer; :mod:`.load` avoids that peak when loading for training.
     """
     blocks = gguf_weight_blocks(model, model_dir) if cfg.kind == "gguf" else None
     count = 0

@@ -37,8 +37,15 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+_CHUNK = 1 << 20  # elements checked at once: isfinite's temporaries (|t| and three masks, ~8 bytes an element)
+
+
 def _finite(t: torch.Tensor) -> torch.Tensor:
-    """``t.isfinite().all()``; the float8 dtypes have no isfinite kernel, so they are read as float32 (exact)."""
+    """``t.isfinite().all()``; the float8 dtypes have no isfinite kernel, so they are read as float32 (exact).
+    A large tensor is checked a chunk at a time: whole, a 1B model's embedding would add 2 GB of temporaries
+    to the loading peak."""
+    if t.numel() > _CHUNK and t.is_contiguous():
+        return torch.stack([_finite(part) for part in t.reshape(-1).split(_CHUNK)]).all()
     if t.element_size() == 1:
         t = t.float()
     return t.isfinite().all()

@@ -47,6 +47,11 @@ micro-batch (``batch_size / grad_accum`` sequences) at the full ``seq_len``, and
 state (from the second step on, when the moments exist during the backward pass);
 tests/train/test_guards.py and test_guards_families.py measure it against the peak resident
 memory of real steps, benchmarks/guard_accuracy.py for published shapes of every family.
+
+Setting a QLoRA run up has its own peak (:func:`estimate_setup_memory`, logged by check_resources): the
+base is quantized while it loads (quant/load.py), so the quantized base, the float tensors, and one
+projection's float weight with the quantizer's temporaries (or the largest float tensor widened to the
+training dtype); tests/train/test_guards.py and benchmarks/bench_qlora_load.py measure it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from ..adapters.targets import model_aliases, suffix_match
 from ..errors import CheckpointError, LoratuneError, ResourceError
 from ..models.attention import MATMUL_MAX_T
 from ..models.registry import family_of
+from ..quant.model import load_dtype
 from ..runtime.device import available_memory
 from .loss import default_chunk
 from .metrics import human_bytes
@@ -241,6 +247,9 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
         resident = resident if next(model.parameters()).device.type == device.type else 0
         budget = available + resident
         log.info(f"memory estimate: {est}; available: {human_bytes(budget)} on {device}")
+        if recipe.quantize != "none":
+            setup = estimate_setup_memory(model, _load_bytes(recipe), recipe.quantize)
+            log.info(f"QLoRA setup peak (quantized while loading), estimated: {human_bytes(setup)}")
         if est.total > budget:
             raise ResourceError(
                 f"this run needs about {human_bytes(est.total)} on {device} ({est.parts()}) for micro-batches of "
@@ -259,6 +268,12 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
             f"({recipe.keep_checkpoints} kept checkpoint(s) and one being written, {human_bytes(ckpt)} each, "
             f"and the result): free some space, choose another --out, or lower keep_checkpoints")
     return est
+
+
+def _load_bytes(recipe) -> int:
+    """Bytes per element of the dtype a QLoRA base is read in before quantizing (quant.model.load_dtype)."""
+    train = torch.bfloat16 if recipe.precision == "bf16-true" else torch.float32
+    return load_dtype(recipe.model, train).itemsize
 
 
 def _sharded(est: MemoryEstimate, model: nn.Module, shards: int) -> MemoryEstimate:
@@ -282,6 +297,33 @@ def _nf4_saving(model: nn.Module, recipe) -> int:
     frozen = [m.weight for m in model.modules()
               if isinstance(m, (nn.Linear, LoRALinear)) and m.weight is not None and m.weight is not head]
     return int(sum(w.numel() for w in frozen) * (size - 4.13 / 8))
+
+
+QUANTIZER_TEMPORARIES = 9
+"""Bytes per element that quantizing one float32 weight allocates besides it (NF4: the scaled copy, its clamp,
+the int32 then uint8 codes; int8 about the same): measured 8.9-9.0 on CPU for an 8192 x 2048 weight."""
+
+
+def estimate_setup_memory(model: nn.Module, load_bytes: int, kind: str = "nf4") -> int:
+    """The peak resident memory of setting up ``model`` as setup_model did (a QLoRA base quantized while
+    loading, :mod:`loratune.quant.load`), from the model it left: the quantized storage and every float
+    parameter (unquantized base and adapters, in their final dtypes) plus the larger of two moments --
+    quantizing the largest projection (its float weight in the ``load_bytes`` dtype it was read in, a
+    float32 copy when that is narrower, and :data:`QUANTIZER_TEMPORARIES`; ``gguf``: the blocks decoded once
+    to float32 for the finite check) or widening the largest unquantized tensor to its training dtype after
+    loading (its ``load_bytes`` copy beside it). Without quantization: the weights alone."""
+    params = {id(p): p for p in model.parameters()}.values()
+    floats = sum(p.numel() * p.element_size() for p in params)
+    stored_q, largest_q = _quantized_storage(model)
+    if not stored_q:
+        return floats
+    if kind == "gguf":
+        quantizing = largest_q * 4 * 2  # the decoded float32 weight and the decoder's float32 temporaries
+    else:
+        quantizing = largest_q * (load_bytes + (4 if load_bytes < 4 else 0) + QUANTIZER_TEMPORARIES)
+    widened = [p for p in params if not p.requires_grad and p.element_size() > load_bytes]
+    casting = max((p.numel() * load_bytes for p in widened), default=0)
+    return stored_q + floats + max(quantizing, casting)
 
 
 def _quantized_storage(model: nn.Module) -> tuple[int, int]:

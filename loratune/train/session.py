@@ -37,8 +37,10 @@ from ..errors import ConfigError
 from ..hub.export import save_hf_model
 from ..hub.files import read_config
 from ..models import check_tokenizer_fits, load_model
+from ..models.compile import compile_blocks
 from ..models.recompute import set_activation_checkpointing
-from ..quant.model import cast_base, load_dtype, quantize_model, recipe_quantization
+from ..quant.load import inject_quantized, load_quantized, needs_float_start
+from ..quant.model import cast_base, load_dtype, recipe_quantization
 from ..recipe import Recipe, result_fields
 from ..runtime.device import pick_device
 from .allocator import prefer_memory
@@ -74,15 +76,21 @@ def setup_model(recipe: Recipe, device: torch.device, load_device: torch.device 
 
     The weights load straight into the dtype they train in, tensor by tensor: bf16 for bf16-true
     (a bf16 hub checkpoint is never widened to float32 on the way), float32 otherwise (fp32 and
-    bf16-mixed keep float32 masters, whatever the checkpoint's dtype).
+    bf16-mixed keep float32 masters, whatever the checkpoint's dtype). Under QLoRA each projection
+    is quantized as it is read and its float copy freed before the next (:mod:`loratune.quant.load`):
+    the float model is never in memory, and the model equals the old order's (inject, then quantize).
     """
     dtype = torch.bfloat16 if recipe.precision == "bf16-true" else torch.float32
-    quant = recipe_quantization(recipe)
+    quant = recipe_quantization(recipe) if recipe.finetune == "lora" else None
     if quant or recipe.activation_checkpointing:
         prefer_memory(device)
     load_device = load_device or device
-    model, model_dir = load_model(recipe.model, dtype=load_dtype(recipe.model, dtype) if quant else dtype,
-                                  device=load_device)
+    hook = None
+    if quant:
+        model, model_dir, hook = load_quantized(recipe.model, quant, load_dtype(recipe.model, dtype), load_device,
+                                                keep_readers=needs_float_start(recipe.lora))
+    else:
+        model, model_dir = load_model(recipe.model, dtype=dtype, device=load_device)
     context = model.config.context_length
     if recipe.seq_len > context:
         raise ConfigError(f"seq_len={recipe.seq_len} exceeds the model's context of {context} tokens; "
@@ -90,15 +98,19 @@ def setup_model(recipe: Recipe, device: torch.device, load_device: torch.device 
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer_fits(model, tokenizer)
     if recipe.finetune == "lora":
-        inject_lora(model, recipe.lora)
+        if quant:  # QLoRA: PiSSA's residual is what is quantized, each weight read again for its start
+            inject_quantized(model, recipe.lora, quant, hook.readers)
+            hook = None  # the readers (and a pickle's tensors they hold) are done with
+        else:
+            inject_lora(model, recipe.lora)
         model.to(load_device)
-        if quant:  # QLoRA: the frozen base in 4 bits, after the adapter (PiSSA's residual is what is quantized)
-            quantize_model(model, quant, model_dir)
+        if quant:
             cast_base(model, dtype)
     set_trainable(model, recipe.finetune)
     if recipe.precision == "bf16-true":
         store_in_bf16(model, recipe.finetune)
     set_activation_checkpointing(model, recipe.activation_checkpointing, recipe.activation_offload, device)
+    compile_blocks(model, recipe.compile)  # compiled at the first step (models/compile.py)
     return model, tokenizer, model_dir
 
 

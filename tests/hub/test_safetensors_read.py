@@ -270,3 +270,25 @@ def test_a_llama_sharded_by_transformers_reads_back_equal(tmp_path, tied):
     assert all(_same(state[k], v.contiguous()) for k, v in expected.items())
     state32 = read_state_dict(tmp_path, torch.float32)
     assert all(_same(state32[k], v.float()) for k, v in expected.items())
+
+
+def test_open_state_dict_reads_each_tensor_when_looked_up(tmp_path, monkeypatch):
+    """The lazy view of a sharded checkpoint: the same tensors as read_state_dict, in its order, with every header
+    checked up front and nothing read until a tensor is looked up (and read again at each lookup)."""
+    gen = torch.Generator().manual_seed(0)
+    shards = {"a.safetensors": {"x": _random(torch.bfloat16, (3, 4), gen), "y": _random(torch.float32, (5,), gen)},
+              "b.safetensors": {"z": _random(torch.float16, (2, 2), gen)}}
+    for name, tensors in shards.items():
+        save_file(tensors, tmp_path / name)
+    weight_map = {k: shard for shard, tensors in shards.items() for k in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    reads = []
+    original = files._read_tensor
+    monkeypatch.setattr(files, "_read_tensor", lambda f, path, e, dtype: reads.append(e.shape) or original(f, path, e,
+                                                                                                          dtype))
+    lazy = files.open_state_dict(tmp_path, torch.float32)
+    assert sorted(lazy) == ["x", "y", "z"] and list(lazy)[-1] == "z" and len(lazy) == 3 and lazy.shape("x") == (3, 4) and not reads
+    assert torch.equal(lazy["z"], shards["b.safetensors"]["z"].float()) and lazy["z"].dtype == torch.float32
+    assert torch.equal(lazy["z"], lazy["z"]) and len(reads) == 4  # read at each lookup, nothing kept
+    eager = read_state_dict(tmp_path, torch.float32)
+    assert list(eager) == list(lazy) and all(torch.equal(eager[k], lazy[k]) for k in eager)

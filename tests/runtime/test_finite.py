@@ -21,3 +21,13 @@ def test_every_float_dtype_is_checked(dtype):
     assert first_non_finite([good, torch.zeros(2, dtype=torch.int64), bad]) == 2  # integers are skipped
     with pytest.raises(CheckpointError, match=r"adapter in X: tensor b holds NaN/Inf values; do Y"):
         check_finite({"a": good, "b": bad}, "adapter in X", "do Y")
+
+
+@pytest.mark.parametrize("where", [0, 3 * 2**20 + 17, -1], ids=["first-chunk", "middle-chunk", "last-element"])
+def test_a_large_tensor_is_checked_in_chunks_to_its_last_element(where):
+    """Past a million elements the check goes a chunk at a time (a 1B model's embedding would otherwise add
+    2 GB of temporaries to the loading peak): a NaN anywhere, the last partial chunk included, is found."""
+    t = torch.zeros(5 * 2**20 + 3, dtype=torch.bfloat16)
+    assert first_non_finite([torch.ones(3), t]) is None
+    t[where] = float("nan")
+    assert first_non_finite([torch.ones(3), t]) == 1

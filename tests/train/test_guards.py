@@ -348,3 +348,68 @@ def test_an_inf_gradient_stops_the_run_even_without_clipping(ckpt, data_file, tm
     optimizer = make_optimizer(model, recipe)
     load_checkpoint(last_good, model, optimizer, make_scheduler(optimizer, recipe, 6))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- the setup peak of a QLoRA run (quantized while loading) -------------------------------------------------
+
+SETUP = r"""
+import json, sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from family_models import write_small_tokenizer
+from loratune.hub.export import save_hf_model
+from loratune.models.registry import FAMILIES
+from loratune.recipe import load_recipe
+from loratune.train import setup_model
+from loratune.train.guards import estimate_setup_memory
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+def checkpoint(root, hidden, layers, dtype):
+    family = FAMILIES["llama"]
+    config = family.config_from_hf(dict(model_type="llama", vocab_size=16000, hidden_size=hidden,
+                                        intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=8,
+                                        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False))
+    with torch.device("meta"):
+        model = family.build(config)
+    model = model.to_empty(device="cpu").init_weights(seed=0)
+    save_hf_model(model, root, dtype=dtype)
+    write_small_tokenizer(root)
+    return root
+
+def setup(ckpt, quantize):
+    recipe = load_recipe(None, [f"model={ckpt}", "finetune=lora", "precision=fp32", "device=cpu", "seq_len=32",
+                                f"quantize={quantize}"])
+    return setup_model(recipe, torch.device("cpu"))[0]
+
+dtype = getattr(torch, sys.argv[3])
+root = Path(sys.argv[2])
+setup(checkpoint(root / "warm", 64, 1, dtype), "nf4")  # the code, the tokenizer library and the allocator warm
+ckpt = checkpoint(root / "model", 768, 4, dtype)
+before = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+model = setup(ckpt, "nf4")
+print(json.dumps({"measured": status("VmHWM") - before, "estimate": estimate_setup_memory(model, dtype.itemsize)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_setup_peak_estimate_of_qlora_is_near_the_measured_one(tmp_path, dtype):
+    """A fresh process sets up a QLoRA run (quantized while loading) of a 45M-parameter Llama shape from a float32
+    or bf16 checkpoint: the peak's growth over the setup is within 0.75x-1.33x of the guard's setup estimate
+    (the quantized base, the float tensors, and the larger of quantizing the largest projection or widening the
+    embedding), and far below the float model's size."""
+    here = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", SETUP, str(here.parent), str(tmp_path), dtype], capture_output=True,
+                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                          cwd=here.parents[1])
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.splitlines()[-1])
+    float_model = (2 * 16000 * 768 + 4 * (768 * 768 * 3 + 3 * 768 * 768 * 3)) * 4  # what loading it whole holds
+    print(f"\n{dtype}: measured {r['measured'] / 2**20:.1f} MiB, estimate {r['estimate'] / 2**20:.1f} MiB, "
+          f"float model {float_model / 2**20:.1f} MiB")
+    assert 0.75 <= r["measured"] / r["estimate"] <= 1.33, r
+    assert r["measured"] < 0.75 * float_model
