@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step with torch.compile (costs seconds to a minute once; "
+                        "docs/serving.md says where it helps)")
     p.set_defaults(run=run)
 
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(args.prompt)
         ids, stops = ids or [tokenizer.eos_id], list(tokenizer.eos_ids)
     prompt = torch.tensor([ids], device=device)
-    new = generate(model, prompt, sampling, eos_ids=stops)[0].tolist()
+    new = generate(model, prompt, sampling, eos_ids=stops, compile=args.compile)[0].tolist()
     new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]  # cut at the first stop
     sys.stdout.write(tokenizer.decode(new) + "\n")
     return 0

@@ -2,6 +2,7 @@
 
 - ``sampling``: greedy, temperature, top-k and top-p sampling with the KV cache, seeded.
 - ``cpu_prepack``: oneDNN weight pre-packing for CPU decoding (weight layouts, not sequence packing).
+- ``decode_step``: one token's forward over a static KV cache (fixed shapes, optionally torch.compiled).
 - ``chat``: chat prompts (the template's generation prompt) and end-of-turn stops.
 - ``scoring``: held-out prompts completed and scored against their references (ROUGE-L, exact match, length).
 """

@@ -13,6 +13,7 @@ import torch
 from ..errors import ConfigError, NonFiniteOutput
 from ..runtime.seed import check_seed
 from .cpu_prepack import prepacked_linears
+from .decode_step import DecodeStep, static_step_applies
 
 log = logging.getLogger("loratune")
 
@@ -141,7 +142,7 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequence[int] | None = None,
              attention_mask: torch.Tensor | None = None, use_cache: bool = True, prepack: bool = True,
-             inference_mode: bool = True) -> torch.Tensor:
+             inference_mode: bool = True, static: bool = True, compile: bool = False) -> torch.Tensor:
     """Continue token ids ``prompts`` (B, T); returns the new tokens (B, <= max_new_tokens).
 
     A row finishes at the first of any of ``eos_ids`` (Llama 3 instruct models end a turn with
@@ -151,6 +152,9 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequenc
     ``prepack`` runs the linear layers on oneDNN-prepacked weights where that applies (CPU; see
     :mod:`loratune.generate.cpu_prepack`). ``inference_mode`` False (a model sharded by FSDP2, whose
     gathering buffers must stay usable by training afterwards) runs under ``no_grad`` only.
+    ``static`` decodes each token after the prompt with :class:`~loratune.generate.decode_step.DecodeStep`
+    (a static cache, fixed shapes) where it applies; ``compile`` also compiles that step with torch.compile
+    (once per process and layer structure; docs/serving.md says what it costs and where it helps).
     """
     with torch.inference_mode(inference_mode):
         B, T = prompts.shape
@@ -164,19 +168,24 @@ def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eos_ids: Sequenc
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=prompts.device).manual_seed(cfg.seed)
-        cache = model.new_cache(B, T + steps) if use_cache else None
-        mask = attention_mask
+        fast = use_cache and (static or compile) and static_step_applies(model, attention_mask)
+        cache = model.new_cache(B, T + steps, rings=not fast) if use_cache else None
+        step = DecodeStep(model, T + steps, compile=compile) if fast else None
+        mask = None if fast else attention_mask  # rows without padding: the mask says nothing
         stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompts.device) if eos_ids else None
         done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
         seq, out = prompts, []
         step_input = prompts
-        with prepacked_linears(model, rows=B) if prepack else contextlib.nullcontext():
-            for _ in range(steps):
-                if cache is not None:
-                    hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
+        with prepacked_linears(model, rows=B) if prepack and not compile else contextlib.nullcontext():
+            for i in range(steps):
+                if step is not None and i > 0:  # one token after the prompt: the static step
+                    logits = step(step_input, cache)  # (B, V)
                 else:
-                    hidden = model.hidden_states(seq, attention_mask=mask)
-                logits = model.logits(hidden[:, -1])  # (B, V): the head runs on the last position only
+                    if cache is not None:
+                        hidden = model.hidden_states(step_input, cache=cache, attention_mask=mask)
+                    else:
+                        hidden = model.hidden_states(seq, attention_mask=mask)
+                    logits = model.logits(hidden[:, -1])  # (B, V): the head runs on the last position only
                 token, done = _pick(logits, cfg, generator, stop, done)
                 out.append(token)
                 step_input = token[:, None]

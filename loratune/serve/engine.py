@@ -37,6 +37,7 @@ from torch import nn
 
 from ..adapters.rows import row_banks
 from ..errors import ConfigError, ResourceError
+from ..generate.decode_step import DecodeStep, static_step_applies
 from ..generate.sampling import LogitsProcessing, SamplingConfig, next_token, token_logprobs
 from ..models.kv_cache import KVCache
 from .scheduler import Scheduler
@@ -99,7 +100,7 @@ class Engine:
     (:func:`~loratune.adapters.rows.build_banks`)."""
 
     def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None,
-                 prefill_tokens: int = 512) -> None:
+                 prefill_tokens: int = 512, compile: bool = False) -> None:
         if max_batch < 1 or prefill_tokens < 1:
             raise ConfigError(f"max_batch (--max-batch) and prefill_tokens (--prefill-tokens) must be >= 1, got "
                               f"{max_batch} and {prefill_tokens}")
@@ -119,6 +120,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.partial: _Partial | None = None
         self.adapters_changed()
+        self.static = DecodeStep(model, self.max_len, compile) if static_step_applies(model) else None
+        """A lone row without padding and adapters decodes through the static step (generate/decode_step.py)."""
 
     def _check_memory(self) -> None:
         """Refuse a cache the device cannot hold, with the estimate, before allocating it (--max-batch 10**9
@@ -296,9 +299,12 @@ class Engine:
         self.mask[:, t] = 0
         self.mask[:n, t] = 1
         view = self.cache.first_rows(n)  # views: the forward's writes land in the cache
-        with self._applying([self.rows[i].request.adapter for i in range(n)]):
-            hidden = self.model.hidden_states(last, view, attention_mask=self.mask[:n, :t + 1])
-            logits = self.model.logits(hidden[:, -1])  # (n, V)
+        if self.static is not None and n == 1 and not self.banked and bool(self.mask[0, :t].all()):
+            logits = self.static(last, view)  # (1, V)
+        else:
+            with self._applying([self.rows[i].request.adapter for i in range(n)]):
+                hidden = self.model.hidden_states(last, view, attention_mask=self.mask[:n, :t + 1])
+                logits = self.model.logits(hidden[:, -1])  # (n, V)
         self.cache.length = view.length
         tokens = [self._sample(logits[i:i + 1], self.rows[i]) for i in range(n)]
         for i in reversed(range(n)):  # a freed slot takes the last running row, which is already handled
