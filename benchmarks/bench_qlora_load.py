@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_families as families  # noqa: E402
 import common  # noqa: E402
+from bench_qlora import rss as status  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "qlora_load.json"
@@ -62,13 +63,6 @@ def make_250m_checkpoint(cache: Path) -> Path:
     model.init_weights(seed=0)
     save_hf_model(model, out, tokenizer_dir=LLAMA2 if LLAMA2.is_dir() else None, dtype=torch.float32)
     return out
-
-
-def status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def old_setup(recipe, device):

@@ -27,6 +27,7 @@ from pathlib import Path
 import bench_families as families
 import common
 import torch
+from gpu_check import rel_l2, rel_max  # the parity rows' measures, as gpu_check.py defines them
 
 R, ALPHA = 16, 32.0
 """The training rows' LoRA: rank 16, alpha 32 on q and v (benchmarks/bench_qlora.py's setting)."""
@@ -128,14 +129,6 @@ def token_ids(ckpt: Path, rows: int, length: int, seed: int = 0) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- parity
-def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.float(), ref.float()
-    return float((a - ref).norm() / ref.norm())
-
-
-def rel_max(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.float(), ref.float()
-    return float((a - ref).abs().max() / ref.abs().max())
 
 
 def parity_row(name: str, root: Path, dev: torch.device) -> dict:

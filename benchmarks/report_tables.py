@@ -39,11 +39,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/test_readme_tables.py loads this file by its path
+from report_compile import compile_table  # noqa: E402
 from report_dist import dist_table  # noqa: E402
+from report_gpu import gpu_run_table  # noqa: E402
 from report_memory import RENDERERS as MEMORY_RENDERERS  # noqa: E402
 from report_serve import serve_table, soak_table  # noqa: E402
 
-RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table, "serve": serve_table, "soak": soak_table}
+RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table, "serve": serve_table, "soak": soak_table,
+             "gpu_run": gpu_run_table, "compile": compile_table}
 
 OURS = "loratune"
 PEERS = {"train": "peft", "generate": "transformers"}
@@ -249,13 +252,16 @@ def _train_job(result: dict, row: dict, precision: bool = True) -> str:
     batch = row["batch"] if "batch" in row else _one([c.get("batch") for c in _train_commands(result, row)])
     return (f"{row.get('case')}, " + (f"{row.get('precision')}, " if precision else "")
             + f"seq {row.get('seq')}, {_size(row.get('size'))}, "
-            + (f"batch {batch}" if batch is not None else "batch not recorded"))
+            + (f"batch {batch}" if batch is not None else "batch not recorded")
+            + (f", {row['variant']}" if row.get("variant") else ""))
 
 
 def _gen_job(result: dict, row: dict) -> str:
     model = f"{_size(row['size'])}, " if "size" in row else ""
     new = f", {row['new_tokens']} new tokens" if "new_tokens" in row else ""
-    return f"{model}{row.get('precision')}, batch {row.get('batch')}{new}"
+    how = "".join(f", {row[k]}" for k in ("path", "stage") if row.get(k))  # bench_generate.py's rows
+    peer = f", vs {row['peer']}" if row.get("peer") else ""
+    return f"{model}{row.get('precision')}, batch {row.get('batch')}{new}{how}{peer}"
 
 
 def slower_line(result: dict) -> str:
@@ -369,11 +375,12 @@ def render(result: dict) -> str:
     out = [machine_line(result), ""]
     if clock_line(result):
         out += [clock_line(result), ""]
-    out += train_table(result)
+    if result.get("train") or not result.get("generate"):  # a generation-only file (bench_generate.py) has none
+        out += train_table(result)
     if _has_flops(result) and best_precision_lines(result):
         out += [""] + best_precision_lines(result)
     if result.get("generate"):
-        out += [""] + generate_table(result)
+        out += ([""] if result.get("train") else []) + generate_table(result)
     out += ["", slower_line(result)]
     return "\n".join(out)
 
