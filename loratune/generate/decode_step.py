@@ -48,7 +48,21 @@ def static_step_applies(model: nn.Module, attention_mask: torch.Tensor | None = 
         return False
     if any(rope.rope_type in ("dynamic", "longrope") for rope in model.config.rope.values()):
         return False
+    if not _plain_layers(model):
+        return False
     return attention_mask is None or bool(attention_mask.bool().all())
+
+
+def _plain_layers(model: nn.Module) -> bool:
+    """The step calls each layer's submodules itself, past the layer's own forward: a layer whose forward is
+    hooked (FSDP2 gathers a sharded layer's weights in such hooks) or whose weights are sharded (DTensor) must
+    decode through its forward instead."""
+    from ..models.decoder import DecoderLayer
+
+    for module in model.modules():
+        if isinstance(module, DecoderLayer) and (module._forward_pre_hooks or module._forward_hooks):
+            return False
+    return all(type(p.data) is torch.Tensor for p in model.parameters())
 
 
 def _layer_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -109,6 +109,23 @@ def test_which_models_take_the_static_step(checkpoint):
     assert static_step_applies(llama, torch.tensor([[1, 1, 1]]))
 
 
+def test_a_layer_with_forward_hooks_decodes_through_its_forward(checkpoint):
+    """FSDP2 gathers a sharded layer's weights in hooks around its forward, which the step would go past
+    (tests/dist/test_torchrun.py trains and samples under FSDP2 for real): such a model keeps the ordinary path,
+    and its tokens are still generate's."""
+    llama = load_model(checkpoint("llama"))[0].eval()
+    calls = []
+    handle = llama.model.layers[1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        assert not static_step_applies(llama)
+        hooked = generate(llama, PROMPT, SamplingConfig(max_new_tokens=6))
+        assert len(calls) >= 6  # the hook saw every step: no step went past it
+    finally:
+        handle.remove()
+    assert static_step_applies(llama)
+    assert torch.equal(hooked, generate(llama, PROMPT, SamplingConfig(max_new_tokens=6)))
+
+
 def test_a_ring_buffer_cache_is_refused(checkpoint):
     model = load_model(checkpoint("mistral"))[0].eval()  # sliding window 12 < 40: ring-buffer layers
     with pytest.raises(ValueError, match="rings=False"):
