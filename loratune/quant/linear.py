@@ -31,15 +31,23 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .nf4 import (NF4Weight, TileScratch, bits_per_param, block_absmax, dequantize_nf4, dequantize_nf4_tile,
-                  quantize_nf4, tiles_by_row_blocks)
+from ..runtime.device import cpu_flags
+from .nf4 import (
+    NF4Weight,
+    TileScratch,
+    bits_per_param,
+    block_absmax,
+    dequantize_nf4,
+    dequantize_nf4_tile,
+    quantize_nf4,
+    tiles_by_row_blocks,
+)
 
 FUSED_CPU = True
 """Whether NF4 products on CPU use the fused, tiled path (:class:`_NF4TiledMatmul`); False restores
@@ -92,11 +100,7 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
 def _native_half_gemm() -> bool:
     """Whether this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16, AMX); True where unknown,
     which keeps the products in the input's dtype, as the reference computes them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    flags = cpu_flags()
     return flags is None or any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_fp16", "avx512_fp16"))
 
 

@@ -1,4 +1,4 @@
-"""Where a run executes: which device a name means, and how much memory is left on it.
+"""Where a run executes: which device a name means, what its CPU can do, and how much memory is left on it.
 
 Shared by training (the resource guards' estimate against what is free), serving (the KV cache
 for ``--max-batch`` checked before it is allocated) and the inference commands (``--device``).
@@ -16,6 +16,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo lists them (``amx_bf16``, ``avx512_bf16`` ...);
+    None where that file cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return None if line is None else frozenset(line.split(":", 1)[1].split())
 
 
 def _meminfo_available() -> int | None:

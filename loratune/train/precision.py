@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..runtime.device import cpu_flags
 
 
 def cpu_has_amx() -> bool:
@@ -25,10 +26,8 @@ def cpu_has_amx() -> bool:
             return bool(probe())
         except RuntimeError:
             pass
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags()
+    return flags is not None and "amx_bf16" in flags
 
 
 def choose_precision(device: torch.device) -> tuple[str, str]:

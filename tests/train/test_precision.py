@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from loratune.recipe import load_recipe
+from loratune.runtime import device as device_module
 from loratune.train import precision as precision_module
 from loratune.train.loop import resolve_device
 from loratune.train.precision import autocast_for, choose_precision, resolve_precision
@@ -30,8 +31,8 @@ def test_amx_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     flags = tmp_path / "cpuinfo"
     flags.write_text("flags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
-    real_path = precision_module.Path
-    monkeypatch.setattr(precision_module, "Path", lambda p: flags if p == "/proc/cpuinfo" else real_path(p))
+    real_path = device_module.Path  # the flags are read by runtime.device.cpu_flags
+    monkeypatch.setattr(device_module, "Path", lambda p: flags if p == "/proc/cpuinfo" else real_path(p))
     assert precision_module.cpu_has_amx()
     flags.write_text("flags\t\t: fpu sse avx2\n")
     assert not precision_module.cpu_has_amx()
