@@ -7,7 +7,7 @@ transformers' ``generate``, side by side, with the memory-bandwidth roofline.
     python benchmarks/bench_generate.py --profile --sizes smollm2-135m --precisions fp32   # where a token goes
 
 Each row: one (shape, precision, path) of loratune (``generate``: the library function ``loratune generate``
-calls; ``serve engine``: :class:`loratune.serve.engine.Engine` with one request at a time) against one
+calls; ``serve engine``: :class:`loratune.generate.engine.Engine` with one request at a time) against one
 transformers mode (``dynamic cache``: its default; ``static cache + compile``: ``cache_implementation="static"``
 with its forward compiled by torch.compile, the peer's best where it runs). The models are the random
 checkpoints of ``bench_families.py`` (the published shapes, written once, loaded by both sides), the prompt 32
@@ -82,7 +82,7 @@ def _loratune_runner(spec: dict, ckpt: Path, prompt, dtype):
     options = spec.get("options") or {}
     if spec["path"] == "generate":
         return lambda: generate(model, prompt, cfg, **options)[0].tolist()
-    from loratune.serve.engine import Engine, Request
+    from loratune.generate.engine import Engine, Request
 
     engine = Engine(model, max_batch=1, max_len=PROMPT + spec["new"], compile=bool(options.get("compile")))
     if options.get("static") is False:

@@ -232,7 +232,7 @@ def serve_checks(ckpt: Path, tmp: Path, dev: torch.device) -> None:
     from loratune.generate import SamplingConfig
     from loratune.models import load_model
     from loratune.serve.adapters import AdapterRegistry
-    from loratune.serve.engine import Engine, Request
+    from loratune.generate.engine import Engine, Request
 
     model, _ = load_model(ckpt, device=dev)
     model.to(dev).eval()

@@ -183,7 +183,7 @@ def engine_run(ckpt: Path, adapters: dict[str, Path], jobs: list[tuple[str, str]
     from loratune.generate.sampling import SamplingConfig
     from loratune.models import load_model
     from loratune.serve.adapters import AdapterRegistry
-    from loratune.serve.engine import Engine, Request
+    from loratune.generate.engine import Engine, Request
 
     model, _ = load_model(ckpt, dtype=torch.float32, device="cpu")
     registry = AdapterRegistry(model, "base", None, len(adapters))

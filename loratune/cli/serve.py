@@ -83,7 +83,7 @@ def build(args: argparse.Namespace):
     from ..models import check_tokenizer_fits, load_model
     from ..serve.adapters import AdapterRegistry
     from ..serve.app import OpenAIServer, ServeConfig, create_app
-    from ..serve.engine import Engine
+    from ..generate.engine import Engine
     from ..serve.worker import Worker
     from .common import device_and_dtype
 

@@ -36,7 +36,7 @@ def subset(records: list[dict], cfg: DataConfig, seed: int) -> list[dict]:
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
-                 seed: int) -> tuple[list[Example], list[Example]]:
+                 seed: int, kind: str = "sft") -> tuple[list[Example], list[Example]]:
     """Load, subset, tokenize and split: the (train, val) examples a training run uses.
 
     Each document is tokenized from the tokenizer's BOS (where it has one) to its EOS, see

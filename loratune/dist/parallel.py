@@ -92,6 +92,19 @@ def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
             yield
 
 
+def shard_rows(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """This rank's rows (pairs, prompts: the first dim of every tensor) of a global batch, in contiguous slices;
+    the rows must divide evenly (a made-up row would change a preference or group loss)."""
+    if world.size == 1:
+        return batch
+    rows = next(iter(batch.values())).shape[0]
+    if rows % world.size:
+        raise ConfigError(f"batch_size={rows} does not divide among {world.size} processes: this objective needs "
+                          f"every rank to hold whole rows; use a batch_size that is a multiple of {world.size}")
+    per = rows // world.size
+    return {k: v[world.rank * per:(world.rank + 1) * per] for k, v in batch.items()}
+
+
 def shard_batch(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
     """This rank's rows of a global batch: contiguous slices of ceil(B / N) rows, the last ones made up
     with copies of row 0 whose labels are all ignored, so every rank runs the same number of micro-batches

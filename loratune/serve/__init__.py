@@ -2,9 +2,7 @@
 
 - ``app``: the HTTP API (FastAPI): completions and chat completions, streamed or not, models, health.
 - ``params``: every field of a request's body checked before it is admitted.
-- ``engine``: continuous batching with per-row adapters: runs the steps the scheduler picks.
-- ``scheduler``: the scheduling policy (admission, prefill budget), apart from execution.
-- ``worker``: the engine's thread, between the web server's event loop and the engine.
+- ``worker``: the engine's thread (the engine is ``generate.engine``: GRPO's rollouts use it too), between the web server's event loop and the engine.
 - ``adapters``: the adapters a server holds: loaded by name, banked, evicted least recently used.
 - ``detokenize``: an answer's text as its tokens arrive, decoded incrementally.
 - ``answers``: OpenAI's answer shapes: choices, usage, server-sent events, logprobs.

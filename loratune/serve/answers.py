@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .engine import Logprob
+from ..generate.engine import Logprob
 
 
 def completion_logprobs(tokenizer, tokens: list[int], infos: list[Logprob], offset: int = 0) -> dict[str, Any]:

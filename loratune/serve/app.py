@@ -28,7 +28,7 @@ from . import answers
 from . import params as checks
 from .adapters import AdapterRegistry
 from .detokenize import AnswerText
-from .engine import AdapterNotLoaded, Request
+from ..generate.engine import AdapterNotLoaded, Request
 from .metrics import prometheus_text
 from .params import BadRequest, Params
 from .worker import QueueFull, Worker

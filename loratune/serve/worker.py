@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .engine import AdapterNotLoaded, Engine, Request
+from ..generate.engine import AdapterNotLoaded, Engine, Request
 
 log = logging.getLogger("loratune")
 

@@ -81,7 +81,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, force_res
     the lock, writes every output and is the only one writing to the metric sinks; all ranks train,
     evaluate, sample and checkpoint together.
     """
-    make_objective(recipe.objective)  # an unknown objective or a sink that is not installed: refused first
+    make_objective(recipe.objective, recipe)  # an unknown objective or a sink that is not installed: refused first
     check_report_to(recipe.report_to)
     recipe, _ = resolve_device(recipe, world)
     torch.manual_seed(recipe.seed)
@@ -127,7 +127,7 @@ def _first_sample(run: _Run) -> dict:
         (run.out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
     log.info(f"sample before training: {samples['before']!r}")
     if session.data.val_batches and recipe.eval_every:
-        _write_val(run.metrics, 0, session.evaluate())
+        _write_val(run.metrics, 0, session.evaluate(), session.eval_metrics)
     return samples
 
 
@@ -171,11 +171,11 @@ def _after_step(run: _Run, result: StepResult, meter: Throughput, bar) -> None:
     if recipe.log_every and (step % recipe.log_every == 0 or step == total):
         run.metrics.write({"step": step, "loss": round(result.loss, 6), "lr": lr,
                            "tokens_per_s": round(meter.window_rate(), 1), "elapsed_s": round(meter.elapsed(), 2),
-                           "grad_norm": round(result.grad_norm, 6)})
+                           "grad_norm": round(result.grad_norm, 6), **_rounded_all(result.metrics)})
     if (compiled := compile_report(session.model)) is not None:  # compile: true, after a step that compiled
         run.metrics.write({"step": step, **compiled})
     if session.data.val_batches and recipe.eval_every and step % recipe.eval_every == 0 and step < total:
-        _write_val(run.metrics, step, session.evaluate())
+        _write_val(run.metrics, step, session.evaluate(), session.eval_metrics)
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.rate():.0f}")
@@ -191,7 +191,7 @@ def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> T
     if session.data.val_batches:
         val_loss = session.evaluate()
         if not _val_logged(run.metrics, session.state.step):  # a resume of a finished run has its line already
-            _write_val(run.metrics, session.state.step, val_loss)
+            _write_val(run.metrics, session.state.step, val_loss, session.eval_metrics)
     run.samples["after"] = session.sample()
     try:  # the last collective: what follows is rank 0's alone
         session.save_result(out)
@@ -223,8 +223,16 @@ def _val_logged(metrics: MetricSinks, step: int) -> bool:
         r.get("step") == step and "val_loss" in r for r in read_metrics(metrics.path))
 
 
-def _write_val(metrics: MetricSinks, step: int, loss: float) -> None:
-    """One validation line of the metrics."""
+def _rounded_all(values: dict[str, float], prefix: str = "") -> dict[str, float]:
+    return {prefix + k: round(v, 6) for k, v in values.items()}
+
+
+def _write_val(metrics: MetricSinks, step: int, loss: float, measured: dict[str, float] | None = None) -> None:
+    """One validation line of the metrics: the loss, and what a preference or RL objective measured (as
+    ``val_rewards/accuracies`` ...); perplexity only for the cross-entropy of sft."""
+    if measured:
+        metrics.write({"step": step, "val_loss": round(loss, 6), **_rounded_all(measured, "val_")})
+        return
     metrics.write({"step": step, "val_loss": round(loss, 6), "val_ppl": round(perplexity(loss), 3)})
 
 

@@ -6,13 +6,18 @@ loss, and ``objective.weight(batch)`` the count it is divided by for the whole (
 that micro-batches and ranks add up to exactly the one-batch loss (see ``step.forward_backward``).
 
 ``sft`` is causal-LM / completion training: token cross-entropy over the positions whose label is
-not -100 (the data pipeline masks prompts and padding). Preference (DPO) and RL (GRPO) objectives
-come next; each is one class here (or in its own file) and one entry in :data:`OBJECTIVES`.
+not -100 (the data pipeline masks prompts and padding). The preference objectives (``dpo``, ``ipo``,
+``orpo``, ``simpo`` in ``preference.py``, ``kto`` in ``kto.py``) and ``grpo`` (``grpo.py``) are
+registered by their modules, which the package imports.
 
-Adding one: subclass :class:`Objective`, give it a ``name``, implement ``module`` (an
-``nn.Module`` whose forward takes the batch's tensors by keyword and returns a scalar summed loss)
-and ``weight``, and register it with :func:`register_objective`. The loop, evaluation, DDP/FSDP2,
-checkpoints and the sinks need no change.
+Adding one: subclass :class:`Objective`, give it a ``name`` and the ``data`` it trains on, implement
+``module`` (an ``nn.Module`` whose forward takes the batch's tensors by keyword and returns a scalar
+summed loss) and ``weight``, and register it with :func:`register_objective`. Optional seams:
+``setup`` (once, with the session's model, tokenizer and data: e.g. precomputed reference
+log-probabilities), ``prepare`` (each step, no gradients, this rank's rows before the micro-batches:
+e.g. GRPO's rollouts), and :attr:`Objective.sums`, where the module adds what it measures (TRL's
+``rewards/chosen`` ...): the step averages them over micro-batches and ranks into its metrics row.
+The loop, evaluation, DDP/FSDP2, checkpoints and the sinks need no change.
 """
 
 from __future__ import annotations
@@ -22,15 +27,68 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..dist.world import SINGLE, World
 from ..errors import ConfigError
 from .loss import CausalLMLoss, count_targets
 
+DATA_KINDS = ("sft", "pairs", "unpaired", "prompts")
+"""What an objective trains on: the recipe's data task (sft); prompt/chosen/rejected pairs (dpo ...);
+KTO's unpaired prompt/completion/label; prompts whose completions are sampled while training (grpo)."""
+
+
+class MetricSums:
+    """Sums and counts of what an objective measures over a step's micro-batches (its module adds to them);
+    :meth:`take` turns them into means over the whole step, over every rank."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, name: str, total: float | torch.Tensor, count: float = 1) -> None:
+        """Add ``total`` (a sum over ``count`` items: rows, pairs, tokens) to ``name``."""
+        if isinstance(total, torch.Tensor):
+            total = float(total.detach().double().sum())
+        entry = self.totals.setdefault(name, [0.0, 0.0])
+        entry[0] += total
+        entry[1] += count
+
+    def take(self, world: World = SINGLE) -> dict[str, float]:
+        """The means so far (summed over ranks first: every rank calls this with the same names), then empty."""
+        names = sorted(self.totals)
+        flat = world.sum([x for n in names for x in self.totals[n]]) if names else []
+        self.totals = {}
+        return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else float("nan")) for i, n in enumerate(names)}
+
 
 class Objective:
-    """The loss of a batch; see the module docstring."""
+    """The loss of a batch; see the module docstring. Made with the (resolved) recipe, whose ``preference`` or
+    ``grpo`` section holds its knobs (None: the defaults, e.g. in a test)."""
 
     name: ClassVar[str]
     """The recipe's ``objective`` value."""
+    data: ClassVar[str] = "sft"
+    """What it trains on, one of :data:`DATA_KINDS` (the data pipeline builds those batches)."""
+
+    def __init__(self, recipe=None) -> None:
+        self.recipe = recipe
+        self.sums = MetricSums()
+        """What the module measured this step (or this evaluation); see :class:`MetricSums`."""
+
+    @property
+    def lm_batches(self) -> bool:
+        """Whether a step runs the causal-LM path (input_ids, labels, position_ids; sft), rather than calling
+        the module with every tensor of the batch and :meth:`prepare` first."""
+        return False
+
+    def setup(self, model: nn.Module, tokenizer, data, device: torch.device, world: World = SINGLE) -> None:
+        """Once, when the session is made (``data``: its TrainingData): e.g. precompute reference log-probs."""
+
+    def prepare(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int,
+                world: World = SINGLE) -> dict[str, torch.Tensor]:
+        """Each step (``step``: the optimizer step about to run, 0-based) and each evaluation batch (``step``
+        -1), without gradients, on this rank's rows before they are split into micro-batches; returns the
+        batch the module is called with (e.g. GRPO's sampled completions). ``model`` is the bare model (not
+        the DDP/FSDP2 wrapper). Every tensor of the result has the rows (prompts, pairs) as its first dim."""
+        return batch
 
     def module(self, model: nn.Module) -> nn.Module:
         """The model and its loss as one module: ``forward(input_ids=..., labels=..., ...)`` returns the
@@ -48,6 +106,10 @@ class SFTObjective(Objective):
     """Causal-LM / completion cross-entropy, token-weighted (the mean over target tokens)."""
 
     name = "sft"
+
+    @property
+    def lm_batches(self) -> bool:
+        return True
 
     def module(self, model: nn.Module) -> nn.Module:
         return CausalLMLoss(model)
@@ -69,8 +131,8 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 register_objective(SFTObjective)
 
 
-def make_objective(name: str) -> Objective:
-    """The objective a recipe names; a ConfigError naming the known ones otherwise."""
+def make_objective(name: str, recipe=None) -> Objective:
+    """The objective a recipe names (``recipe``: its knobs); a ConfigError naming the known ones otherwise."""
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {name!r}")
-    return OBJECTIVES[name]()
+    return OBJECTIVES[name](recipe)

@@ -130,10 +130,12 @@ class TrainingData:
             self.total_steps = len(self.batches)
 
 
-def load_data(recipe: Recipe, tokenizer, validation: bool = True) -> TrainingData:
-    """The recipe's data as batches (``validation`` False: every example trains, none is held out)."""
+def load_data(recipe: Recipe, tokenizer, validation: bool = True, kind: str = "sft") -> TrainingData:
+    """The recipe's data as batches (``validation`` False: every example trains, none is held out); ``kind``:
+    what the objective trains on (see ``objective.DATA_KINDS``): the recipe's task, preference pairs, KTO's
+    unpaired completions, or GRPO's prompts."""
     data = recipe.data if validation else dataclasses.replace(recipe.data, val_fraction=0.0)
-    train_ex, val_ex = prepare_data(data, tokenizer, recipe.seq_len, recipe.seed)
+    train_ex, val_ex = prepare_data(data, tokenizer, recipe.seq_len, recipe.seed, kind=kind)
     batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
                       pad_id=tokenizer.pad_id)
     val_batches = Batches(val_ex, recipe.micro_batch_size, shuffle=False, pad_id=tokenizer.pad_id,
@@ -160,7 +162,8 @@ class TrainingSession:
                  objective: Objective | None = None, schedule: bool = True) -> None:
         self.recipe, self.device, self.model, self.data = recipe, device, model, data
         self.tokenizer, self.model_dir, self.world = tokenizer, model_dir, world
-        self.objective = objective or make_objective(recipe.objective)
+        self.objective = objective or make_objective(recipe.objective, recipe)
+        self.objective.setup(model, tokenizer, data, device, world)
         module = self.objective.module(model)
         self.trainer = wrap(module, recipe.strategy, world, device) if world.distributed else module
         """What a step runs: the objective's module (model and loss), under DDP or FSDP2 when launched."""
@@ -169,6 +172,8 @@ class TrainingSession:
         self.optimizer = make_optimizer(model, recipe)  # after wrapping: FSDP2 has made the parameters shards
         self.scheduler = make_scheduler(self.optimizer, recipe, data.total_steps) if schedule and data else None
         self.state = TrainState(step=0)
+        self.eval_metrics: dict[str, float] = {}
+        """What the objective measured at the last :meth:`evaluate` (empty for sft)."""
         self.autocast = autocast_for(recipe.precision, device)
         if is_fsdp(self.trainer):  # the shards (after a forward the root unit's modules hold its gathered weights)
             self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -205,14 +210,16 @@ class TrainingSession:
         gradient norm or weight."""
         result = train_step(self.trainer, self.next_batch() if batch is None else batch, self.optimizer,
                             self.scheduler, self.recipe, self.device, self.autocast, self.trainable, self.world,
-                            self.objective)
+                            self.objective, self.model, self.state.step)
         self.state.step += 1
         return result
 
     def evaluate(self, batches: Batches | None = None) -> float:
-        """The objective's mean loss over (``eval_batches`` of) the validation split, or ``batches``."""
+        """The objective's mean loss over (``eval_batches`` of) the validation split, or ``batches``; what the
+        objective measured on them (e.g. ``rewards/accuracies``) is left in :attr:`eval_metrics`."""
+        self.eval_metrics = {}
         return evaluate(self.trainer, self.data.val_batches if batches is None else batches, self.device, self.autocast,
-                        self.recipe.eval_batches, self.world, self.objective)
+                        self.recipe.eval_batches, self.world, self.objective, self.model, self.eval_metrics)
 
     def sample(self) -> str:
         """The recipe's sample; every rank of an FSDP2 run takes part (each forward gathers the weights)."""
@@ -295,9 +302,10 @@ def _load(recipe: Recipe, device: torch.device, world: World, out_dir: Path | No
     fsdp = world.distributed and recipe.strategy == "fsdp"
     model, tokenizer, model_dir = setup_model(recipe, device, torch.device("cpu") if fsdp else None)
     log.info(f"model: {recipe.model} | finetune: {recipe.finetune} | precision: {recipe.precision}"
-             + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else ""))
+             + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else "")
+             + (f" | objective: {recipe.objective}" if recipe.objective != "sft" else ""))
     log.info(str(parameter_report(model)))
-    data = load_data(recipe, tokenizer, validation)
+    data = load_data(recipe, tokenizer, validation, make_objective(recipe.objective, recipe).data)
     if out_dir is not None:
         check_resources(model, recipe, device, out_dir, shards=world.size if fsdp else 1)  # refuse what won't fit
     return model, tokenizer, model_dir, data

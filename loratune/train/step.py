@@ -8,12 +8,12 @@ AdamW and the schedule. Nothing else in loratune updates weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..dist.parallel import grad_sync, shard_batch
+from ..dist.parallel import grad_sync, shard_batch, shard_rows
 from ..dist.world import SINGLE, World
 from ..errors import LoratuneError
 from ..runtime.finite import first_non_finite, local_part
@@ -41,11 +41,13 @@ class StepResult:
     """What one optimizer step saw."""
 
     loss: float
-    """Mean cross-entropy over the step's target tokens."""
+    """The objective's loss: for sft the mean cross-entropy over the step's target tokens."""
     grad_norm: float
     """Global gradient norm before clipping."""
     tokens: int
     """Token positions in the batch (padding included), for throughput."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """What the objective measured, averaged over the step (e.g. DPO's ``rewards/margins``); empty for sft."""
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +65,8 @@ def _weight(objective, batch: dict[str, torch.Tensor]) -> int:
 
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, max_grad_norm: float | None,
                      device: torch.device, autocast, trainable: list[nn.Parameter],
-                     world: World = SINGLE, objective=None) -> tuple[float, float]:
+                     world: World = SINGLE, objective=None, bare: nn.Module | None = None,
+                     step: int = 0) -> tuple[float, float]:
     """Gradients of one optimizer step's batch, in micro-batches of ``micro_batch`` rows, then clipped.
 
     The loss is token-weighted over the whole batch (each micro-batch's summed loss is divided by
@@ -74,8 +77,14 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
     In a launched run ``batch`` is the global batch: this rank takes its rows (``shard_batch``),
     divides by the global target count and scales by the world size (DDP and FSDP2 average over
     ranks), and gradients are all-reduced on the last micro-batch only; the loss is summed over ranks.
-    ``objective`` (None: causal-LM cross-entropy) says what the summed loss is divided by.
+    ``objective`` (None: causal-LM cross-entropy) says what the summed loss is divided by; one that
+    does not train on causal-LM batches (``lm_batches`` False) gets this rank's rows through its
+    ``prepare`` (``bare``: the model without the DDP/FSDP2 wrapper, ``step``: the step about to run) and
+    its module is called with every tensor of the batch (see :func:`_objective_losses`).
     """
+    if objective is not None and not objective.lm_batches:
+        loss_total = _objective_losses(model, batch, micro_batch, device, autocast, world, objective, bare, step)
+        return loss_total, _clip(trainable, max_grad_norm)
     n_targets = max(1, _weight(objective, batch))
     batch = shard_batch(batch, world)
     x_all, y_all = batch["input_ids"].to(device), batch["labels"].to(device)
@@ -90,14 +99,43 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
             (loss * world.size if world.size > 1 else loss).backward()
         loss_total += float(loss.detach())
     loss_total = world.sum([loss_total])[0]
+    return loss_total, _clip(trainable, max_grad_norm)
+
+
+def _clip(trainable: list[nn.Parameter], max_grad_norm: float | None) -> float:
     norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    return loss_total, grad_norm
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _rows(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` split along its first dim (rows: pairs, prompts) into parts of ``size``."""
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _objective_losses(model: nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, device: torch.device,
+                      autocast, world: World, objective, bare: nn.Module | None, step: int) -> float:
+    """Backward of an objective's loss over this rank's rows: ``prepare`` (no gradients), then the module on
+    each micro-batch, each summed loss divided by the objective's weight of the global batch (summed over
+    ranks, so micro-batches and ranks add up to the one-batch loss). Returns the global loss."""
+    local = shard_rows(batch, world)
+    with torch.no_grad():
+        local = objective.prepare(bare if bare is not None else model, local, step, world)
+    n = world.sum([float(objective.weight(local))])[0] or 1.0
+    parts = _rows(local, micro_batch)
+    loss_total = 0.0
+    for i, part in enumerate(parts):
+        with grad_sync(model, i == len(parts) - 1):
+            with autocast:
+                loss = model(**{k: v.to(device) for k, v in part.items()}) / n
+            (loss * world.size if world.size > 1 else loss).backward()
+        loss_total += float(loss.detach())
+    return world.sum([loss_total])[0]
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
                recipe, device: torch.device, autocast, trainable: list[nn.Parameter],
-               world: World = SINGLE, objective=None) -> StepResult:
+               world: World = SINGLE, objective=None, bare: nn.Module | None = None, step: int = 0) -> StepResult:
     """One optimizer step of ``recipe`` on ``batch``; ``scheduler`` may be None.
 
     Raises :class:`NonFiniteStep` when the loss or the gradient norm is not finite (weights untouched),
@@ -107,7 +145,8 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     agreed by all ranks: each checks its own shards).
     """
     loss, grad_norm = forward_backward(model, batch, recipe.micro_batch_size, recipe.max_grad_norm, device,
-                                       autocast, trainable, world, objective)
+                                       autocast, trainable, world, objective, bare, step)
+    metrics = objective.sums.take(world) if objective is not None and not objective.lm_batches else {}
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep("loss" if not math.isfinite(loss) else "gradient norm",
@@ -120,7 +159,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, batch["input_ids"].numel())
+    return StepResult(loss, grad_norm, batch["input_ids"].numel(), metrics)
 
 
 def _nan_or_inf(tensor: torch.Tensor) -> float:
@@ -129,15 +168,28 @@ def _nan_or_inf(tensor: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batches: int | None = None,
-             world: World = SINGLE, objective=None) -> float:
+             world: World = SINGLE, objective=None, bare: nn.Module | None = None,
+             metrics: dict[str, float] | None = None) -> float:
     """Token-weighted mean cross-entropy over (up to ``max_batches`` of) ``batches``; in a launched
-    run each rank takes its rows of every batch and the sums are added over ranks."""
+    run each rank takes its rows of every batch and the sums are added over ranks. An objective that does
+    not train on causal-LM batches gives its own mean loss (each batch through its ``prepare``, step -1),
+    and what its module measured goes into ``metrics`` (e.g. ``rewards/accuracies``)."""
     was_training = model.training
     model.eval()
+    custom = objective is not None and not objective.lm_batches
+    if custom:
+        objective.sums.take()  # nothing from a step is mixed in (every rank: the same, local)
     total, count = 0.0, 0
     for i in range(len(batches)):
         if max_batches is not None and i >= max_batches:
             break
+        if custom:
+            batch = objective.prepare(bare if bare is not None else model, shard_rows(batches.batch(0, i), world),
+                                      -1, world)
+            with autocast:
+                total += float(model(**{k: v.to(device) for k, v in batch.items()}))
+            count += objective.weight(batch)
+            continue
         batch = shard_batch(batches.batch(0, i), world)
         x, y = batch["input_ids"].to(device), batch["labels"].to(device)
         p = batch.get("position_ids")
@@ -146,6 +198,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batc
         count += _weight(objective, batch)
     model.train(was_training)
     total, count = world.sum([total, count])
+    if custom and metrics is not None:
+        metrics.update(objective.sums.take(world))
     if count == 0:
-        raise LoratuneError("the validation data has no target tokens")
+        raise LoratuneError("the validation data has no target tokens" if not custom else
+                            "the validation data gives the objective nothing to score")
     return total / count

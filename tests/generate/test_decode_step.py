@@ -18,7 +18,7 @@ from family_models import CASES, checkpoint_maker, save_family
 from loratune.generate import SamplingConfig, generate
 from loratune.generate.decode_step import DecodeStep, static_step_applies
 from loratune.models import load_model
-from loratune.serve.engine import Engine, Request
+from loratune.generate.engine import Engine, Request
 
 STATIC = [name for name in CASES if name != "phi3-longrope"]  # longrope's angles change with the length
 PROMPT = torch.tensor([[5, 17, 250, 3, 99, 41, 7, 180, 66]])

@@ -21,7 +21,7 @@ from soak_client import metrics  # noqa: E402
 
 from loratune.errors import ConfigError  # noqa: E402
 from loratune.generate import SamplingConfig  # noqa: E402
-from loratune.serve.engine import Request  # noqa: E402
+from loratune.generate.engine import Request  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 

@@ -1,4 +1,4 @@
-"""loratune/serve/engine.py: continuous batching with per-row adapters gives every request, token for token,
+"""loratune/generate/engine.py: continuous batching with per-row adapters gives every request, token for token,
 what greedy ``generate`` gives it alone with its adapter; with more requests than slots (queueing, slots
 reused), prompts of different lengths (rows shifted right for a longer newcomer) and a short cache (the time
 axis compacted), stop tokens, cancellation and refusals."""
@@ -14,7 +14,7 @@ from family_models import MIXED_ADAPTERS, banked_family, generate_alone
 from loratune.adapters.rows import row_banks
 from loratune.errors import ConfigError
 from loratune.generate import SamplingConfig
-from loratune.serve.engine import Engine, Request
+from loratune.generate.engine import Engine, Request
 
 ADAPTERS = MIXED_ADAPTERS
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

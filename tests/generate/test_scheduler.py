@@ -1,4 +1,4 @@
-"""loratune/serve/scheduler.py: the prefill policy alone, on plain numbers (no model): the budget holds with
+"""loratune/generate/scheduler.py: the prefill policy alone, on plain numbers (no model): the budget holds with
 padding counted, admission is first come first served into free slots, and a long prompt is prefilled in chunks
 that never take more than one budget from the running rows."""
 
@@ -9,7 +9,7 @@ import random
 import pytest
 
 from loratune.errors import ConfigError
-from loratune.serve.scheduler import Group, Scheduler, StepPlan
+from loratune.generate.scheduler import Group, Scheduler, StepPlan
 
 
 def test_prompts_that_fit_go_in_one_group_padding_counted():

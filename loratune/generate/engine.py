@@ -37,9 +37,9 @@ from torch import nn
 
 from ..adapters.rows import row_banks
 from ..errors import ConfigError, ResourceError
-from ..generate.decode_step import DecodeStep, static_step_applies
-from ..generate.sampling import LogitsProcessing, SamplingConfig, next_token, token_logprobs
 from ..models.kv_cache import KVCache
+from .decode_step import DecodeStep, static_step_applies
+from .sampling import LogitsProcessing, SamplingConfig, next_token, token_logprobs
 from .scheduler import Scheduler
 
 
