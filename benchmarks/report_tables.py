@@ -43,10 +43,11 @@ from report_compile import compile_table  # noqa: E402
 from report_dist import dist_table  # noqa: E402
 from report_gpu import gpu_run_table  # noqa: E402
 from report_memory import RENDERERS as MEMORY_RENDERERS  # noqa: E402
+from report_preference import preference_table  # noqa: E402
 from report_serve import serve_table, soak_table  # noqa: E402
 
 RENDERERS = {**MEMORY_RENDERERS, "dist": dist_table, "serve": serve_table, "soak": soak_table,
-             "gpu_run": gpu_run_table, "compile": compile_table}
+             "gpu_run": gpu_run_table, "compile": compile_table, "preference": preference_table}
 
 OURS = "loratune"
 PEERS = {"train": "peft", "generate": "transformers"}

@@ -225,7 +225,8 @@ def free_disk(path: Path) -> int:
 
 # --- the checks --------------------------------------------------------------------------------
 
-def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Path, shards: int = 1) -> MemoryEstimate:
+def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Path, shards: int = 1,
+                    objective=None) -> MemoryEstimate:
     """Refuse a run that will not fit in memory or on disk, before its first step; returns the estimate.
 
     Memory: the estimate must fit in what is available now plus what the model already holds
@@ -234,11 +235,16 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     ``shards``: the ranks of an FSDP2 run, over which the parameters, their gradients and optimizer
     state are divided, except the root unit's (embeddings, final norm, head: gathered from a step's
     forward through its backward) and quantized weights (buffers, not sharded). The model is loaded on
-    the CPU then, so none of it is resident on ``device`` yet.
+    the CPU then, so none of it is resident on ``device`` yet. ``objective`` (None: sft) runs
+    ``sequences_per_row`` sequences a row (a preference pair's two, a GRPO group) and holds its
+    ``extra_memory`` besides (the logits it scores, GRPO's rollout cache).
     """
     mb, seq = recipe.micro_batch_size, recipe.seq_len
-    est = estimate_training_memory(model, mb, seq, recipe.precision, recipe.finetune,
+    per_row = objective.sequences_per_row() if objective is not None else 1
+    est = estimate_training_memory(model, mb * per_row, seq, recipe.precision, recipe.finetune,
                                    recipe.activation_checkpointing)
+    if objective is not None and objective.extra_memory(model, mb, seq):
+        est = dataclasses.replace(est, workspace=est.workspace + objective.extra_memory(model, mb, seq))
     if shards > 1:
         est = _sharded(est, model, shards)
     available = available_memory(device)

@@ -79,6 +79,21 @@ class Objective:
         the module with every tensor of the batch and :meth:`prepare` first."""
         return False
 
+    def sequences_per_row(self) -> int:
+        """Sequences a step runs through the model with gradients per row of the batch (a pair: 2; GRPO: the
+        group), for the memory guard's activations."""
+        return 1 if self.lm_batches else 2
+
+    def extra_memory(self, model: nn.Module, micro_batch: int, seq_len: int) -> int:
+        """Bytes a micro-batch's step holds besides what ``train.guards`` counts for causal-LM training: for an
+        objective that scores log-probabilities (``train.logps``), the float32 logits of every sequence it runs
+        with gradients, their log-softmax and the gradient arriving for them (the fused, chunked loss of sft
+        never holds them whole)."""
+        if self.lm_batches:
+            return 0
+        vocab = model.lm_head.weight.shape[0]
+        return 3 * 4 * micro_batch * self.sequences_per_row() * seq_len * vocab
+
     def setup(self, model: nn.Module, tokenizer, data, device: torch.device, world: World = SINGLE) -> None:
         """Once, when the session is made (``data``: its TrainingData): e.g. precompute reference log-probs."""
 

@@ -305,7 +305,8 @@ def _load(recipe: Recipe, device: torch.device, world: World, out_dir: Path | No
              + (f" | {world.size} processes, {recipe.strategy}" if world.distributed else "")
              + (f" | objective: {recipe.objective}" if recipe.objective != "sft" else ""))
     log.info(str(parameter_report(model)))
-    data = load_data(recipe, tokenizer, validation, make_objective(recipe.objective, recipe).data)
-    if out_dir is not None:
-        check_resources(model, recipe, device, out_dir, shards=world.size if fsdp else 1)  # refuse what won't fit
+    objective = make_objective(recipe.objective, recipe)
+    data = load_data(recipe, tokenizer, validation, objective.data)
+    if out_dir is not None:  # refuse what won't fit
+        check_resources(model, recipe, device, out_dir, shards=world.size if fsdp else 1, objective=objective)
     return model, tokenizer, model_dir, data
