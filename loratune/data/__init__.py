@@ -12,17 +12,21 @@
 - ``examples``: :class:`Example`, ids and aligned labels.
 - ``tasks``: records -> examples for causal_lm, completion and chat.
 - ``packing``: sequence packing, documents into blocks or whole examples into rows.
+- ``preference_formats``: TRL's preference, KTO and GRPO records, read and checked.
+- ``preference_items``: those records as token ids (TRL's tokenizing and truncation) and their batches.
 - ``batches``: deterministic, resumable batches.
 - ``prepare``: the (train, validation) examples a run uses, put together.
 """
 
 from .batches import Batches
 from .config import TASKS, DataConfig
-from .prepare import prepare_data, split_train_val
+from .preference_items import ITEM_KINDS, PairItem, PromptItem, UnpairedItem, build_items, encode_items
+from .prepare import KINDS, prepare_data, split_train_val
 from .sources import FILE_TYPES, load_records
 from .examples import IGNORE_INDEX, Encoded, Example
 from .tasks import build_examples, encode_records
 from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["Batches", "DataConfig", "Encoded", "Example", "FILE_TYPES", "IGNORE_INDEX", "TASKS", "Tokenizer",
-           "build_examples", "encode_records", "load_records", "load_tokenizer", "prepare_data", "split_train_val"]
+__all__ = ["Batches", "DataConfig", "Encoded", "Example", "FILE_TYPES", "IGNORE_INDEX", "ITEM_KINDS", "KINDS",
+           "PairItem", "PromptItem", "TASKS", "Tokenizer", "UnpairedItem", "build_examples", "build_items",
+           "encode_items", "encode_records", "load_records", "load_tokenizer", "prepare_data", "split_train_val"]

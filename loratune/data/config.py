@@ -13,6 +13,7 @@ DEFAULT_SOURCE = "ctr4si/reddit_tifu"
 TASKS = ("causal_lm", "completion", "chat")
 CHAT_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "template")
 TRAIN_ON = ("assistant", "last_assistant", "all")
+TRUNCATIONS = ("keep_start", "keep_end")
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
                "system")
 
@@ -30,7 +31,9 @@ class DataConfig:
     """Split of the hub data set (ignored for local files)."""
     task: str = "causal_lm"
     """'causal_lm': plain LM on text_field; 'completion': prompt -> completion, loss on the completion only;
-    'chat': conversations through the model's chat template, loss on the assistant turns (see train_on)."""
+    'chat': conversations through the model's chat template, loss on the assistant turns (see train_on).
+    The sft objective's only: the preference, KTO and GRPO objectives read TRL's record formats whatever it says
+    (see data/preference_formats.py)."""
     text_field: str = "documents"
     """Record field that causal_lm trains on (a .txt file's records have the single field 'text')."""
     prompt_template: str = "{documents}\nTL;DR: "
@@ -56,8 +59,13 @@ class DataConfig:
     """chat: a system message put first in every conversation that has none."""
     train_on: str = "assistant"
     """chat: 'assistant' (every assistant turn with its end-of-turn token), 'last_assistant', or 'all' tokens."""
+    truncation: str = "keep_start"
+    """Preference pairs, KTO and GRPO prompts (as TRL's truncation_mode): each prompt + completion is cut to
+    seq_len + 1 tokens keeping its start ('keep_start', TRL's default: an example whose prompt alone fills the
+    limit is dropped) or its end ('keep_end': the prompt loses its start, nothing is dropped)."""
     warn_dropped: float = 0.05
-    """chat, completion: warn when more than this share of examples is dropped (no token left to train)."""
+    """chat, completion, preference data: warn when more than this share of examples is dropped (no token left to
+    train)."""
     max_examples: int | None = None
     """Use only the first N records of source, after a seeded shuffle (a quick subset)."""
     val_source: str | None = None
@@ -77,7 +85,8 @@ class DataConfig:
         if self.max_examples is not None and self.max_examples <= 0:
             raise ConfigError(f"max_examples must be None or > 0, got {self.max_examples}")
         for name, value, allowed in (("chat_format", self.chat_format, CHAT_FORMATS),
-                                     ("train_on", self.train_on, TRAIN_ON)):
+                                     ("train_on", self.train_on, TRAIN_ON),
+                                     ("truncation", self.truncation, TRUNCATIONS)):
             if value not in allowed:
                 raise ConfigError(f"unknown data.{name} {value!r}; choose one of {', '.join(allowed)}")
         if not isinstance(self.fields, dict) or not all(isinstance(v, str) and v for v in self.fields.values()):

@@ -1,6 +1,6 @@
 """Training: one loop (``loop``) around one session (``session``: model, objective, optimizer, schedule,
 precision and data, set up once) and its step (``step``), with the objectives (``objective``: the seam
-and sft; ``preference``: DPO, IPO, ORPO, SimPO; ``kto``; ``grpo`` with its ``rewards``; ``logps``: the
+and sft; ``preference``: DPO, IPO, ORPO, SimPO; ``kto``; ``grpo`` with its ``rollout`` and ``rewards``; ``logps``: the
 log-probabilities they score), the fused loss (``loss``), AdamW and schedules (``optim``), precision (``precision``), resumable snapshots
 (``checkpoint``), resource guards (``guards``), metrics and plots (``metrics``), the metric sinks
 (``sinks``: metrics.jsonl, TensorBoard, W&B, MLflow), the output directory (``run_dir``), samples

@@ -198,7 +198,8 @@ def _finish(run: _Run, path: Path, last: StepResult | None, elapsed: float) -> T
     except OSError as exc:
         raise disk_error(exc, f"the result in {out}", f"checkpoint {path} holds the trained weights") from None
     if session.world.main:
-        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}")
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{recipe.finetune} fine-tuning of {recipe.model}",
+                    **({} if recipe.objective == "sft" else {"ylabel": f"{recipe.objective} loss"}))
         (out / "samples.json").write_text(json.dumps(run.samples, indent=2) + "\n", encoding="utf-8")
     result = _result(run, "done", last, val_loss, elapsed)
     log.info(f"sample after training: {run.samples['after']!r}")

@@ -55,7 +55,8 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "",
+                ylabel: str = "cross-entropy (nats/token)") -> Path | None:
     """Train and validation loss against step; returns None where matplotlib is missing."""
     try:
         import matplotlib
@@ -74,7 +75,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -11,7 +11,7 @@ not -100 (the data pipeline masks prompts and padding). The preference objective
 registered by their modules, which the package imports.
 
 Adding one: subclass :class:`Objective`, give it a ``name`` and the ``data`` it trains on, implement
-``module`` (an ``nn.Module`` whose forward takes the batch's tensors by keyword and returns a scalar
+``module`` (an :class:`ObjectiveModule` whose forward takes the batch's tensors by keyword and returns a scalar
 summed loss) and ``weight``, and register it with :func:`register_objective`. Optional seams:
 ``setup`` (once, with the session's model, tokenizer and data: e.g. precomputed reference
 log-probabilities), ``prepare`` (each step, no gradients, this rank's rows before the micro-batches:
@@ -52,11 +52,26 @@ class MetricSums:
         entry[1] += count
 
     def take(self, world: World = SINGLE) -> dict[str, float]:
-        """The means so far (summed over ranks first: every rank calls this with the same names), then empty."""
+        """The means so far (summed over ranks first: every rank calls this with the same names, a name with a
+        count of 0 where it measured nothing), then empty."""
         names = sorted(self.totals)
         flat = world.sum([x for n in names for x in self.totals[n]]) if names else []
-        self.totals = {}
-        return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else float("nan")) for i, n in enumerate(names)}
+        self.totals = {}  # a name nothing was counted for (KTO: no undesirable example this step) is left out
+        return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(names) if flat[2 * i + 1]}
+
+
+class ObjectiveModule(nn.Module):
+    """The base of an objective's module: it holds the model (``model``) and lets work outside the training
+    forward reach it through :meth:`run` (samples and evaluation generate through it; FSDP2 registers ``run``
+    as a forward, so the root unit's weights are gathered around it), as :class:`~.loss.CausalLMLoss` does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def run(self, fn, *args):
+        """``fn(model, *args)``."""
+        return fn(self.model, *args)
 
 
 class Objective:

@@ -135,7 +135,8 @@ def load_data(recipe: Recipe, tokenizer, validation: bool = True, kind: str = "s
     what the objective trains on (see ``objective.DATA_KINDS``): the recipe's task, preference pairs, KTO's
     unpaired completions, or GRPO's prompts."""
     data = recipe.data if validation else dataclasses.replace(recipe.data, val_fraction=0.0)
-    train_ex, val_ex = prepare_data(data, tokenizer, recipe.seq_len, recipe.seed, kind=kind)
+    train_ex, val_ex = prepare_data(data, tokenizer, recipe.seq_len, recipe.seed, kind=kind,
+                                    prompt_field=recipe.grpo.prompt_field)
     batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
                       pad_id=tokenizer.pad_id)
     val_batches = Batches(val_ex, recipe.micro_batch_size, shuffle=False, pad_id=tokenizer.pad_id,
@@ -163,7 +164,8 @@ class TrainingSession:
         self.recipe, self.device, self.model, self.data = recipe, device, model, data
         self.tokenizer, self.model_dir, self.world = tokenizer, model_dir, world
         self.objective = objective or make_objective(recipe.objective, recipe)
-        self.objective.setup(model, tokenizer, data, device, world)
+        with autocast_for(recipe.precision, device):  # e.g. precomputed reference log-probs, as a step computes them
+            self.objective.setup(model, tokenizer, data, device, world)
         module = self.objective.module(model)
         self.trainer = wrap(module, recipe.strategy, world, device) if world.distributed else module
         """What a step runs: the objective's module (model and loss), under DDP or FSDP2 when launched."""
