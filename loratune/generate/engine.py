@@ -76,6 +76,8 @@ class Finished:
     reason: str
     error: str | None = None
     """With reason ``error``: what failed (this request alone; the others go on)."""
+    stop_token: int | None = None
+    """With reason ``stop``: the stop id that ended it (not in ``tokens``; GRPO trains on it)."""
 
 
 @dataclass
@@ -332,7 +334,7 @@ class Engine:
         token, logprob = sampled
         cfg, stops = row.request.sampling, row.request.stop_ids
         if cfg.stop_at_eos and token in stops:
-            finished.append(Finished(row.request, row.tokens, "stop"))
+            finished.append(Finished(row.request, row.tokens, "stop", stop_token=token))
             self._free(slot)
             return
         row.tokens.append(token)

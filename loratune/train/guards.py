@@ -241,7 +241,8 @@ def check_resources(model: nn.Module, recipe, device: torch.device, out_dir: Pat
     """
     mb, seq = recipe.micro_batch_size, recipe.seq_len
     per_row = objective.sequences_per_row() if objective is not None else 1
-    est = estimate_training_memory(model, mb * per_row, seq, recipe.precision, recipe.finetune,
+    longest = objective.sequence_len(seq) if objective is not None else seq
+    est = estimate_training_memory(model, mb * per_row, longest, recipe.precision, recipe.finetune,
                                    recipe.activation_checkpointing)
     if objective is not None and objective.extra_memory(model, mb, seq):
         est = dataclasses.replace(est, workspace=est.workspace + objective.extra_memory(model, mb, seq))

@@ -61,16 +61,19 @@ class TokenLogps:
 
 
 def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None, stats: bool = True) -> TokenLogps:
+                position_ids: torch.Tensor | None = None, stats: bool = True, temperature: float = 1.0) -> TokenLogps:
     """The scored tokens' log-probabilities under ``model`` (one forward of the (B, T) rows); ``stats`` False
     skips what only metrics need (the entropy, the argmax, the logit sums over every position: e.g. for the
-    reference's pass)."""
+    reference's pass). ``temperature``: of the distribution scored (GRPO scores what it sampled from, as TRL:
+    the soft-capped logits divided by it)."""
     hidden = model.hidden_states(input_ids) if position_ids is None else \
         model.hidden_states(input_ids, position_ids=position_ids)  # (B, T, C)
     logits = F.linear(hidden, model.lm_head.weight).float()  # (B, T, V)
     softcap = getattr(model, "logit_softcap", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -99,6 +99,10 @@ class Objective:
         group), for the memory guard's activations."""
         return 1 if self.lm_batches else 2
 
+    def sequence_len(self, seq_len: int) -> int:
+        """The longest sequence a step runs, for a recipe's ``seq_len`` (GRPO: the prompt and its completion)."""
+        return seq_len
+
     def extra_memory(self, model: nn.Module, micro_batch: int, seq_len: int) -> int:
         """Bytes a micro-batch's step holds besides what ``train.guards`` counts for causal-LM training: for an
         objective that scores log-probabilities (``train.logps``), the float32 logits of every sequence it runs
@@ -107,7 +111,7 @@ class Objective:
         if self.lm_batches:
             return 0
         vocab = model.lm_head.weight.shape[0]
-        return 3 * 4 * micro_batch * self.sequences_per_row() * seq_len * vocab
+        return 3 * 4 * micro_batch * self.sequences_per_row() * self.sequence_len(seq_len) * vocab
 
     def setup(self, model: nn.Module, tokenizer, data, device: torch.device, world: World = SINGLE) -> None:
         """Once, when the session is made (``data``: its TrainingData): e.g. precompute reference log-probs."""
