@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/tifu_pref")
     p.add_argument("--train", type=int, default=894)
     p.add_argument("--heldout", type=int, default=100)
-    p.add_argument("--post-words", type=int, default=80)
+    p.add_argument("--post-words", type=int, default=64)
     p.add_argument("--max-words", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

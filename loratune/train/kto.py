@@ -70,6 +70,10 @@ class KTOObjective(ReferenceObjective):
     data = "unpaired"
     precomputable = False  # only the completions' reference: the KL rows' depends on the batch
 
+    def __init__(self, recipe=None) -> None:
+        super().__init__(recipe)
+        self.sums.differences["rewards/margins"] = ("rewards/chosen", "rewards/rejected")  # TRL's, batch means
+
     def module(self, model: nn.Module) -> nn.Module:
         check_reference(self, has_adapters(model))
         return KTOLoss(model, self)
@@ -115,6 +119,3 @@ class KTOObjective(ReferenceObjective):
         self.sums.add("rewards/rejected", rewards[undesirable], n_und)
         self.sums.add("logps/chosen", logps[desirable], n_des)
         self.sums.add("logps/rejected", logps[undesirable], n_und)
-        both = n_des > 0 and n_und > 0  # TRL: the difference of this micro-batch's means, when it has both
-        margin = float(rewards[desirable].mean() - rewards[undesirable].mean()) if both else 0.0
-        self.sums.add("rewards/margins", margin, 1 if both else 0)

@@ -42,6 +42,9 @@ class MetricSums:
 
     def __init__(self) -> None:
         self.totals: dict[str, list[float]] = {}
+        self.differences: dict[str, tuple[str, str]] = {}
+        """Metrics that are the difference of two others' step means (KTO's ``rewards/margins``: TRL's desirable
+        mean minus its undesirable mean over the whole batch), where both were measured."""
 
     def add(self, name: str, total: float | torch.Tensor, count: float = 1) -> None:
         """Add ``total`` (a sum over ``count`` items: rows, pairs, tokens) to ``name``."""
@@ -57,7 +60,11 @@ class MetricSums:
         names = sorted(self.totals)
         flat = world.sum([x for n in names for x in self.totals[n]]) if names else []
         self.totals = {}  # a name nothing was counted for (KTO: no undesirable example this step) is left out
-        return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(names) if flat[2 * i + 1]}
+        means = {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(names) if flat[2 * i + 1]}
+        for name, (a, b) in self.differences.items():
+            if a in means and b in means:
+                means[name] = means[a] - means[b]
+        return dict(sorted(means.items()))
 
 
 class ObjectiveModule(nn.Module):
