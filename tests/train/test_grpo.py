@@ -443,3 +443,12 @@ def test_batch_scaled_advantages_and_metrics_over_two_ranks_equal_one_process():
     assert got[0][1] == got[1][1] and got[0][1].keys() == one.keys()
     for name, value in one.items():
         assert got[0][1][name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_prompts_and_completions_past_the_context_are_refused_at_setup(grpo_recipe):
+    """seq_len bounds the prompts; with max_new_tokens after them they must fit the model's context (256 here)."""
+    from loratune.errors import ConfigError
+
+    recipe = dataclasses.replace(grpo_recipe, seq_len=250, grpo=dataclasses.replace(grpo_recipe.grpo, max_new_tokens=8))
+    with pytest.raises(ConfigError, match=r"seq_len=250 tokens and grpo.max_new_tokens=8 .* context of 256 tokens"):
+        _session(recipe)

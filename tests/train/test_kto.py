@@ -23,6 +23,7 @@ from test_preference import (  # noqa: F401  (llama, pairs_file: fixtures, used 
     PAD,
     RTOL,
     assert_grads_match,
+    assert_micro_batches_agree,
     base_as_reference,
     grad_err,
     llama,
@@ -116,13 +117,7 @@ def test_prepare_takes_the_kl_of_the_whole_batch(llama):
     of that size): the loss and gradients are the one-batch ones."""
     ours, _, pairs = make_models(llama)
     objective = make_objective("kto", recipe())
-    whole, metrics = our_step(objective, ours, our_batch())
-    grads = {n: p.grad.clone() for n, (p, _) in pairs.items()}
-    ours.zero_grad()
-    split, split_metrics = our_step(objective, ours, our_batch(), micro=2)
-    assert split == pytest.approx(whole, rel=1e-6)
-    for n, (p, _) in pairs.items():
-        assert grad_err(p.grad, grads[n]) <= 1e-6, n
+    metrics, split_metrics = assert_micro_batches_agree(objective, ours, pairs, our_batch())
     assert split_metrics["kl"] == pytest.approx(metrics["kl"], rel=1e-6)
     prepared = objective.prepare(ours, our_batch(), 0)
     assert prepared["kl"].shape == (len(EXAMPLES),) and len(set(prepared["kl"].tolist())) == 1

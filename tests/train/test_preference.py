@@ -250,17 +250,23 @@ def test_cdpo_label_smoothing_is_the_smoothed_sigmoid(llama):
     assert margins != 0
 
 
-def test_dpo_with_micro_batches_is_the_one_batch_loss(llama):
-    """The sigmoid loss is a mean over pairs: two micro-batches of 2 give the one-batch loss and gradients."""
-    ours, _, pairs = make_models(llama)
-    objective = make_objective("dpo", recipe())
-    whole, metrics = our_step(objective, ours, our_batch())
+def assert_micro_batches_agree(objective, ours, pairs, batch) -> tuple[dict, dict]:
+    """The step on ``batch`` whole and in micro-batches of 2: the same loss and gradients (1e-6); returns both
+    steps' metrics."""
+    whole, metrics = our_step(objective, ours, batch)
     grads = {n: p.grad.clone() for n, (p, _) in pairs.items()}
     ours.zero_grad()
-    split, split_metrics = our_step(objective, ours, our_batch(), micro=2)
+    split, split_metrics = our_step(objective, ours, batch, micro=2)
     assert split == pytest.approx(whole, rel=1e-6)
     for n, (p, _) in pairs.items():
         assert grad_err(p.grad, grads[n]) <= 1e-6, n
+    return metrics, split_metrics
+
+
+def test_dpo_with_micro_batches_is_the_one_batch_loss(llama):
+    """The sigmoid loss is a mean over pairs: two micro-batches of 2 give the one-batch loss and gradients."""
+    ours, _, pairs = make_models(llama)
+    metrics, split_metrics = assert_micro_batches_agree(make_objective("dpo", recipe()), ours, pairs, our_batch())
     for k in ("rewards/chosen", "rewards/margins", "logps/rejected", "logits/chosen"):
         assert split_metrics[k] == pytest.approx(metrics[k], rel=1e-6)
 
