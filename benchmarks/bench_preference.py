@@ -246,19 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {"format": "preference", "command": command.strip(),
               "machine": {**machine(), "matmul": families.matmul_rate(), "amx": families.cpu_flags()},
               "shape": SIZE, "matmul_params": n, "lora": {"r": R, "alpha": ALPHA, "targets": ["q", "v"]},
-              "dpo": [], "rollouts": []}
+              "rows": []}
     base = {"ckpt": ckpt, "threads": args.threads}
     for job in ("dpo-ours", "dpo-trl"):
         spec = {**base, "job": job, "pairs": args.pairs, "seq": args.seq, "steps": args.steps,
                 "prompt_words": args.prompt_words}
         print(f"{job} ...", file=sys.stderr, flush=True)
-        result["dpo"].append(in_subprocess(__file__, spec))
+        result["rows"].append(in_subprocess(__file__, spec))
     for g in (int(x) for x in args.groups.split(",")):
         for job in ("rollouts-ours", "rollouts-peer"):
             spec = {**base, "job": job, "group": g, "prompts": args.prompts, "new": args.new,
                     "repeats": args.repeats}
             print(f"{job} G={g} ...", file=sys.stderr, flush=True)
-            result["rollouts"].append(in_subprocess(__file__, spec))
+            result["rows"].append(in_subprocess(__file__, spec))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -31,7 +31,8 @@ def preference_table(result: dict) -> str:
            f"a fresh process; single runs. `{result['command']}`", "",
            "| DPO | pairs x seq | s / step | tokens / s (both rows of each pair, no padding) | share of the matmul "
            "rate | ru_maxrss (MiB) | last loss | loratune / TRL: steps/s, RSS |", "|---|---|---|---|---|---|---|---|"]
-    ours, peer = _side(result["dpo"], "dpo-ours"), _side(result["dpo"], "dpo-trl")
+    rows = result["rows"]  # every job, DPO's and the rollouts' (each names its ``job``)
+    ours, peer = _side(rows, "dpo-ours"), _side(rows, "dpo-trl")
     for name, r in (("loratune", ours), ("TRL DPOTrainer + PEFT", peer)):
         if r is None or "error" in r:
             out.append(f"| {name} | | {'missing' if r is None else 'error: ' + r['error']} | | | | | |")
@@ -49,9 +50,8 @@ def preference_table(result: dict) -> str:
                    f"{r['ru_maxrss'] / MIB:,.0f} | {loss} | {ratio} |")
     out += ["", "| GRPO rollouts | prompts x G x new tokens | s / rollout | new tokens / s | share of the matmul rate "
             "| ru_maxrss (MiB) | loratune / transformers: tokens/s |", "|---|---|---|---|---|---|---|"]
-    for g in sorted({r["group"] for r in result["rollouts"]}):
-        ours, peer = _side(result["rollouts"], "rollouts-ours", group=g), _side(result["rollouts"], "rollouts-peer",
-                                                                                   group=g)
+    for g in sorted({r["group"] for r in rows if "group" in r}):
+        ours, peer = _side(rows, "rollouts-ours", group=g), _side(rows, "rollouts-peer", group=g)
         for name, r in (("loratune engine", ours), ("transformers generate (PEFT)", peer)):
             if r is None or "error" in r:
                 out.append(f"| {name} | G={g} | {'missing' if r is None else 'error: ' + r['error']} | | | | |")

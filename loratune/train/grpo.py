@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def group_advantages(per_func: torch.Tensor, weights: torch.Tensor, group_size: 
     reward function's value per completion, NaN where it does not apply, completions in groups of
     ``group_size``. Returns (advantages (N,), rewards (N,): the weighted sums, the std each was scaled by (N,))."""
     rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
-    rewards[torch.isnan(per_func).all(dim=1)] = torch.nan  # unscorable (refused earlier by score_completions)
+    rewards[torch.isnan(per_func).all(dim=1)] = torch.nan  # scored by no function: advantage 0 (TRL's)
     grouped = rewards.view(-1, group_size)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size, dim=0)
     if scale_rewards in ("group", "none"):  # none: the std only says which groups have no signal
@@ -168,6 +169,13 @@ class GRPOObjective(Objective):
     def sequences_per_row(self) -> int:
         return self.cfg.group_size
 
+    def extra_memory(self, model: nn.Module, micro_batch: int, seq_len: int) -> int:
+        """The scored logits (the base's term), and the rollout's KV cache: every prompt of the batch with its G
+        completions at once (made for each rollout and freed before the step's forward; counted beside it)."""
+        rows = (self.recipe.batch_size if self.recipe is not None else micro_batch) * self.cfg.group_size
+        per_position = model.new_cache(1, 1, rings=False).nbytes() if hasattr(model, "new_cache") else 0
+        return super().extra_memory(model, micro_batch, seq_len) + rows * self.sequence_len(seq_len) * per_position
+
     def sequence_len(self, seq_len: int) -> int:
         """A completion row: a prompt of up to ``seq_len`` tokens and up to ``max_new_tokens`` sampled ones."""
         return seq_len + self.cfg.max_new_tokens
@@ -202,6 +210,7 @@ class GRPOObjective(Objective):
         groups, rollout_s = timed_sample(self.sampler, model, prompts, uids, step)
         start = time.perf_counter()
         completions = self._completions(prompts, uids, groups)
+        completions.state = SimpleNamespace(global_step=max(step, 0))  # TRL's trainer_state, for user functions
         per_func = score_completions(self.rewards, completions)  # (B*G, F)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         advantages, rewards, std = group_advantages(per_func, weights, G, cfg.scale_rewards, world)

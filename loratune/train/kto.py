@@ -72,6 +72,9 @@ class KTOObjective(ReferenceObjective):
 
     def __init__(self, recipe=None) -> None:
         super().__init__(recipe)
+        if getattr(recipe, "strategy", None) == "fsdp" and getattr(recipe, "objective", None) == "kto":
+            raise ConfigError("objective kto estimates its KL from the model before each step's forward, outside "
+                              "the pass in which FSDP2 gathers the shared weights: use strategy: ddp for kto")
         self.sums.differences["rewards/margins"] = ("rewards/chosen", "rewards/rejected")  # TRL's, batch means
 
     def module(self, model: nn.Module) -> nn.Module:
@@ -86,7 +89,11 @@ class KTOObjective(ReferenceObjective):
                 world: World = SINGLE) -> dict[str, torch.Tensor]:
         """Adds ``kl`` (B,): the KL estimate of the global batch (summed over ranks), clamped at 0."""
         device = next(model.parameters()).device
-        total, count = kl_sums(model, batch["input_ids"].to(device), batch["labels"].to(device))
+        size = getattr(self.recipe, "micro_batch_size", None) or batch["input_ids"].shape[0]
+        total, count = 0.0, 0
+        for i in range(0, batch["input_ids"].shape[0], size):  # a micro-batch at a time: the logits it holds
+            part = kl_sums(model, batch["input_ids"][i:i + size].to(device), batch["labels"][i:i + size].to(device))
+            total, count = total + part[0], count + part[1]
         total, count = world.sum([total, float(count)])
         kl = max(total / count, 0.0) if count else 0.0
         return {**batch, "kl": torch.full((batch["input_ids"].shape[0],), kl, dtype=torch.float32)}

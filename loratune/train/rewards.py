@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
+
+log = logging.getLogger("loratune")
 
 REWARD_TYPES = ("exact", "regex", "length", "format", "function")
 _KEYS = {"exact": {"field"}, "regex": {"field", "pattern"}, "length": {"min_words", "max_words"},
@@ -65,6 +69,8 @@ class Completions:
     """Each completion's source record."""
     uids: list[int]
     """Each completion's item id (train 0..n-1, then validation), for messages."""
+    state: Any = None
+    """What TRL passes as ``trainer_state``: here ``global_step`` (the step being prepared; 0 in evaluation)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -243,7 +249,12 @@ def _trl_kwargs(batch: Completions, rows: Sequence[int]) -> dict[str, Any]:
                                                                                    "completion_ids"))
     fields = {k: [batch.records[i].get(k) for i in rows] for k in keys}
     return dict(prompts=[batch.prompts[i] for i in rows], completions=completions,
-                completion_ids=[batch.ids[i] for i in rows], **fields)
+                completion_ids=[batch.ids[i] for i in rows], trainer_state=batch.state, log_extra=_ignore,
+                log_metric=_ignore, **fields)
+
+
+def _ignore(*args, **kwargs) -> None:
+    """TRL's ``log_extra`` / ``log_metric`` callbacks, accepted and not logged."""
 
 
 def _calling(fn: Callable, what: str) -> Callable[[Completions], list[float | None]]:
@@ -284,19 +295,31 @@ def score_completions(rewards: Sequence[Reward], batch: Completions) -> torch.Te
         for i, value in enumerate(reward.score(batch)):
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = _number(value)
+            if number is None or not math.isfinite(number):
                 raise DataError(f"{reward.what} returned {value!r} for {batch.where(i)}: a reward must be a finite "
                                 "number (or None where the function does not apply)")
-            table[i, f] = float(value)
+            table[i, f] = number
     unscored = torch.isnan(table).all(dim=1)
-    if bool(unscored.any()):
+    if bool(unscored.any()):  # TRL's: such a completion gets advantage 0 (grpo.group_advantages), and a warning
         i = int(unscored.nonzero()[0, 0])
-        raise DataError(f"no reward function scored the completion {_short(batch.texts[i])} of {batch.where(i)}: "
-                        f"every one of {', '.join(r.what for r in rewards)} returned None; make at least one "
-                        "return a number for every completion")
+        log.warning(f"{int(unscored.sum())} of {len(batch)} completions were scored by no reward function (every one "
+                    f"of {', '.join(r.what for r in rewards)} returned None), e.g. {_short(batch.texts[i])} of "
+                    f"{batch.where(i)}: their advantage is 0")
     return table
+
+
+def _number(value: Any) -> float | None:
+    """A reward as a float, as TRL's ``torch.tensor(values)`` reads it: a Python or numpy number or bool (0/1),
+    a one-element tensor or array; None for anything else."""
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy's scalars
+        return float(value)
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or getattr(value, "size", None) == 1:
+        try:
+            return float(value.item())
+        except (AttributeError, TypeError, ValueError):
+            return None
+    return None
 
 
 def _short(value: Any, limit: int = 60) -> str:

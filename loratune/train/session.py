@@ -130,13 +130,23 @@ class TrainingData:
             self.total_steps = len(self.batches)
 
 
-def load_data(recipe: Recipe, tokenizer, validation: bool = True, kind: str = "sft") -> TrainingData:
+def load_data(recipe: Recipe, tokenizer, validation: bool = True, kind: str = "sft", ranks: int = 1) -> TrainingData:
     """The recipe's data as batches (``validation`` False: every example trains, none is held out); ``kind``:
     what the objective trains on (see ``objective.DATA_KINDS``): the recipe's task, preference pairs, KTO's
-    unpaired completions, or GRPO's prompts."""
+    unpaired completions, or GRPO's prompts. Those rows are never padded with made-up ones (a made-up pair
+    would change the loss), so over ``ranks`` processes every batch and micro-batch must split into whole
+    rows: refused otherwise, and the validation items past a multiple of ``ranks`` are left out (logged)."""
     data = recipe.data if validation else dataclasses.replace(recipe.data, val_fraction=0.0)
+    if kind != "sft" and ranks > 1 and (recipe.batch_size % ranks or recipe.micro_batch_size % ranks):
+        raise ConfigError(f"objective {recipe.objective} gives each of the {ranks} processes whole rows of every "
+                          f"batch and micro-batch: batch_size={recipe.batch_size} and its micro-batches of "
+                          f"{recipe.micro_batch_size} (batch_size / grad_accum) must be multiples of {ranks}")
     train_ex, val_ex = prepare_data(data, tokenizer, recipe.seq_len, recipe.seed, kind=kind,
                                     prompt_field=recipe.grpo.prompt_field)
+    if kind != "sft" and ranks > 1 and len(val_ex) % ranks:
+        log.warning(f"validation: the last {len(val_ex) % ranks} of {len(val_ex)} items are left out so that each "
+                    f"of the {ranks} processes evaluates whole rows")
+        val_ex = val_ex[:len(val_ex) - len(val_ex) % ranks]
     batches = Batches(train_ex, recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,
                       pad_id=tokenizer.pad_id)
     val_batches = Batches(val_ex, recipe.micro_batch_size, shuffle=False, pad_id=tokenizer.pad_id,
@@ -308,7 +318,7 @@ def _load(recipe: Recipe, device: torch.device, world: World, out_dir: Path | No
              + (f" | objective: {recipe.objective}" if recipe.objective != "sft" else ""))
     log.info(str(parameter_report(model)))
     objective = make_objective(recipe.objective, recipe)
-    data = load_data(recipe, tokenizer, validation, objective.data)
+    data = load_data(recipe, tokenizer, validation, objective.data, world.size)
     if out_dir is not None:  # refuse what won't fit
         check_resources(model, recipe, device, out_dir, shards=world.size if fsdp else 1, objective=objective)
     return model, tokenizer, model_dir, data

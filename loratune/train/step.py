@@ -120,7 +120,7 @@ def _objective_losses(model: nn.Module, batch: dict[str, torch.Tensor], micro_ba
     each micro-batch, each summed loss divided by the objective's weight of the global batch (summed over
     ranks, so micro-batches and ranks add up to the one-batch loss). Returns the global loss."""
     local = shard_rows(batch, world)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:  # the reference's and GRPO's passes in the step's precision, as TRL's
         local = objective.prepare(bare if bare is not None else model, local, step, world)
     n = world.sum([float(objective.weight(local))])[0] or 1.0
     objective.step_tokens = int(local["input_ids"].numel()) * world.size  # what trains (GRPO: the completion rows)
@@ -183,26 +183,30 @@ def evaluate(model: nn.Module, batches, device: torch.device, autocast, max_batc
     if custom:
         objective.sums.take()  # nothing from a step is mixed in (every rank: the same, local)
     total, count = 0.0, 0
-    for i in range(len(batches)):
-        if max_batches is not None and i >= max_batches:
-            break
-        if custom:
-            batch = objective.prepare(bare if bare is not None else model, shard_rows(batches.batch(0, i), world),
-                                      -1, world)
+    try:
+        for i in range(len(batches)):
+            if max_batches is not None and i >= max_batches:
+                break
+            if custom:
+                with autocast:
+                    batch = objective.prepare(bare if bare is not None else model,
+                                              shard_rows(batches.batch(0, i), world), -1, world)
+                    total += float(model(**{k: v.to(device) for k, v in batch.items()}))
+                count += objective.weight(batch)
+                continue
+            batch = shard_batch(batches.batch(0, i), world)
+            x, y = batch["input_ids"].to(device), batch["labels"].to(device)
+            p = batch.get("position_ids")
             with autocast:
-                total += float(model(**{k: v.to(device) for k, v in batch.items()}))
-            count += objective.weight(batch)
-            continue
-        batch = shard_batch(batches.batch(0, i), world)
-        x, y = batch["input_ids"].to(device), batch["labels"].to(device)
-        p = batch.get("position_ids")
-        with autocast:
-            total += float(loss_sum(model, x, y, None if p is None else p.to(device)))
-        count += _weight(objective, batch)
-    model.train(was_training)
+                total += float(loss_sum(model, x, y, None if p is None else p.to(device)))
+            count += _weight(objective, batch)
+    finally:
+        model.train(was_training)
     total, count = world.sum([total, count])
-    if custom and metrics is not None:
-        metrics.update(objective.sums.take(world))
+    if custom:  # a collective: every rank takes, whether or not the caller wants the metrics
+        measured = objective.sums.take(world)
+        if metrics is not None:
+            metrics.update(measured)
     if count == 0:
         raise LoratuneError("the validation data has no target tokens" if not custom else
                             "the validation data gives the objective nothing to score")

@@ -66,8 +66,11 @@ def test_function_called_as_trl_calls_it(tmp_path, monkeypatch):
     assert score_completions([reward], _batch(["xy", "xyz"], records)).tolist() == [[2.0], [3.0]]
     import my_rewards
 
-    assert my_rewards.SEEN[-1] == {"prompts": ["p0", "p1"], "completions": ["xy", "xyz"], "ids": [[1, 2], [1, 2]],
-                                   "answer": ["a", "b"], "level": [1, 2]}
+    seen = my_rewards.SEEN[-1]
+    assert callable(seen.pop("log_extra")) and callable(seen.pop("log_metric")) and "trainer_state" in seen
+    seen.pop("trainer_state")
+    assert seen == {"prompts": ["p0", "p1"], "completions": ["xy", "xyz"], "ids": [[1, 2], [1, 2]],
+                    "answer": ["a", "b"], "level": [1, 2]}
     chat = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]
     (by_file,) = build_rewards([{"type": "function", "function": f"{tmp_path / 'my_rewards.py'}:score"}])
     assert score_completions([by_file], _batch(["xy", "xyz"], records, chat)).tolist() == [[2.0], [3.0]]
@@ -133,11 +136,6 @@ BAD_FUNCTIONS = {
         def f(completions, **kwargs):
             return 1.0
     """, r"returned float, not a list of 3 floats"),
-    "all none": ("""
-        def f(completions, **kwargs):
-            return [None, 1.0, None]
-    """, (r"no reward function scored the completion 'a' of record 10 \(prompt 'q0'\): every one of "
-          r"grpo.rewards\[0\] \(function .*:f\) returned None")),
 }
 
 
@@ -156,3 +154,26 @@ def test_a_record_without_the_field_is_named():
                                         r"'answer' to compare with \(its fields: prompt\)"):
         _scores([{"type": "exact", "field": "answer"}], _batch(["a", "b"], [{"prompt": "q0", "answer": "a"},
                                                                           {"prompt": "q1"}]))
+
+
+def test_what_trl_accepts_from_a_reward_function_is_accepted(tmp_path, caplog):
+    """numpy numbers, bools (0/1) and one-element tensors are rewards, as TRL's ``torch.tensor`` reads them; the
+    function gets TRL's ``trainer_state`` / ``log_extra`` / ``log_metric``; a completion no function scores
+    (every one returned None) is warned about and scored NaN, which gives it advantage 0 (TRL's)."""
+    from loratune.train.grpo import group_advantages
+
+    path = _write(tmp_path, """
+        import numpy as np
+        import torch
+
+        def f(completions, trainer_state, log_extra, log_metric, **kwargs):
+            log_metric("seen", 1.0)
+            return [np.float32(0.5), True, torch.tensor(2.0), None]
+    """, "trl_like")
+    batch = _batch(["a", "b", "c", "d"])
+    with caplog.at_level("WARNING", logger="loratune"):
+        table = score_completions(build_rewards([{"type": "function", "function": f"{path}:f"}]), batch)
+    assert table[:3, 0].tolist() == [0.5, 1.0, 2.0] and math.isnan(float(table[3, 0]))
+    assert "1 of 4 completions were scored by no reward function" in caplog.text and "record 13" in caplog.text
+    advantages, _, _ = group_advantages(table, torch.ones(1), 4, "group")
+    assert float(advantages[3]) == 0.0 and float(advantages[2]) > 0
