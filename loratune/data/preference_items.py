@@ -86,14 +86,15 @@ def _pad_rows(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return input_ids, labels
 
 
-def _ref_logps(items: Sequence[Any]) -> torch.Tensor | None:
-    """(B, 2) float32 of the items' precomputed reference log-probs, when they carry them."""
+def _with_ref_logps(batch: dict[str, torch.Tensor], items: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """``batch`` with ``ref_logps`` (B, 2) float32: the items' precomputed reference log-probs, when they carry
+    them."""
     have = [item.ref_logps is not None for item in items]
     if not any(have):
-        return None
+        return batch
     if not all(have):
         raise RuntimeError("some items of a batch carry ref_logps and others do not: precompute them for all")
-    return torch.tensor([list(item.ref_logps) for item in items], dtype=torch.float32)  # (B, 2)
+    return {**batch, "ref_logps": torch.tensor([list(item.ref_logps) for item in items], dtype=torch.float32)}
 
 
 @dataclass
@@ -128,10 +129,7 @@ class PairItem:
         longest of both in the batch; ``ref_logps`` (B, 2) float32 when the items carry them."""
         input_ids, labels = _pad_rows([r for item in items for r in item.rows()], pad_id)  # (2B, T)
         batch = {"input_ids": input_ids.view(len(items), 2, -1), "labels": labels.view(len(items), 2, -1)}
-        ref = _ref_logps(items)
-        if ref is not None:
-            batch["ref_logps"] = ref
-        return batch
+        return _with_ref_logps(batch, items)
 
 
 @dataclass
@@ -176,10 +174,7 @@ class UnpairedItem:
         batch = {"input_ids": torch.stack([input_ids[:B], input_ids[B:]], dim=1),  # (B, 2, T)
                  "labels": torch.stack([labels[:B], labels[B:]], dim=1),
                  "desirable": torch.tensor([item.desirable for item in items], dtype=torch.bool)}
-        ref = _ref_logps(items)
-        if ref is not None:
-            batch["ref_logps"] = ref
-        return batch
+        return _with_ref_logps(batch, items)
 
 
 @dataclass
