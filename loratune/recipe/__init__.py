@@ -1,7 +1,10 @@
 """The training recipe: one typed dataclass, read from YAML and overridden from the command line.
 
 The YAML file and ``--set key=value`` are two views of :class:`Recipe`; nothing else holds
-configuration. Unknown keys are errors that suggest the nearest known key.
+configuration. Unknown keys are errors that suggest the nearest known key. Beside it:
+
+- ``objectives``: the knobs of the objectives after SFT (the ``preference:`` and ``grpo:`` sections).
+- ``checks``: the finite-number and range checks every section's numbers go through.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import re
 import types
 import typing
@@ -20,14 +22,16 @@ from typing import Any
 
 import yaml
 
-from .adapters.lora import LoRAConfig
-from .bounded_yaml import safe_yaml, yaml_value
-from .data.config import DataConfig
-from .dist.parallel import STRATEGIES
-from .errors import ConfigError
-from .hub.files import sha256_file
-from .models.registry import DEFAULT_MODEL
-from .runtime.seed import check_seed
+from ..adapters.lora import LoRAConfig
+from ..bounded_yaml import safe_yaml, yaml_value
+from ..data.config import DataConfig
+from ..dist.parallel import STRATEGIES
+from ..errors import ConfigError
+from ..hub.files import sha256_file
+from ..models.registry import DEFAULT_MODEL
+from ..runtime.seed import check_seed
+from .checks import check_number, finite_number
+from .objectives import GRPOConfig, PreferenceConfig
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -36,131 +40,6 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LR_MAX = 10.0
 """The largest learning rate a recipe may ask for: an AdamW step moves each weight by about lr, so a
 larger one is a typo (and past float32's range it would crash the update)."""
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    except OverflowError:  # an int beyond float's range
-        return False
-
-
-def check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False, what: str = "") -> None:
-    """Refuse ``value`` unless it is a finite number in [low, high] (ends open as flagged); the message
-    says the range, e.g. ``weight_decay must be a finite number >= 0, got inf``."""
-    ok = _finite(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
-    if ok:
-        return
-    if high == math.inf:
-        span = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    raise ConfigError(f"{name} must be a finite number {span}{' ' + what if what else ''}, got {value!r}")
-
-
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
-"""The built-in objectives (train/objective.py registers each; a plugin may register more)."""
-PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge")
-GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-
-
-@dataclass
-class PreferenceConfig:
-    """The knobs of the preference objectives (dpo, ipo, orpo, simpo, kto), named as in TRL's configs."""
-
-    beta: float = 0.1
-    """How far the policy may move from the reference (DPO/IPO/KTO), or the scale of the log-odds (ORPO) and of
-    the length-normalised margin (SimPO). TRL's defaults: 0.1 for DPO, IPO, ORPO and KTO; SimPO's paper uses 2.0."""
-    loss_type: str = "sigmoid"
-    """dpo: 'sigmoid' (the paper's), 'robust' (label noise, Chowdhury et al.) or 'hinge' (SLiC)."""
-    label_smoothing: float = 0.0
-    """The assumed share of flipped labels: cDPO (sigmoid) and robust DPO; SimPO's too. In [0, 0.5)."""
-    gamma_beta_ratio: float = 0.5
-    """simpo: the target margin gamma divided by beta (TRL's CPOConfig.simpo_gamma / beta; the paper's 0.5)."""
-    sft_weight: float = 0.0
-    """The weight of the chosen completions' NLL added to the loss: RPO's alpha for dpo, CPO's alpha for simpo
-    (0: the published SimPO). orpo always adds its NLL term (its lambda is beta)."""
-    desirable_weight: float = 1.0
-    """kto: the weight of desirable examples' losses (TRL's desirable_weight)."""
-    undesirable_weight: float = 1.0
-    """kto: the weight of undesirable examples' losses."""
-    precompute_reference: bool = False
-    """Compute the reference log-probabilities (adapter off) once over the data before training, instead of in
-    every step's pass (one forward fewer a step; the data's log-probs are held in memory)."""
-
-    def __post_init__(self) -> None:
-        check_number("preference.beta", self.beta, 0, low_open=True)
-        if self.loss_type not in PREFERENCE_LOSSES:
-            raise ConfigError(f"preference.loss_type must be one of {', '.join(PREFERENCE_LOSSES)}, got "
-                              f"{self.loss_type!r}")
-        check_number("preference.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
-        check_number("preference.gamma_beta_ratio", self.gamma_beta_ratio, 0)
-        check_number("preference.sft_weight", self.sft_weight, 0)
-        check_number("preference.desirable_weight", self.desirable_weight, 0)
-        check_number("preference.undesirable_weight", self.undesirable_weight, 0)
-        if not isinstance(self.precompute_reference, bool):
-            raise ConfigError(f"preference.precompute_reference must be true or false, got {self.precompute_reference!r}")
-
-
-@dataclass
-class GRPOConfig:
-    """GRPO (DeepSeekMath; TRL's GRPOTrainer): per prompt a group of completions sampled with the current
-    adapter by loratune's engine, scored by reward functions, trained on group-relative advantages."""
-
-    group_size: int = 4
-    """Completions sampled per prompt (TRL's num_generations); at least 2, or no advantage is defined."""
-    max_new_tokens: int = 32
-    """The longest completion (TRL's max_completion_length)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """Sampling of the rollouts (top_k 0: off). Each completion's generator is seeded from (seed, step, prompt,
-    completion), so a resumed run samples what the uninterrupted one did."""
-    beta: float = 0.0
-    """The weight of the KL to the reference (adapter off), k3 estimator per token; 0 (TRL's default) skips the
-    reference forward."""
-    epsilon: float = 0.2
-    """The clip range of the policy ratio below 1 (and above, unless epsilon_high is set)."""
-    epsilon_high: float | None = None
-    """The upper clip range (DAPO's clip-higher); None: epsilon."""
-    loss_type: str = "dapo"
-    """How per-token losses are averaged: 'grpo' (per sequence, then over sequences), 'bnpo' (over the batch's
-    tokens), 'dr_grpo' (over batch x max_new_tokens), 'dapo' (over the global batch's tokens; TRL's default)."""
-    scale_rewards: str = "group"
-    """Advantages divided by the rewards' std over the 'group', the 'batch', or 'none' (Dr. GRPO)."""
-    rewards: list[dict[str, Any]] = field(default_factory=list)
-    """The reward functions, summed with their weights, e.g. [{type: exact, field: answer}, {type: length,
-    max_words: 20}, {type: function, function: my_rewards:score, weight: 0.5}]; see train/rewards.py."""
-    prompt_field: str = "prompt"
-    """The record field holding the prompt (text, or a conversation rendered with the chat template)."""
-
-    def __post_init__(self) -> None:
-        for name in ("group_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"grpo.{name} must be a positive integer, got {value!r}")
-        if self.group_size < 2:
-            raise ConfigError(f"grpo.group_size must be >= 2: a group of {self.group_size} completion has no "
-                              "relative advantage (every advantage would be 0)")
-        check_number("grpo.temperature", self.temperature, 0, low_open=True)
-        check_number("grpo.top_p", self.top_p, 0, 1, low_open=True)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"grpo.top_k must be a non-negative integer (0: off), got {self.top_k!r}")
-        check_number("grpo.beta", self.beta, 0)
-        check_number("grpo.epsilon", self.epsilon, 0, 1, low_open=True)
-        if self.epsilon_high is not None:
-            check_number("grpo.epsilon_high", self.epsilon_high, 0, low_open=True)
-        if self.loss_type not in GRPO_LOSSES:
-            raise ConfigError(f"grpo.loss_type must be one of {', '.join(GRPO_LOSSES)}, got {self.loss_type!r}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ConfigError(f"grpo.scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got "
-                              f"{self.scale_rewards!r}")
-        if not isinstance(self.rewards, list) or not all(isinstance(r, dict) for r in self.rewards):
-            raise ConfigError(f"grpo.rewards must be a list of mappings such as {{type: exact, field: answer}}, got "
-                              f"{self.rewards!r}")
 
 
 @dataclass
@@ -295,8 +174,8 @@ class Recipe:
     def _check_gguf_base(self) -> None:
         """quantize: gguf keeps the file's blocks as the base: the model must be a GGUF, and the adapter must
         start without moving part of the weight into itself (PiSSA/OLoRA train on a residual)."""
-        from .hub.gguf_file import is_gguf_path
-        from .models.gguf_dir import SOURCE_FILE
+        from ..hub.gguf_file import is_gguf_path
+        from ..models.gguf_dir import SOURCE_FILE
 
         model = str(self.model)
         if not (is_gguf_path(model) or (Path(model).expanduser() / SOURCE_FILE).is_file()):
@@ -337,7 +216,7 @@ class Recipe:
                               "weight decay multiplies every weight by 1 - lr * weight_decay each step")
         betas = self.adam_betas
         if (isinstance(betas, str) or not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(_finite(b) and 0 <= b < 1 for b in betas)):
+                or not all(finite_number(b) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
         self.adam_betas = (float(betas[0]), float(betas[1]))
 
