@@ -154,10 +154,6 @@ class GRPOObjective(Objective):
 
     def __init__(self, recipe=None) -> None:
         super().__init__(recipe)
-        if getattr(recipe, "strategy", None) == "fsdp" and getattr(recipe, "objective", None) == "grpo":
-            raise ConfigError("objective grpo samples its completions on each rank apart, and FSDP2's ranks must run "
-                              "every forward together (each gathers the others' shards), which rows stopping at "
-                              "different lengths cannot do: use strategy: ddp for grpo")
         self.cfg: GRPOConfig = recipe.grpo if recipe is not None else GRPOConfig()
         self.seed: int = recipe.seed if recipe is not None else 0
         self.rewards: list[Reward] = []
@@ -165,6 +161,10 @@ class GRPOObjective(Objective):
         """Each item's source record by its uid (reward functions read reference fields from them)."""
         self.tokenizer = None
         self.sampler: Sampler | None = None
+
+    def fsdp_refusal(self) -> str | None:
+        return ("it samples its completions on each rank apart, and FSDP2's ranks must run every forward together "
+                "(each gathers the others' shards), which rows stopping at different lengths cannot do")
 
     def sequences_per_row(self) -> int:
         return self.cfg.group_size

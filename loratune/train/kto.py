@@ -72,10 +72,11 @@ class KTOObjective(ReferenceObjective):
 
     def __init__(self, recipe=None) -> None:
         super().__init__(recipe)
-        if getattr(recipe, "strategy", None) == "fsdp" and getattr(recipe, "objective", None) == "kto":
-            raise ConfigError("objective kto estimates its KL from the model before each step's forward, outside "
-                              "the pass in which FSDP2 gathers the shared weights: use strategy: ddp for kto")
         self.sums.differences["rewards/margins"] = ("rewards/chosen", "rewards/rejected")  # TRL's, batch means
+
+    def fsdp_refusal(self) -> str | None:
+        return ("it estimates its KL from the model before each step's forward, outside the pass in which FSDP2 "
+                "gathers the shared weights")
 
     def module(self, model: nn.Module) -> nn.Module:
         check_reference(self, has_adapters(model))

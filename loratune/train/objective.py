@@ -103,6 +103,10 @@ class Objective:
         the module with every tensor of the batch and :meth:`prepare` first."""
         return False
 
+    def fsdp_refusal(self) -> str | None:
+        """Why this objective (with its knobs) cannot train under ``strategy: fsdp``; None: it can."""
+        return None
+
     def sequences_per_row(self) -> int:
         """Sequences a step runs through the model with gradients per row of the batch (a pair: 2; GRPO: the
         group), for the memory guard's activations."""
@@ -178,4 +182,8 @@ def make_objective(name: str, recipe=None) -> Objective:
     """The objective a recipe names (``recipe``: its knobs); a ConfigError naming the known ones otherwise."""
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(sorted(OBJECTIVES))}, got {name!r}")
-    return OBJECTIVES[name](recipe)
+    objective = OBJECTIVES[name](recipe)
+    reason = objective.fsdp_refusal() if getattr(recipe, "strategy", None) == "fsdp" else None
+    if reason:
+        raise ConfigError(f"objective {name} cannot run with strategy: fsdp: {reason}; use strategy: ddp")
+    return objective

@@ -75,10 +75,12 @@ class ReferenceObjective(Objective):
         self.config = preference_config(recipe)
         if getattr(recipe, "finetune", "lora") == "full":
             check_reference(self, adapters=False)  # refused before the model loads
-        if getattr(recipe, "strategy", None) == "fsdp" and self.reference and self.config.precompute_reference:
-            raise ConfigError("preference.precompute_reference runs the model over the data before FSDP2 shards it "
-                              "onto the devices: use strategy: ddp, or compute the reference in each step's pass "
-                              "(precompute_reference: false)")
+
+    def fsdp_refusal(self) -> str | None:
+        if self.reference and self.config.precompute_reference:
+            return ("preference.precompute_reference runs the model over the data before FSDP2 shards it onto the "
+                    "devices (or compute the reference in each step's pass: precompute_reference: false)")
+        return None
 
     def setup(self, model: nn.Module, tokenizer, data, device: torch.device, world: World = SINGLE) -> None:
         check_reference(self, has_adapters(model))

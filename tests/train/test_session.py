@@ -95,3 +95,19 @@ def test_registry_and_unknown_objective(ckpt, data_file, tmp_path):
     with pytest.raises(ConfigError, match="objective must be one of"):
         train(make_recipe(ckpt, data_file, tmp_path / "run", "objective=dpo-typo"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("objective,knobs,reason", [
+    ("grpo", [], "samples its completions on each rank apart"),
+    ("kto", [], "estimates its KL from the model before each step's forward"),
+    ("dpo", ["preference.precompute_reference=true"], "precompute_reference runs the model over the data"),
+])
+def test_objectives_that_cannot_shard_refuse_fsdp_before_loading(objective, knobs, reason):
+    """make_objective (the loop's first check) refuses them with the reason; dpo computing its reference in the
+    step's pass is not refused."""
+    from loratune.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=f"objective {objective} cannot run with strategy: fsdp: .*{reason}"
+                                          ".*use strategy: ddp"):
+        make_objective(objective, load_recipe(None, [f"objective={objective}", "strategy=fsdp", *knobs]))
+    assert make_objective("dpo", load_recipe(None, ["objective=dpo", "strategy=fsdp"])).name == "dpo"
