@@ -200,10 +200,10 @@ class TrainingSession:
         loaded on every rank (a failure on one stops all). The caller resolves ``recipe``
         (:func:`resolve_device`) and seeds torch's RNG first, as ``train`` and ``compare`` do."""
         device = torch.device(recipe.device)
-        model, tokenizer, model_dir, data = agree(
+        model, tokenizer, model_dir, data, objective = agree(
             world, lambda: _load(recipe, device, world, out_dir, validation), "loading the model and data")
         return cls(recipe=recipe, device=device, model=model, data=data, tokenizer=tokenizer, model_dir=model_dir,
-                   world=world, schedule=schedule)
+                   world=world, objective=objective, schedule=schedule)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -309,7 +309,7 @@ class TrainingSession:
 
 
 def _load(recipe: Recipe, device: torch.device, world: World, out_dir: Path | None, validation: bool) -> tuple:
-    """The model (on the CPU for FSDP2, which moves each rank's shards to its device), the data, and the
+    """The model (on the CPU for FSDP2, which moves each rank's shards to its device), the objective, the data, and the
     resource check (FSDP2 divides the weights, gradients and optimizer state by the world size)."""
     fsdp = world.distributed and recipe.strategy == "fsdp"
     model, tokenizer, model_dir = setup_model(recipe, device, torch.device("cpu") if fsdp else None)
@@ -321,4 +321,4 @@ def _load(recipe: Recipe, device: torch.device, world: World, out_dir: Path | No
     data = load_data(recipe, tokenizer, validation, objective.data, world.size)
     if out_dir is not None:  # refuse what won't fit
         check_resources(model, recipe, device, out_dir, shards=world.size if fsdp else 1, objective=objective)
-    return model, tokenizer, model_dir, data
+    return model, tokenizer, model_dir, data, objective

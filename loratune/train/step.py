@@ -92,15 +92,22 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], micro_bat
     p_all = batch.get("position_ids")  # packed rows
     x_parts, y_parts = x_all.split(micro_batch), y_all.split(micro_batch)
     p_parts = p_all.to(device).split(micro_batch) if p_all is not None else [None] * len(x_parts)
+    loss_total = _backward(model, list(zip(x_parts, y_parts, p_parts)), lambda part: loss_sum(model, *part),
+                           n_targets, autocast, world)
+    return loss_total, _clip(trainable, max_grad_norm)
+
+
+def _backward(model: nn.Module, parts: list, loss_of, n: float, autocast, world: World) -> float:
+    """Backward of ``loss_of(part) / n`` for each micro-batch, gradients all-reduced with the last (scaled by the
+    world size: DDP and FSDP2 average over ranks); returns the loss summed over parts and ranks."""
     loss_total = 0.0
-    for i, (x, y, p) in enumerate(zip(x_parts, y_parts, p_parts)):
-        with grad_sync(model, i == len(x_parts) - 1):
+    for i, part in enumerate(parts):
+        with grad_sync(model, i == len(parts) - 1):
             with autocast:
-                loss = loss_sum(model, x, y, p) / n_targets
+                loss = loss_of(part) / n
             (loss * world.size if world.size > 1 else loss).backward()
         loss_total += float(loss.detach())
-    loss_total = world.sum([loss_total])[0]
-    return loss_total, _clip(trainable, max_grad_norm)
+    return world.sum([loss_total])[0]
 
 
 def _clip(trainable: list[nn.Parameter], max_grad_norm: float | None) -> float:
@@ -124,15 +131,8 @@ def _objective_losses(model: nn.Module, batch: dict[str, torch.Tensor], micro_ba
         local = objective.prepare(bare if bare is not None else model, local, step, world)
     n = world.sum([float(objective.weight(local))])[0] or 1.0
     objective.step_tokens = int(local["input_ids"].numel()) * world.size  # what trains (GRPO: the completion rows)
-    parts = _rows(local, micro_batch)
-    loss_total = 0.0
-    for i, part in enumerate(parts):
-        with grad_sync(model, i == len(parts) - 1):
-            with autocast:
-                loss = model(**{k: v.to(device) for k, v in part.items()}) / n
-            (loss * world.size if world.size > 1 else loss).backward()
-        loss_total += float(loss.detach())
-    return world.sum([loss_total])[0]
+    return _backward(model, _rows(local, micro_batch), lambda part: model(**{k: v.to(device) for k, v in part.items()}),
+                     n, autocast, world)
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
